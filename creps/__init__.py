@@ -1,0 +1,19 @@
+"""CREPS generator: the model, its presets, checkpoints and cost model."""
+
+from .canvas import Canvas
+from .flops import Flops, flops
+from .network import LINE_BLOCK, PIXEL_BLOCK, Generator, to_uint8
+from .presets import PRESETS, GeneratorConfig, preset
+
+__all__ = [
+    "Canvas",
+    "Flops",
+    "flops",
+    "Generator",
+    "GeneratorConfig",
+    "LINE_BLOCK",
+    "PIXEL_BLOCK",
+    "PRESETS",
+    "preset",
+    "to_uint8",
+]

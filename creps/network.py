@@ -1,0 +1,341 @@
+"""The CREPS generator: mapping, line stage and pixel stage.
+
+CREPS has no spatial operation: pixel (i, j) depends on w, the row coordinate
+y_i and the column coordinate x_j only.  The computation therefore splits in
+two stages that the renderer runs separately:
+
+* the **line stage** (``Generator.lines``) turns a vector of coordinates into
+  line features: for every line block k >= 1 the cumulative bi-line, already
+  multiplied by sqrt(0.5), as ``[B, K, L, rank, C]``.  Row lines use the first
+  ``rank`` slots of the Fourier input, column lines the other ``rank``.
+* the **pixel stage** (``Generator.pixels``) fuses one row-line and one
+  column-line per pixel (rank-r outer product per block), runs the decoders and
+  the two refinement blocks.
+
+Exactness (DESIGN.md contract 1): BLAS may pick a different kernel, hence a
+different summation order, for a different matrix size.  So lines are computed
+in blocks of ``LINE_BLOCK`` positions aligned to the *global* coordinate index
+and the pixel stage runs in blocks of exactly ``pixel_block`` pixels (the last
+one padded).  Every matmul a pixel takes part in then has the same shape
+whatever tile it belongs to, and a tile is bit-identical to the same crop of
+the full frame.
+
+Module and parameter names follow the official implementation so that its
+state dicts load one to one (see creps.checkpoint).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import nn
+
+from .canvas import Canvas
+from .layers import FullyConnected, ModulatedFC, apply
+from .presets import GeneratorConfig
+
+LINE_BLOCK = 64  # line positions per line-stage matmul, aligned to global index
+PIXEL_BLOCK = 4096  # pixels per pixel-stage block on CPU (fits L2 with 128 ch)
+
+
+def normalize_2nd_moment(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    return x * (x.square().mean(dim=1, keepdim=True) + eps).rsqrt()
+
+
+class Mapping(nn.Module):
+    def __init__(self, cfg: GeneratorConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        dims = [cfg.z_dim] + [cfg.w_dim] * cfg.mapping_layers
+        for i in range(cfg.mapping_layers):
+            setattr(self, f"fc{i}", FullyConnected(dims[i], dims[i + 1], lrelu=True, lr_multiplier=cfg.mapping_lr))
+        self.register_buffer("w_avg", torch.zeros(cfg.w_dim))
+
+    def forward(self, z: torch.Tensor, psi: float = 1.0, update_w_avg: bool = False) -> torch.Tensor:
+        x = normalize_2nd_moment(z.to(torch.float32))
+        for i in range(self.cfg.mapping_layers):
+            x = getattr(self, f"fc{i}")(x)
+        if update_w_avg:
+            with torch.no_grad():
+                self.w_avg.copy_(x.detach().mean(dim=0).lerp(self.w_avg, self.cfg.w_avg_beta))
+        x = x.unsqueeze(1).repeat(1, self.cfg.num_ws, 1)
+        if psi != 1:
+            x = self.w_avg.lerp(x, psi)
+        return x
+
+
+class FourierInput(nn.Module):
+    """Official ``SynthesisInput``: fixed random frequencies, learned amplitudes."""
+
+    def __init__(self, cfg: GeneratorConfig, channels: int) -> None:
+        super().__init__()
+        self.channels, self.rank = channels, cfg.rank
+        self.register_buffer("freqs", torch.randn(1, channels // 2 * cfg.rank) * cfg.bandwidth)
+        # Kept only so the official key layout round-trips; coordinates come from Canvas.
+        coords = torch.linspace(0, 1, cfg.resolution).reshape(1, -1, 1, 1).repeat(1, 1, 2, 1)
+        self.register_buffer("coords", coords)
+        self.weight = nn.Parameter(torch.randn(1, channels, 1, 2 * cfg.rank))
+        self.affine = FullyConnected(cfg.w_dim, channels * 2 * cfg.rank, bias_init=1.0)
+
+    def forward(self, w: torch.Tensor, t: torch.Tensor, half: int) -> torch.Tensor:
+        """Features [B, L, rank, C] for coordinates t [L]; half 0 = rows, 1 = columns."""
+        c, r = self.channels, self.rank
+        f = self.freqs.reshape(c // 2, r)  # [C/2, rank]
+        phase = (t.reshape(-1, 1, 1) * f.t().unsqueeze(0)) * (np.pi * 2)  # [L, rank, C/2]
+        x = torch.sin(torch.cat([phase, phase + np.pi / 2], dim=2))  # [L, rank, C]
+        amp = self.weight * self.affine(w).reshape(w.shape[0], c, 1, 2 * r)  # [B, C, 1, 2r]
+        amp = amp[:, :, 0, half * r : (half + 1) * r].transpose(1, 2)  # [B, rank, C]
+        return x.unsqueeze(0) * amp.unsqueeze(1) / np.sqrt(c)
+
+
+class LineBlock(nn.Module):
+    """Official ``SynthesisBlock`` of the line stage (b4 ... bR)."""
+
+    def __init__(self, cfg: GeneratorConfig, res: int) -> None:
+        super().__init__()
+        out_ch = cfg.channels(res)
+        self.first = res == 4
+        if self.first:
+            self.input = FourierInput(cfg, out_ch)
+        else:
+            self.fc0 = ModulatedFC(cfg.channels(res // 2), out_ch, cfg.w_dim, cfg.fc_clamp)
+        self.fc1 = ModulatedFC(out_ch, out_ch, cfg.w_dim, cfg.fc_clamp)
+        # b4.tores exists in the official weights but its output is never used.
+        self.tores = ModulatedFC(out_ch, cfg.biline_channels, cfg.w_dim, cfg.fc_clamp, tores=True)
+
+
+class RefineBlock(nn.Module):
+    """Official ``block0`` / ``block1``: per-pixel modulated MLP adding to rgb."""
+
+    def __init__(self, cfg: GeneratorConfig, in_ch: int, out_ch: int) -> None:
+        super().__init__()
+        self.fc0 = ModulatedFC(in_ch, out_ch, cfg.w_dim, cfg.fc_clamp)
+        self.fc1 = ModulatedFC(out_ch, out_ch, cfg.w_dim, cfg.fc_clamp)
+        self.tores = ModulatedFC(out_ch, cfg.img_channels, cfg.w_dim, cfg.fc_clamp, tores=True)
+
+
+def _decoder(c: int) -> nn.Sequential:
+    return nn.Sequential(
+        FullyConnected(c, 2 * c, lrelu=True),
+        FullyConnected(2 * c, 4 * c, lrelu=True),
+        FullyConnected(4 * c, 2 * c, lrelu=True),
+        FullyConnected(2 * c, c, lrelu=True),
+    )
+
+
+class Synthesis(nn.Module):
+    def __init__(self, cfg: GeneratorConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        for res in cfg.block_resolutions:
+            setattr(self, f"b{res}", LineBlock(cfg, res))
+        # decoder_8 exists in the official weights but is never used.
+        for res in cfg.block_resolutions[1:]:
+            setattr(self, f"decoder_{res}", _decoder(cfg.biline_channels))
+        self.decoder_last = _decoder(cfg.biline_channels)
+        self.decoder_img = FullyConnected(cfg.biline_channels, cfg.img_channels)
+        c = cfg.biline_channels
+        self.block0 = RefineBlock(cfg, c, 4 * c)
+        self.block1 = RefineBlock(cfg, 4 * c, 2 * c)
+
+
+def _block_starts(start: int, stop: int, block: int) -> range:
+    return range((start // block) * block, stop, block)
+
+
+class Generator(nn.Module):
+    """CREPS generator with separately callable line and pixel stages."""
+
+    def __init__(self, cfg: GeneratorConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.synthesis = Synthesis(cfg)
+        self.mapping = Mapping(cfg)
+
+    # ------------------------------------------------------------------ latents
+    @property
+    def num_ws(self) -> int:
+        return self.cfg.num_ws
+
+    def ws(self, z_or_w: torch.Tensor, psi: float = 1.0) -> torch.Tensor:
+        """Accept z [B, z_dim] (mapped, truncated) or ws [B, num_ws, w_dim] (as is)."""
+        if z_or_w.dim() == 3:
+            if tuple(z_or_w.shape[1:]) != (self.num_ws, self.cfg.w_dim):
+                raise ValueError(f"ws must be [B, {self.num_ws}, {self.cfg.w_dim}], got {list(z_or_w.shape)}")
+            return z_or_w.to(torch.float32)
+        if z_or_w.dim() != 2 or z_or_w.shape[1] != self.cfg.z_dim:
+            raise ValueError(f"z must be [B, {self.cfg.z_dim}], got {list(z_or_w.shape)}")
+        return self.mapping(z_or_w, psi=psi)
+
+    def z_from_seed(self, seed: int, batch: int = 1) -> torch.Tensor:
+        """The official scripts' latent: ``RandomState(seed).randn(1, z_dim)``."""
+        z = np.random.RandomState(seed).randn(batch, self.cfg.z_dim)
+        return torch.from_numpy(z).to(torch.float32)
+
+    # --------------------------------------------------------------- line stage
+    def line_weights(self, ws: torch.Tensor) -> list:
+        """Effective per-sample matrices of every line block (compute once per latent)."""
+        syn, out = self.synthesis, []
+        for i, res in enumerate(self.cfg.block_resolutions):
+            blk = getattr(syn, f"b{res}")
+            if blk.first:
+                out.append((blk.fc1.effective(ws[:, 1]),))
+            else:
+                out.append(
+                    (
+                        blk.fc0.effective(ws[:, 2 * i - 1]),
+                        blk.fc1.effective(ws[:, 2 * i]),
+                        blk.tores.effective(ws[:, 2 * i + 1]),
+                    )
+                )
+        return out
+
+    def lines(
+        self,
+        ws: torch.Tensor,
+        coords: torch.Tensor,
+        which: str,
+        start: int = 0,
+        stop: int | None = None,
+        weights: list | None = None,
+    ) -> torch.Tensor:
+        """Line features [B, K, stop-start, rank, C] for positions [start, stop)
+        of the *global* coordinate vector ``coords`` (``which`` = row | col)."""
+        if which not in ("row", "col"):
+            raise ValueError(f"which must be 'row' or 'col', got {which!r}")
+        n = coords.shape[0]
+        stop = n if stop is None else stop
+        if not 0 <= start < stop <= n:
+            raise ValueError(f"line range [{start}, {stop}) outside 0..{n}")
+        weights = self.line_weights(ws) if weights is None else weights
+        parts = []
+        for b0 in _block_starts(start, stop, LINE_BLOCK):
+            idx = torch.arange(b0, b0 + LINE_BLOCK).clamp_(max=n - 1)  # pad by repeating the last position
+            feats = self._line_block(ws, coords[idx].to(torch.float32), 0 if which == "row" else 1, weights)
+            lo, hi = max(start, b0) - b0, min(stop, b0 + LINE_BLOCK) - b0
+            parts.append(feats[:, :, lo:hi])
+        return torch.cat(parts, dim=2) if len(parts) > 1 else parts[0].contiguous()
+
+    def _line_block(self, ws: torch.Tensor, t: torch.Tensor, half: int, weights: list) -> torch.Tensor:
+        cfg, syn = self.cfg, self.synthesis
+        bsz, L, r = ws.shape[0], t.shape[0], cfg.rank
+        clamp = cfg.fc_clamp
+        x = syn.b4.input(ws[:, 0], t, half).reshape(bsz, L * r, -1)  # [B, L*rank, C]
+        x = apply(x, *weights[0][0], True, clamp)
+        res, out = None, []
+        for (fc0, fc1, tores) in weights[1:]:
+            x = apply(x, *fc0, True, clamp)
+            x = apply(x, *fc1, True, clamp)
+            y = apply(x, *tores, False, clamp)
+            res = y if res is None else res + y
+            out.append(res * math.sqrt(0.5))
+        return torch.stack(out, dim=1).reshape(bsz, len(out), L, r, cfg.biline_channels)
+
+    # -------------------------------------------------------------- pixel stage
+    def pixel_weights(self, ws: torch.Tensor) -> dict:
+        syn, w = self.synthesis, ws[:, -1]
+        dec = {}
+        for res in self.cfg.block_resolutions[2:]:
+            dec[res] = [layer.effective() for layer in getattr(syn, f"decoder_{res}")]
+        return {
+            "dec": [dec[res] for res in self.cfg.block_resolutions[2:]],
+            "last": [layer.effective() for layer in syn.decoder_last],
+            "img": syn.decoder_img.effective(),
+            "refine": [
+                (blk.fc0.effective(w), blk.fc1.effective(w), blk.tores.effective(w))
+                for blk in (syn.block0, syn.block1)
+            ],
+        }
+
+    def pixels(
+        self,
+        ws: torch.Tensor,
+        row_lines: torch.Tensor,
+        col_lines: torch.Tensor,
+        pixel_block: int | None = PIXEL_BLOCK,
+        weights: dict | None = None,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Image [B, 3, h, w] from row lines [B, K, h, r, C] and col lines [B, K, w, r, C].
+
+        ``pixel_block=None`` runs all pixels in one pass (training); otherwise
+        blocks of exactly that many pixels, the last one padded.
+        """
+        bsz, _, h, _, _ = row_lines.shape
+        w = col_lines.shape[2]
+        total = h * w
+        weights = self.pixel_weights(ws) if weights is None else weights
+        block = total if pixel_block is None else pixel_block
+        if out is None:
+            out = torch.empty(bsz, total, self.cfg.img_channels, dtype=torch.float32, device=row_lines.device)
+        chunks = []
+        for p0 in range(0, total, block):
+            n = min(block, total - p0)
+            idx = torch.arange(p0, p0 + block, device=row_lines.device).clamp_(max=total - 1)
+            rgb = self._pixel_block(row_lines, col_lines, idx // w, idx % w, weights)
+            if torch.is_grad_enabled() and rgb.requires_grad:
+                chunks.append(rgb[:, :n])
+            else:
+                out[:, p0 : p0 + n] = rgb[:, :n]
+        if chunks:
+            out = torch.cat(chunks, dim=1)
+        return out.reshape(bsz, h, w, -1).permute(0, 3, 1, 2)
+
+    def _pixel_block(self, R: torch.Tensor, C: torch.Tensor, ri: torch.Tensor, ci: torch.Tensor, wts: dict):
+        clamp = self.cfg.fc_clamp
+        feat = None
+        for k in range(R.shape[1]):
+            f = (R[:, k].index_select(1, ri) * C[:, k].index_select(1, ci)).sum(dim=2)  # [B, P, C]
+            if feat is None:
+                feat = f
+            else:
+                for wt, b in wts["dec"][k - 1]:
+                    feat = apply(feat, wt, b, True, None)
+                feat = feat + f
+        for wt, b in wts["last"]:
+            feat = apply(feat, wt, b, True, None)
+        img = apply(feat, *wts["img"], False, None)
+        x = feat
+        for fc0, fc1, tores in wts["refine"]:
+            x = apply(x, *fc0, True, clamp)
+            x = apply(x, *fc1, True, clamp)
+            img = img + apply(x, *tores, False, clamp)
+        return img
+
+    # ----------------------------------------------------------------- renders
+    def render(
+        self,
+        z_or_w: torch.Tensor,
+        canvas: Canvas,
+        rows: tuple[int, int] | None = None,
+        cols: tuple[int, int] | None = None,
+        psi: float = 1.0,
+        pixel_block: int | None = PIXEL_BLOCK,
+    ) -> torch.Tensor:
+        """Tile [B, 3, r1-r0, c1-c0] of ``canvas``, float32, about [-1, 1]."""
+        r0, r1 = rows if rows is not None else (0, canvas.height)
+        c0, c1 = cols if cols is not None else (0, canvas.width)
+        canvas.check_window(r0, r1, c0, c1)
+        ws = self.ws(z_or_w, psi)
+        R = self.lines(ws, canvas.row_coords(), "row", r0, r1)
+        C = self.lines(ws, canvas.col_coords(), "col", c0, c1)
+        return self.pixels(ws, R, C, pixel_block=pixel_block)
+
+    def forward(self, z: torch.Tensor, psi: float = 1.0, update_w_avg: bool = False) -> torch.Tensor:
+        """Full frame at the training resolution (the official default grid)."""
+        ws = self.mapping(z, psi=psi, update_w_avg=update_w_avg)
+        return self.synthesize(ws)
+
+    def synthesize(self, ws: torch.Tensor, size: int | None = None) -> torch.Tensor:
+        n = self.cfg.resolution if size is None else size
+        t = Canvas(n, n).row_coords().to(ws.device)
+        R = self.lines(ws, t, "row")
+        C = self.lines(ws, t, "col")
+        return self.pixels(ws, R, C, pixel_block=None)
+
+
+def to_uint8(img: torch.Tensor) -> torch.Tensor:
+    """The official conversion: clamp(x * 127.5 + 128, 0, 255) truncated to uint8."""
+    return (img * 127.5 + 128).clamp(0, 255).to(torch.uint8)

@@ -1,0 +1,106 @@
+"""Generator configurations: the official CREPS shapes plus a tiny one for tests.
+
+A config fully determines every parameter shape, so a checkpoint stores its
+config next to its weights and nothing else is needed to rebuild the network.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class GeneratorConfig:
+    """Shape and constants of a CREPS generator.
+
+    Defaults are the official FFHQ-512 configuration (``--cfg=creps``, whose
+    channel base/max are doubled to 65536/1024).
+    """
+
+    resolution: int = 512  # training resolution R; sets the line blocks b4..bR
+    z_dim: int = 512
+    w_dim: int = 512
+    img_channels: int = 3
+    channel_base: int = 65536
+    channel_max: int = 1024
+    biline_channels: int = 32
+    rank: int = 8
+    bandwidth: float = 10.0
+    mapping_layers: int = 8
+    mapping_lr: float = 0.01
+    w_avg_beta: float = 0.998
+    fc_clamp: float = 256.0
+
+    def __post_init__(self) -> None:
+        r = self.resolution
+        if r < 8 or r & (r - 1):
+            raise ValueError(f"resolution must be a power of two >= 8, got {r}")
+        for name in ("z_dim", "w_dim", "img_channels", "biline_channels", "rank", "mapping_layers"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+
+    @property
+    def block_resolutions(self) -> list[int]:
+        return [2**i for i in range(2, int(math.log2(self.resolution)) + 1)]
+
+    def channels(self, res: int) -> int:
+        return min(self.channel_base // res, self.channel_max)
+
+    @property
+    def num_ws(self) -> int:
+        # b4 has one fc, every later block two, plus the last block's tores.
+        return 1 + 1 + 2 * (len(self.block_resolutions) - 1) + 1
+
+    @property
+    def num_bilines(self) -> int:
+        """Line blocks whose bi-line enters the fusion (b8..bR)."""
+        return len(self.block_resolutions) - 1
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GeneratorConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown generator config keys: {unknown}")
+        return cls(**d)
+
+
+PRESETS: dict[str, GeneratorConfig] = {
+    "ffhq512": GeneratorConfig(resolution=512),
+    "church256": GeneratorConfig(resolution=256),
+    "metfaces1024": GeneratorConfig(resolution=1024),
+    # Small enough that a full forward takes milliseconds on a CPU.
+    "tiny": GeneratorConfig(
+        resolution=32,
+        z_dim=64,
+        w_dim=64,
+        channel_base=1024,
+        channel_max=64,
+        biline_channels=16,
+        rank=4,
+        mapping_layers=2,
+    ),
+    # Small but trainable on a CPU in reasonable time: the bundled default.
+    "small64": GeneratorConfig(
+        resolution=64,
+        z_dim=128,
+        w_dim=128,
+        channel_base=4096,
+        channel_max=128,
+        biline_channels=16,
+        rank=8,
+        mapping_layers=4,
+    ),
+}
+
+
+def preset(name: str) -> GeneratorConfig:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise KeyError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}") from None

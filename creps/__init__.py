@@ -1,12 +1,17 @@
 """CREPS generator: the model, its presets, checkpoints and cost model."""
 
 from .canvas import Canvas
+from .checkpoint import CheckpointError, checkpoint_hash, load, save
 from .flops import Flops, flops
 from .network import LINE_BLOCK, PIXEL_BLOCK, Generator, to_uint8
 from .presets import PRESETS, GeneratorConfig, preset
 
 __all__ = [
     "Canvas",
+    "CheckpointError",
+    "checkpoint_hash",
+    "load",
+    "save",
     "Flops",
     "flops",
     "Generator",

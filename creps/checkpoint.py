@@ -1,0 +1,178 @@
+"""Generator checkpoints: our safetensors format, official pickles, presets.
+
+Our format is one ``.safetensors`` file: the state dict under the official key
+names plus, in the safetensors metadata, ``format`` (``creps-gigapixel/1``)
+and ``creps_config`` (the GeneratorConfig as JSON).  Loading it executes no
+code and needs nothing else.  Official ``*.pkl`` snapshots are read by
+``creps.official`` (restricted unpickler, nothing executed).  ``preset:NAME``
+builds fresh, seeded weights, which is what tests and demos render.
+
+Every failure is a ``CheckpointError`` with one line saying what is wrong,
+raised before any generator is built.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from .presets import GeneratorConfig, preset
+
+if TYPE_CHECKING:
+    from .network import Generator
+
+FORMAT = "creps-gigapixel/1"
+PRESET_PREFIX = "preset:"
+
+
+class CheckpointError(Exception):
+    """A checkpoint cannot be read: missing, unknown format, corrupt, wrong shapes, forbidden content."""
+
+
+
+def save(G: "Generator", path: str | os.PathLike[str]) -> Path:
+    """Write ``G`` as ``path`` (.safetensors) atomically: temp file + rename,
+    so a reader never sees half a checkpoint."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    sd = {k: v.detach().to("cpu").contiguous() for k, v in G.state_dict().items()}
+    meta = {"format": FORMAT, "creps_config": json.dumps(G.cfg.to_dict(), sort_keys=True)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(sd, tmp, metadata=meta)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load(spec: str | os.PathLike[str], init_seed: int = 0, device: str | torch.device = "cpu") -> "Generator":
+    """A Generator in eval mode, gradients off, on ``device``.
+
+    ``spec`` is a ``.safetensors`` file of ours, an official CREPS ``.pkl``, or
+    ``preset:NAME`` (fresh weights: ``torch.manual_seed(init_seed)`` then
+    ``Generator(preset)`` on the CPU, identical on every machine).
+    """
+    from .network import Generator
+
+    if isinstance(spec, str) and spec.startswith(PRESET_PREFIX):
+        cfg = _preset_config(spec)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(init_seed)
+            G = Generator(cfg)
+    else:
+        path = _existing(spec)
+        kind = _sniff(path)
+        if kind == "safetensors":
+            cfg, sd = _read_safetensors(path)
+        else:
+            from .official import read_official
+
+            with open(path, "rb") as f:
+                try:
+                    cfg, sd = read_official(f)
+                except CheckpointError as e:
+                    raise CheckpointError(f"{path}: {e}") from None
+        _check_state(cfg, sd, path)
+        G = Generator(cfg)
+        G.load_state_dict(sd, strict=True)
+    return G.eval().requires_grad_(False).to(device)
+
+
+def checkpoint_hash(spec: str | os.PathLike[str], init_seed: int = 0) -> str:
+    """Identity of a checkpoint for job manifests: sha256 of the file bytes, or
+    ``preset:NAME@init<seed>`` for seeded preset weights."""
+    if isinstance(spec, str) and spec.startswith(PRESET_PREFIX):
+        _preset_config(spec)
+        return f"{spec}@init{init_seed}"
+    h = hashlib.sha256()
+    with open(_existing(spec), "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ------------------------------------------------------------------- helpers
+def _preset_config(spec: str) -> GeneratorConfig:
+    try:
+        return preset(spec[len(PRESET_PREFIX) :])
+    except KeyError as e:
+        raise CheckpointError(str(e.args[0])) from None
+
+
+def _existing(spec: str | os.PathLike[str]) -> Path:
+    path = Path(spec)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    return path
+
+
+def _sniff(path: Path) -> str:
+    """'safetensors' or 'pickle' from the first bytes; anything else is refused."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    size = path.stat().st_size
+    if len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") <= size - 8:
+        return "safetensors"
+    if len(head) == 9 and head[8:9] == b"{":
+        raise CheckpointError(f"{path}: truncated safetensors file (header longer than the file)")
+    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
+        return "pickle"
+    if head.startswith(b"PK\x03\x04"):
+        raise CheckpointError(
+            f"{path}: torch.save zip archives are not supported; use an official .pkl or our .safetensors"
+        )
+    raise CheckpointError(f"{path}: unknown checkpoint format (neither safetensors nor an official CREPS pickle)")
+
+
+def _read_safetensors(path: Path) -> tuple[GeneratorConfig, dict[str, torch.Tensor]]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != FORMAT or "creps_config" not in meta:
+                raise CheckpointError(
+                    f"{path}: safetensors file is not a creps-gigapixel checkpoint "
+                    f"(metadata format={meta.get('format')!r}, expected {FORMAT!r} with creps_config)"
+                )
+            sd = {k: f.get_tensor(k) for k in f.keys()}
+    except CheckpointError:
+        raise
+    except Exception as e:
+        raise CheckpointError(f"{path}: corrupt or truncated safetensors file ({e})") from None
+    try:
+        cfg = GeneratorConfig.from_dict(json.loads(meta["creps_config"]))
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{path}: bad creps_config metadata ({e})") from None
+    return cfg, sd
+
+
+def _check_state(cfg: GeneratorConfig, sd: dict[str, torch.Tensor], path: Path) -> None:
+    """Strict key and shape check against the config, one line naming the culprits."""
+    from .network import Generator
+
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in Generator(cfg).state_dict().items()}
+    missing = [k for k in expected if k not in sd]
+    unknown = [k for k in sd if k not in expected]
+    wrong = [f"{k} {list(sd[k].shape)} (expected {list(expected[k])})" for k in expected if k in sd and tuple(sd[k].shape) != expected[k]]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing keys ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})")
+    if unknown:
+        problems.append(f"{len(unknown)} unknown keys ({', '.join(unknown[:3])}{', ...' if len(unknown) > 3 else ''})")
+    if wrong:
+        problems.append(f"{len(wrong)} wrong shapes ({'; '.join(wrong[:3])}{'; ...' if len(wrong) > 3 else ''})")
+    if problems:
+        raise CheckpointError(f"{path}: weights do not match the generator config: {'; '.join(problems)}")

@@ -1,0 +1,297 @@
+"""DeepZoom tiles made on the fly from an OME-Zarr image store.
+
+The viewer shows a store while it is being rendered, before any export
+exists, so it cannot rely on a .dzi on disk: it serves a virtual DZI whose
+tiles it cuts from the zarr levels on request.
+
+Geometry (the DeepZoom convention OpenSeadragon expects):
+  max_level = ceil(log2(max(W, H))); DZI level L has downsampling factor
+  2**(max_level - L) and size ceil(W / 2**k) x ceil(H / 2**k); tile (col, row)
+  covers [col*T - o, col*T + T + o) clipped to the level, with overlap o only
+  on sides that have a neighbour.
+
+Source of each tile: zarr level i = max_level - L when the pyramid has it
+(renderer.pyramid: level i is 2**i smaller). Otherwise the coarsest level
+that is still finer than needed, area-averaged (mean over the valid source
+pixels of each block, rounded half up). So that one coarse tile of a huge
+level-0-only store cannot read gigapixels, the source read is capped at
+MAX_SOURCE_SIDE pixels per side by striding: beyond that a tile is the mean
+of a regular subsample (every s-th pixel), not of every pixel. Chunks that
+are not written yet read as the fill value (0, black), so a render in
+progress shows blank tiles that fill in as it goes.
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from renderer.errors import RendererError
+from renderer.store import ImageStore, open_store
+
+from .errors import ViewerError
+
+TILE_SIZE = 254
+OVERLAP = 1
+MAX_SOURCE_SIDE = 4096  # source pixels read per tile side at most (then strided)
+FORMATS = {"jpeg": "image/jpeg", "png": "image/png"}
+
+
+# ---------------------------------------------------------------- geometry
+def max_level(width: int, height: int) -> int:
+    """Index of the full-resolution DZI level: ceil(log2(max side))."""
+    return (max(width, height) - 1).bit_length()
+
+
+def level_size(width: int, height: int, level: int) -> tuple[int, int]:
+    """(w, h) of DZI level ``level``."""
+    k = max_level(width, height) - level
+    return -(-width // 2**k), -(-height // 2**k)
+
+
+def tile_grid(width: int, height: int, level: int, tile: int = TILE_SIZE) -> tuple[int, int]:
+    """(columns, rows) of tiles at a DZI level."""
+    w, h = level_size(width, height, level)
+    return -(-w // tile), -(-h // tile)
+
+
+def tile_bounds(
+    width: int, height: int, level: int, col: int, row: int, tile: int = TILE_SIZE, overlap: int = OVERLAP
+) -> tuple[int, int, int, int]:
+    """(y0, y1, x0, x1) of a tile in its level's pixels, overlap included."""
+    w, h = level_size(width, height, level)
+    x0 = col * tile - (overlap if col > 0 else 0)
+    y0 = row * tile - (overlap if row > 0 else 0)
+    x1 = min(col * tile + tile + overlap, w)
+    y1 = min(row * tile + tile + overlap, h)
+    return y0, y1, x0, x1
+
+
+def dzi_xml(width: int, height: int, fmt: str, tile: int = TILE_SIZE, overlap: int = OVERLAP) -> str:
+    return (
+        '<?xml version="1.0" encoding="UTF-8"?>\n'
+        f'<Image xmlns="http://schemas.microsoft.com/deepzoom/2008" Format="{fmt}" '
+        f'Overlap="{overlap}" TileSize="{tile}">\n'
+        f'  <Size Width="{width}" Height="{height}"/>\n'
+        "</Image>\n"
+    )
+
+
+def block_mean(img: np.ndarray, b: int) -> np.ndarray:
+    """Mean of b x b blocks of a (3, h, w) uint8 image; edge blocks average their valid pixels.
+
+    Rounded half up: (sum + n // 2) // n, integers only, so results are exact.
+    """
+    if b == 1:
+        return img
+    c, h, w = img.shape
+    oh, ow = -(-h // b), -(-w // b)
+    padded = np.zeros((c, oh * b, ow * b), dtype=np.uint32)
+    padded[:, :h, :w] = img
+    sums = padded.reshape(c, oh, b, ow, b).sum(axis=(2, 4))
+    ys = np.minimum(b, h - np.arange(oh) * b)
+    xs = np.minimum(b, w - np.arange(ow) * b)
+    counts = (ys[:, None] * xs[None, :]).astype(np.uint32)
+    return ((sums + counts // 2) // counts).astype(np.uint8)
+
+
+def encode(img: np.ndarray, fmt: str, quality: int = 90) -> bytes:
+    """(3, h, w) uint8 -> JPEG or PNG bytes."""
+    pil = Image.fromarray(np.ascontiguousarray(img.transpose(1, 2, 0)), "RGB")
+    buf = io.BytesIO()
+    if fmt == "jpeg":
+        pil.save(buf, "JPEG", quality=quality)
+    else:
+        pil.save(buf, "PNG", compress_level=1)
+    return buf.getvalue()
+
+
+# ---------------------------------------------------------------- the tile source
+@dataclass
+class StoreState:
+    """What the viewer knows about the store at one moment (refreshed while a render runs)."""
+
+    store: ImageStore
+    levels: list[tuple[int, int]]  # (h, w) of each usable zarr level, index = level
+    meta: dict
+    tiles_done: int
+    version: str
+    at: float
+
+
+class StoreTiles:
+    """Virtual DZI over an image store: XML, tiles, and the job's progress.
+
+    Re-reads the store's attributes and completion markers at most every
+    ``refresh_s`` seconds, and keeps an LRU of encoded tiles keyed by that
+    state, so a finished render costs one encode per tile and a running one
+    shows new pixels as they land.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        storage_options: dict | None = None,
+        fmt: str = "jpeg",
+        quality: int = 90,
+        refresh_s: float = 1.0,
+        cache_tiles: int = 512,
+    ) -> None:
+        if fmt not in FORMATS:
+            raise ViewerError(f"unknown tile format {fmt!r}; use jpeg or png")
+        self.url = url
+        self.storage_options = storage_options
+        self.fmt = fmt
+        self.quality = quality
+        self.refresh_s = refresh_s
+        self._cache: OrderedDict[tuple, bytes] = OrderedDict()
+        self._cache_max = cache_tiles
+        self._lock = threading.Lock()
+        self._state = self._read_state()
+        self.height, self.width = self._state.levels[0]
+
+    # ------------------------------------------------------------ state
+    def _read_state(self) -> StoreState:
+        try:
+            store = open_store(self.url, self.storage_options, mode="r")
+            if not store.has_level(0):
+                raise ViewerError(f"{self.url} has no level 0 yet; start the render first")
+            meta = store.meta
+            levels = usable_levels(store)
+            done = len(store.done_tiles())
+        except RendererError as e:
+            raise ViewerError(str(e)) from None
+        return StoreState(store, levels, meta, done, f"{done}.{len(levels)}", time.monotonic())
+
+    def state(self, max_age: float | None = None) -> StoreState:
+        """The store state, re-read if older than ``max_age`` (default ``refresh_s``)."""
+        age = self.refresh_s if max_age is None else max_age
+        with self._lock:
+            if time.monotonic() - self._state.at >= age:
+                try:
+                    self._state = self._read_state()
+                except ViewerError:
+                    self._state.at = time.monotonic()  # keep serving the last good state
+            return self._state
+
+    def info(self) -> dict[str, Any]:
+        """JSON-able summary for the page: size, levels, progress, and the job metadata."""
+        st = self.state()
+        total = st.meta.get("tiles_total")
+        return {
+            "mode": "zarr",
+            "tile_source": "/image.dzi",
+            "width": self.width,
+            "height": self.height,
+            "zarr_levels": len(st.levels),
+            "dzi_levels": max_level(self.width, self.height) + 1,
+            "tile_format": self.fmt,
+            "tiles_done": st.tiles_done,
+            "tiles_total": total if isinstance(total, int) else None,
+            "version": st.version,
+            **job_summary(st.meta),
+            "meta": st.meta,
+        }
+
+    # ------------------------------------------------------------ tiles
+    def dzi(self) -> str:
+        return dzi_xml(self.width, self.height, self.fmt)
+
+    def tile(self, level: int, col: int, row: int) -> bytes:
+        """Encoded tile bytes; ViewerError if the tile is outside the pyramid."""
+        top = max_level(self.width, self.height)
+        if not 0 <= level <= top:
+            raise ViewerError(f"no DZI level {level} (0..{top})")
+        ncols, nrows = tile_grid(self.width, self.height, level)
+        if not (0 <= col < ncols and 0 <= row < nrows):
+            raise ViewerError(f"no tile {col}_{row} at level {level} ({ncols}x{nrows} tiles)")
+        st = self.state()
+        key = (st.version, level, col, row)
+        with self._lock:
+            hit = self._cache.get(key)
+            if hit is not None:
+                self._cache.move_to_end(key)
+                return hit
+        data = encode(self.pixels(st, level, col, row), self.fmt, self.quality)
+        with self._lock:
+            self._cache[key] = data
+            while len(self._cache) > self._cache_max:
+                self._cache.popitem(last=False)
+        return data
+
+    def pixels(self, st: StoreState, level: int, col: int, row: int) -> np.ndarray:
+        """(3, h, w) uint8 pixels of one DZI tile, read from the best zarr level."""
+        y0, y1, x0, x1 = tile_bounds(self.width, self.height, level, col, row)
+        k = max_level(self.width, self.height) - level
+        src = min(k, len(st.levels) - 1)
+        f = 2 ** (k - src)  # remaining downsampling from zarr level src
+        s = 1  # stride: keep the source read within MAX_SOURCE_SIDE per side
+        while s < f and max(y1 - y0, x1 - x0) * f // s > MAX_SOURCE_SIDE:
+            s *= 2
+        sh, sw = st.levels[src]
+        arr = st.store.level(src)
+        ry0, ry1 = y0 * f, min(y1 * f, sh)
+        rx0, rx1 = x0 * f, min(x1 * f, sw)
+        out = np.zeros((3, y1 - y0, x1 - x0), dtype=np.uint8)
+        if ry1 <= ry0 or rx1 <= rx0:
+            return out
+        region = np.asarray(arr[:, ry0:ry1:s, rx0:rx1:s])
+        small = block_mean(region, f // s)
+        out[:, : small.shape[1], : small.shape[2]] = small[:, : y1 - y0, : x1 - x0]
+        return out
+
+
+def usable_levels(store: ImageStore) -> list[tuple[int, int]]:
+    """(h, w) of the zarr levels to read tiles from: 0, then pyramid levels 1, 2, ...
+
+    A pyramid level counts once it is listed in the OME ``multiscales``
+    metadata (written when the pyramid is done), so a half-built level is
+    never shown as black; without OME metadata every contiguous level with a
+    plausible shape (within a pixel of H / 2**i) is used.
+    """
+    _, h0, w0 = store.level(0).shape
+    listed: set[str] | None = None
+    ome = store.group.attrs.get("ome")
+    if isinstance(ome, dict) and ome.get("multiscales"):
+        try:
+            listed = {d["path"] for d in ome["multiscales"][0]["datasets"]}
+        except (KeyError, TypeError, IndexError):
+            listed = None
+    levels = [(h0, w0)]
+    i = 1
+    while store.has_level(i) and (listed is None or str(i) in listed):
+        _, h, w = store.level(i).shape
+        if abs(h - h0 / 2**i) > 1 or abs(w - w0 / 2**i) > 1:
+            break
+        levels.append((h, w))
+        i += 1
+    return levels
+
+
+def _find(meta: dict, *keys: str) -> Any:
+    """First value of any of ``keys`` in meta or in meta['spec'] (tolerant of missing keys)."""
+    spec = meta.get("spec") if isinstance(meta.get("spec"), dict) else {}
+    for where in (meta, spec):
+        for k in keys:
+            if where.get(k) is not None:
+                return where[k]
+    return None
+
+
+def job_summary(meta: dict) -> dict[str, Any]:
+    """The few job fields the page headlines; any may be None."""
+    sha = _find(meta, "checkpoint_sha256", "sha256")
+    return {
+        "checkpoint": _find(meta, "checkpoint", "checkpoint_path", "preset"),
+        "checkpoint_sha256": sha if isinstance(sha, str) else None,
+        "seed": _find(meta, "seed"),
+        "psi": _find(meta, "psi", "truncation_psi"),
+    }
+

@@ -1,0 +1,218 @@
+"""The job spec: one frozen dataclass, from a TOML file and/or CLI flags.
+
+A spec says *what* to render (checkpoint, latent, canvas, tiling, output) and
+*how* (workers, threads, Ray address).  Only the first half decides the bytes;
+``identity()`` returns exactly that half, so a resumed job is compared with the
+store it continues on what matters and may change its worker count freely.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import JobSpecError
+
+MAX_SIDE = 2**20
+MAX_TILE = 8192
+TILE_MULTIPLE = 16
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_WEIGHTS = REPO_ROOT / "creps" / "weights" / "default.safetensors"
+DEFAULT_PRESET = "preset:ffhq512"
+
+
+def default_checkpoint() -> str:
+    """The bundled trained weights when present, else fresh fixed-seed ffhq512 weights."""
+    return str(DEFAULT_WEIGHTS) if DEFAULT_WEIGHTS.exists() else DEFAULT_PRESET
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """A render job.  ``height``/``width`` may be left 0 when ``scale`` is set;
+    ``resolved(R)`` then fills them in from the checkpoint's resolution R."""
+
+    # what (decides the bytes)
+    checkpoint: str = field(default_factory=default_checkpoint)  # file or preset:NAME
+    init_seed: int = 0  # weights seed for preset:NAME
+    seed: int = 0  # latent z = RandomState(seed).randn(1, z_dim)
+    psi: float = 1.0  # truncation
+    width: int = 6144
+    height: int = 6144
+    scale: float | None = None  # N = int(R * scale), square; overrides width/height
+    view: tuple[float, float, float, float] = (0.0, 1.0, 0.0, 1.0)  # y0, y1, x0, x1
+    tile: int = 512  # tile side = chunk side
+    shard: int = 1  # tiles per shard side (1 = no sharding)
+    compressor: str = "zstd"
+    # where
+    name: str = "demo"
+    out: str = ""  # default ./out/<name>.zarr
+    storage_options: dict = field(default_factory=dict)
+    # how (free to change on resume)
+    workers: int = 0  # 0 = one per GPU, else one per CPU core
+    gpus_per_worker: float = -1.0  # -1 = 1 when CUDA is visible, else 0
+    threads_per_worker: int = 0  # 0 = cores / workers
+    address: str | None = None  # Ray cluster; None = embedded
+    batch: int = 0  # tiles per task; 0 = auto
+    exports: bool = True  # TIFF + DZI after the render (when jobs.assemble exists)
+    max_retries: int = 4  # per task, and per actor slot
+
+    def __post_init__(self) -> None:
+        if not self.out:
+            object.__setattr__(self, "out", f"out/{self.name}.zarr")
+        object.__setattr__(self, "view", tuple(float(v) for v in self.view))
+        object.__setattr__(self, "storage_options", dict(self.storage_options or {}))
+        self.validate()
+
+    # ------------------------------------------------------------ checks
+    def validate(self) -> None:
+        _int("seed", self.seed, 0, 2**32 - 1)
+        _int("init_seed", self.init_seed, 0, 2**63 - 1)
+        if not isinstance(self.checkpoint, str) or not self.checkpoint:
+            raise JobSpecError("checkpoint must be a file path or preset:NAME")
+        if not _finite(self.psi):
+            raise JobSpecError(f"psi must be a finite number, got {self.psi!r}")
+        if self.scale is None:
+            _int("height", self.height, 1, MAX_SIDE, hint="canvas sides must be 1..2^20 pixels")
+            _int("width", self.width, 1, MAX_SIDE, hint="canvas sides must be 1..2^20 pixels")
+        elif not (_finite(self.scale) and self.scale > 0):
+            raise JobSpecError(f"scale must be a positive number, got {self.scale!r}")
+        if len(self.view) != 4 or not all(_finite(v) for v in self.view):
+            raise JobSpecError(f"view must be four finite numbers Y0,Y1,X0,X1, got {self.view!r}")
+        if self.view[0] == self.view[1] and self.height > 1 or self.view[2] == self.view[3] and self.width > 1:
+            raise JobSpecError(f"view window {self.view} is empty (Y0 == Y1 or X0 == X1)")
+        if not isinstance(self.tile, int) or isinstance(self.tile, bool) or self.tile <= 0 or self.tile % TILE_MULTIPLE:
+            raise JobSpecError(f"tile must be a positive multiple of {TILE_MULTIPLE}, got {self.tile!r}")
+        if self.tile > MAX_TILE:
+            raise JobSpecError(f"tile {self.tile} is larger than {MAX_TILE}; use a smaller tile (and --shard)")
+        _int("shard", self.shard, 1, 64, hint="tiles per shard side")
+        if self.tile * self.shard > 16384:
+            raise JobSpecError(f"shard side tile*shard = {self.tile * self.shard} > 16384; a worker holds one shard")
+        if self.compressor not in ("zstd", "none"):
+            raise JobSpecError(f"compressor must be zstd or none, got {self.compressor!r}")
+        if not isinstance(self.out, str) or not self.out.strip():
+            raise JobSpecError("out must be a path or URL")
+        _int("workers", self.workers, 0, 4096)
+        _int("threads_per_worker", self.threads_per_worker, 0, 1024)
+        _int("batch", self.batch, 0, 4096)
+        _int("max_retries", self.max_retries, 0, 100)
+        if not _finite(self.gpus_per_worker) or not (self.gpus_per_worker == -1 or self.gpus_per_worker >= 0):
+            raise JobSpecError(f"gpus_per_worker must be >= 0, got {self.gpus_per_worker!r}")
+        if not isinstance(self.storage_options, dict):
+            raise JobSpecError("storage_options must be a JSON object")
+        if self.address is not None and not (isinstance(self.address, str) and self.address):
+            raise JobSpecError(f"address must be host:port or 'auto', got {self.address!r}")
+
+    def resolved(self, resolution: int) -> "JobSpec":
+        """Fill height/width from ``scale`` and the checkpoint's training resolution."""
+        if self.scale is None:
+            return self
+        n = int(resolution * self.scale)
+        if not 1 <= n <= MAX_SIDE:
+            raise JobSpecError(f"scale {self.scale} gives a {n}x{n} canvas at resolution {resolution}; sides must be 1..2^20")
+        return dataclasses.replace(self, height=n, width=n, scale=None)
+
+    # ------------------------------------------------------------ identity / serialisation
+    def identity(self) -> dict:
+        """The fields that decide the output bytes (the checkpoint enters by hash, see jobs.run)."""
+        keys = ("init_seed", "seed", "psi", "height", "width", "view", "tile", "shard", "compressor")
+        d = self.to_dict()
+        return {k: d[k] for k in keys}
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["view"] = list(self.view)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "JobSpec":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise JobSpecError(f"unknown job keys: {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+        d = dict(d)
+        if "view" in d:
+            d["view"] = parse_view(d["view"])
+        if isinstance(d.get("storage_options"), str):
+            d["storage_options"] = parse_storage_options(d["storage_options"])
+        if "size" in d:
+            raise JobSpecError("use width/height (or --size WIDTHxHEIGHT on the command line)")
+        try:
+            return cls(**d)
+        except TypeError as e:
+            raise JobSpecError(f"bad job: {e}") from None
+
+    @classmethod
+    def from_toml(cls, path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> "JobSpec":
+        """Load a TOML job (a flat table, or a [job] table); ``overrides`` (CLI flags) win."""
+        try:
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        except FileNotFoundError:
+            raise JobSpecError(f"job file {str(path)!r} not found") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise JobSpecError(f"job file {str(path)!r} is not valid TOML: {e}") from None
+        data = dict(data.get("job", data))
+        if "size" in data:
+            w, h = parse_size(str(data.pop("size")))
+            data.update(width=w, height=h)
+        data.update(overrides or {})
+        return cls.from_dict(data)
+
+    def describe(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+
+# ---------------------------------------------------------------- parsers (shared with the CLI)
+def parse_size(text: str) -> tuple[int, int]:
+    """'WIDTHxHEIGHT' or 'N' (square) -> (width, height)."""
+    parts = text.lower().replace("×", "x").split("x")
+    try:
+        nums = [int(p) for p in parts]
+    except ValueError:
+        raise JobSpecError(f"size must be WIDTHxHEIGHT or N, got {text!r}") from None
+    if len(nums) == 1:
+        nums = nums * 2
+    if len(nums) != 2:
+        raise JobSpecError(f"size must be WIDTHxHEIGHT or N, got {text!r}")
+    for n in nums:
+        if not 1 <= n <= MAX_SIDE:
+            raise JobSpecError(f"size {text!r}: canvas sides must be 1..2^20 pixels, got {n}")
+    return nums[0], nums[1]
+
+
+def parse_view(value: Any) -> tuple[float, float, float, float]:
+    if isinstance(value, str):
+        value = value.split(",")
+    try:
+        vals = tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        raise JobSpecError(f"view must be Y0,Y1,X0,X1, got {value!r}") from None
+    if len(vals) != 4 or not all(_finite(v) for v in vals):
+        raise JobSpecError(f"view must be four finite numbers Y0,Y1,X0,X1, got {value!r}")
+    return vals  # type: ignore[return-value]
+
+
+def parse_storage_options(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise JobSpecError(f"storage options are not valid JSON ({e.msg} at char {e.pos}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise JobSpecError(f"storage options must be a JSON object, got {text!r}")
+    return value
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _int(name: str, v: Any, lo: int, hi: int, hint: str = "") -> None:
+    if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+        extra = f" ({hint})" if hint else ""
+        raise JobSpecError(f"{name} must be an integer in {lo}..{hi}{extra}, got {v!r}")

@@ -1,0 +1,222 @@
+"""The Ray worker pool: resident-generator actors, dynamic load balancing, fault handling.
+
+One actor per GPU (``num_gpus=1``) or per CPU slot (``num_cpus=threads``, torch
+limited to that many threads); each loads the checkpoint once.  The driver keeps
+``in_flight`` tasks queued per actor and hands out the next as soon as one
+returns (``ray.wait``), so fast and slow workers stay busy.  A task that raises
+is retried with back-off; a dead actor (killed, out of memory, lost node) is
+replaced and its tasks resubmitted.  After ``max_failures`` failures of one
+task, or of actors overall, the job stops with a report.  Tasks return only
+metadata: pixels go from the worker straight into the store.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
+
+from .errors import RendererError
+from .tiles import RenderContext, TileRenderer, load_generator, peak_rss_mb
+
+REPO_ROOT = str(Path(__file__).resolve().parent.parent)
+
+
+class RenderWorker:
+    """The actor body (wrapped by ``ray.remote`` in ``WorkerPool``)."""
+
+    def __init__(self, ctx: RenderContext, threads: int, device: str) -> None:
+        import torch
+
+        if threads > 0:
+            torch.set_num_threads(threads)
+        if device == "cuda" and not torch.cuda.is_available():
+            device = "cpu"
+        self.r = TileRenderer(load_generator(ctx.checkpoint, ctx.init_seed, device), ctx, device)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def lines(self, which: str, start: int, stop: int) -> dict:
+        info = self.r.lines(which, start, stop)
+        info["peak_rss_mb"] = peak_rss_mb()
+        return info
+
+    def tiles(self, batch: list[tuple[str, int, int, int, int]]) -> list[dict]:
+        return [self.r.tile(*t) for t in batch]
+
+
+# ---------------------------------------------------------------- Ray start-up
+def start_ray(address: str | None, num_cpus: int | None = None, num_gpus: int | None = None) -> bool:
+    """Join ``address`` or start an embedded, quiet, loopback-only Ray; True if we started it."""
+    if ray.is_initialized():
+        return False
+    env = {"PYTHONPATH": os.pathsep.join(p for p in (REPO_ROOT, os.environ.get("PYTHONPATH")) if p)}
+    kwargs: dict[str, Any] = dict(
+        log_to_driver=False,
+        logging_level=logging.ERROR,
+        runtime_env={"env_vars": env},
+        namespace="creps-gigapixel",
+    )
+    try:
+        if address:
+            ray.init(address=address, **kwargs)
+        else:
+            os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+            ray.init(
+                address=None,
+                num_cpus=num_cpus,
+                num_gpus=num_gpus,
+                include_dashboard=False,
+                _node_ip_address="127.0.0.1",
+                **kwargs,
+            )
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        where = f"the Ray cluster at {address}" if address else "an embedded Ray"
+        raise RendererError(f"cannot start {where}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    return True
+
+
+def cluster_resources() -> tuple[float, float]:
+    res = ray.cluster_resources()
+    return float(res.get("CPU", 0)), float(res.get("GPU", 0))
+
+
+# ---------------------------------------------------------------- the pool
+@dataclass
+class _Slot:
+    actor: Any
+    generation: int = 0
+    in_flight: int = 0
+
+
+@dataclass
+class _Task:
+    key: str
+    method: str
+    args: tuple
+    attempts: int = 0
+    not_before: float = 0.0
+    errors: list[str] = field(default_factory=list)
+
+
+class WorkerPool:
+    """``n`` render actors sharing one job context."""
+
+    def __init__(
+        self,
+        ctx: RenderContext,
+        n: int,
+        threads: int = 1,
+        gpus: float = 0.0,
+        in_flight: int = 2,
+        max_failures: int = 4,
+    ) -> None:
+        self.ctx, self.n, self.threads, self.gpus = ctx, n, threads, gpus
+        self.in_flight, self.max_failures = in_flight, max_failures
+        self.device = "cuda" if gpus > 0 else "cpu"
+        self._cls = ray.remote(RenderWorker).options(
+            num_cpus=threads if gpus == 0 else 1, num_gpus=gpus, max_restarts=0, max_task_retries=0
+        )
+        self.actor_failures: list[str] = []
+        self.replaced = 0
+        self.slots = [_Slot(self._new_actor()) for _ in range(n)]
+
+    def _new_actor(self) -> Any:
+        return self._cls.remote(self.ctx, self.threads, self.device)
+
+    def pids(self, timeout: float = 120.0) -> list[int]:
+        """Process ids of the live actors (waits for them to start)."""
+        return ray.get([s.actor.pid.remote() for s in self.slots], timeout=timeout)
+
+    def shutdown(self) -> None:
+        for s in self.slots:
+            try:
+                ray.kill(s.actor)
+            except Exception:
+                pass
+
+    def _replace(self, i: int, reason: str) -> None:
+        self.actor_failures.append(reason)
+        if len(self.actor_failures) > self.max_failures * max(1, self.n):
+            raise RendererError(
+                f"workers died {len(self.actor_failures)} times; giving up. Last: {self.actor_failures[-1]}"
+            )
+        slot = self.slots[i]
+        try:
+            ray.kill(slot.actor)
+        except Exception:
+            pass
+        slot.actor = self._new_actor()
+        slot.generation += 1
+        slot.in_flight = 0
+        self.replaced += 1
+
+    def run(self, tasks: list[tuple[str, str, tuple]], on_result: Callable[[str, Any], None]) -> None:
+        """Run ``(key, method, args)`` tasks on the actors; ``on_result(key, value)`` per finished task."""
+        queue = collections.deque(_Task(k, m, a) for k, m, a in tasks)
+        pending: dict[Any, tuple[int, int, _Task]] = {}
+        while queue or pending:
+            now = time.monotonic()
+            for i, slot in enumerate(self.slots):
+                while slot.in_flight < self.in_flight and queue:
+                    task = self._next_ready(queue, now)
+                    if task is None:
+                        break
+                    ref = getattr(slot.actor, task.method).remote(*task.args)
+                    pending[ref] = (i, slot.generation, task)
+                    slot.in_flight += 1
+            if not pending:
+                time.sleep(min(1.0, max(0.05, min(t.not_before for t in queue) - now)))
+                continue
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
+            for ref in ready:
+                i, gen, task = pending.pop(ref)
+                slot = self.slots[i]
+                if gen == slot.generation:
+                    slot.in_flight -= 1
+                try:
+                    value = ray.get(ref)
+                except RayActorError as e:
+                    if gen == slot.generation:  # first news of this actor's death: replace it
+                        self._replace(i, f"{task.key}: {_first_line(e)}")
+                    self._retry(queue, task, _first_line(e), backoff=False)
+                except (RayTaskError, RayError, GetTimeoutError) as e:
+                    self._retry(queue, task, _first_line(e), backoff=True)
+                else:
+                    on_result(task.key, value)
+
+    def _retry(self, queue: collections.deque, task: _Task, error: str, backoff: bool) -> None:
+        task.attempts += 1
+        task.errors.append(error)
+        if task.attempts > self.max_failures:
+            raise RendererError(
+                f"task {task.key} failed {task.attempts} times; giving up. Last error: {task.errors[-1]}"
+            )
+        task.not_before = time.monotonic() + (min(8.0, 0.5 * 2 ** (task.attempts - 1)) if backoff else 0.0)
+        queue.appendleft(task)
+
+    @staticmethod
+    def _next_ready(queue: collections.deque, now: float) -> _Task | None:
+        for _ in range(len(queue)):
+            task = queue[0]
+            if task.not_before <= now:
+                queue.popleft()
+                return task
+            queue.rotate(-1)
+        return None
+
+
+def _first_line(e: BaseException) -> str:
+    """The root cause's message of a Ray error, on one line."""
+    cause = getattr(e, "cause", None)
+    text = f"{type(cause).__name__}: {cause}" if isinstance(cause, BaseException) else str(e)
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return lines[-1] if lines else type(e).__name__

@@ -1,0 +1,159 @@
+"""The pixel stage on tiles: one resident generator renders tiles into the store.
+
+A ``TileRenderer`` lives inside one worker (a Ray actor, or the test process).
+It holds the generator, the job's latent and its folded per-latent weights,
+computes line ranges for the line stage, and renders tiles from slices of the
+stored line arrays: pixel stage -> uint8 -> ``store.write_region`` -> marker.
+The marker is written only after the tile's data, so a tile with a marker is
+complete whatever was killed when.  Only small metadata is returned.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import resource
+import socket
+import time
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+import creps
+
+from . import lines as line_store
+from .errors import RendererError
+from .store import ImageStore, open_store
+
+
+@dataclass(frozen=True)
+class RenderContext:
+    """Everything a worker needs about a job (plain values, cheap to ship to Ray)."""
+
+    url: str
+    storage_options: dict
+    checkpoint: str
+    init_seed: int
+    seed: int
+    psi: float
+    height: int
+    width: int
+    view: tuple[float, float, float, float]  # y0, y1, x0, x1
+    chunk: int  # level-0 chunk side; tiles are rendered chunk by chunk
+
+    @property
+    def canvas(self) -> creps.Canvas:
+        y0, y1, x0, x1 = self.view
+        return creps.Canvas(self.height, self.width, y=(y0, y1), x=(x0, x1))
+
+
+# ---------------------------------------------------------------- checkpoints
+def load_generator(checkpoint: str, init_seed: int = 0, device: str = "cpu") -> creps.Generator:
+    """A generator in eval mode from a checkpoint file or ``preset:NAME``.
+
+    Uses ``creps.load`` where available; the preset path is kept here too so a
+    job runs before (or without) the checkpoint module.
+    """
+    load = getattr(creps, "load", None)
+    try:
+        if load is not None:
+            G = load(checkpoint, init_seed=init_seed, device=device)
+        elif checkpoint.startswith("preset:"):
+            cfg = creps.preset(checkpoint[len("preset:") :])
+            torch.manual_seed(init_seed)
+            G = creps.Generator(cfg).to(device)
+        elif not os.path.exists(checkpoint):
+            raise RendererError(f"checkpoint {checkpoint!r} not found (a file, or preset:NAME)")
+        else:
+            raise RendererError(f"cannot read checkpoint {checkpoint!r}: this build has no creps.load")
+    except RendererError:
+        raise
+    except (KeyError, ValueError, OSError, RuntimeError, TypeError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        raise RendererError(f"cannot load checkpoint {checkpoint!r}: {msg}") from None
+    except Exception as e:  # creps.CheckpointError and friends
+        if type(e).__name__.endswith("Error") and type(e).__module__.startswith("creps"):
+            raise RendererError(f"cannot load checkpoint {checkpoint!r}: {e}") from None
+        raise
+    return G.eval().requires_grad_(False)
+
+
+def checkpoint_hash(checkpoint: str, init_seed: int = 0) -> str:
+    """sha256 naming the weights: of the file, or of ``preset:NAME`` + init seed."""
+    fn = getattr(creps, "checkpoint_hash", None)
+    if fn is not None:
+        try:
+            return fn(checkpoint, init_seed=init_seed)
+        except TypeError:
+            return fn(checkpoint)
+    if checkpoint.startswith("preset:"):
+        return hashlib.sha256(f"{checkpoint}:init_seed={init_seed}".encode()).hexdigest()
+    h = hashlib.sha256()
+    with open(checkpoint, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set size (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+# ---------------------------------------------------------------- renderer
+class TileRenderer:
+    """One resident generator bound to one job's latent and store."""
+
+    def __init__(self, G: creps.Generator, ctx: RenderContext, device: str = "cpu") -> None:
+        self.G, self.ctx, self.device = G, ctx, device
+        self.canvas = ctx.canvas
+        self.store: ImageStore = open_store(ctx.url, ctx.storage_options or None, mode="a")
+        with torch.no_grad():
+            z = G.z_from_seed(ctx.seed).to(device)
+            self.ws = G.ws(z, ctx.psi)
+            self._line_weights = G.line_weights(self.ws)
+            self._pixel_weights = G.pixel_weights(self.ws)
+
+    def lines(self, which: str, start: int, stop: int) -> dict:
+        """Compute and store line features of positions [start, stop) (``which`` = row | col)."""
+        t0 = time.perf_counter()
+        coords = self.canvas.row_coords() if which == "row" else self.canvas.col_coords()
+        with torch.no_grad():
+            feats = self.G.lines(self.ws, coords.to(self.device), which, start, stop, weights=self._line_weights)
+        line_store.write_lines(self.store, which, start, feats)
+        return {"which": which, "start": start, "stop": stop, "seconds": time.perf_counter() - t0}
+
+    def render_tile(self, r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
+        """uint8 (3, r1-r0, c1-c0) of the canvas, chunk by chunk, from the stored lines."""
+        R = line_store.read_lines(self.store, "row", r0, r1, self.device)
+        C = line_store.read_lines(self.store, "col", c0, c1, self.device)
+        out = np.empty((3, r1 - r0, c1 - c0), dtype=np.uint8)
+        step = self.ctx.chunk
+        with torch.no_grad():
+            for a in range(0, r1 - r0, step):
+                for b in range(0, c1 - c0, step):
+                    img = self.G.pixels(
+                        self.ws, R[:, :, a : a + step], C[:, :, b : b + step], weights=self._pixel_weights
+                    )
+                    out[:, a : a + step, b : b + step] = creps.to_uint8(img)[0].cpu().numpy()
+        return out
+
+    def tile(self, tile_id: str, r0: int, r1: int, c0: int, c1: int) -> dict:
+        """Render one tile, write it, then its marker; return its metadata."""
+        t0 = time.perf_counter()
+        data = self.render_tile(r0, r1, c0, c1)
+        self.store.write_region(0, r0, c0, data)
+        info = {
+            "id": tile_id,
+            "rows": [r0, r1],
+            "cols": [c0, c1],
+            "crc32": zlib.crc32(data.tobytes()),
+            "seconds": round(time.perf_counter() - t0, 4),
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+        }
+        self.store.mark_done(tile_id, info)
+        info["peak_rss_mb"] = peak_rss_mb()
+        return info

@@ -1,0 +1,311 @@
+"""Pyramid levels 1..n of an image store, by 2x2 averaging, from one pass over level 0.
+
+The averaging rule (exact, uint8), level k+1 from level k::
+
+    out[y, x] = (a + b + c + d + 2) // 4      a..d = in[2y:2y+2, 2x:2x+2]
+
+A block that runs off the bottom or right edge (odd height or width) repeats
+its last row / column (edge replication), so sizes go down by ceil(n / 2).
+That is the same as the round-half-up mean of the pixels that exist: two
+pixels give (a + b + 1) // 2 and a lone corner pixel stays as it is.
+`reference_pyramid` is the whole-image numpy statement of the rule; tests
+compare against it.
+
+Levels stop at the first one whose larger side fits ``min_size`` (default: the
+chunk side T of level 0, i.e. one tile). Every level is a (3, h, w) uint8
+array with chunks (3, T, T), no shards (whole-chunk writes from one thread
+each are race free).
+
+Memory is bounded by strips, never by the image: level 0 is read one strip of
+chunk rows at a time; each level keeps the rows it produced until they fill a
+chunk row (T rows), writes that chunk row and passes the same rows straight
+on to the next level (a cascade), so all levels come out of one read of
+level 0 with about two strips per level in memory. Reads are prefetched and
+writes run on a thread pool (zarr also decodes chunks on its own threads).
+
+Resume: after each chunk row is written the completed prefix of every level
+is recorded in ``<store>/pyramid.json``. A re-run reads it, restarts level 1
+at its first missing row and re-seeds each deeper level from the few stored
+rows of the level above that it still needs, so it finishes without redoing
+finished work; rewriting a chunk row is idempotent (same bytes).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Callable
+
+import numpy as np
+
+from .errors import RendererError
+from .store import ImageStore, _is_local
+
+PROGRESS_FILE = "pyramid.json"
+RULE = "level k+1 = (a+b+c+d+2)//4 over 2x2 blocks of level k; odd edges replicate the last row/column"
+
+
+# ---------------------------------------------------------------- the rule
+def level_shapes(height: int, width: int, min_size: int) -> list[tuple[int, int]]:
+    """(h, w) of levels 0..n-1: halve (ceil) until the larger side is <= min_size."""
+    if min_size < 1:
+        raise RendererError(f"pyramid min_size must be >= 1, got {min_size}")
+    shapes = [(height, width)]
+    while max(shapes[-1]) > min_size:
+        h, w = shapes[-1]
+        shapes.append(((h + 1) // 2, (w + 1) // 2))
+    return shapes
+
+
+def downsample(block: np.ndarray) -> np.ndarray:
+    """(c, h, w) uint8 -> (c, ceil(h/2), ceil(w/2)) by the documented 2x2 rule."""
+    c, h, w = block.shape
+    if h % 2:
+        block = np.concatenate([block, block[:, -1:, :]], axis=1)
+    rows = block[:, 0::2, :].astype(np.uint16)
+    rows += block[:, 1::2, :]
+    out = np.empty((c, rows.shape[1], (w + 1) // 2), np.uint16)
+    even = w // 2
+    np.add(rows[:, :, 0 : 2 * even : 2], rows[:, :, 1 : 2 * even : 2], out=out[:, :, :even])
+    if w % 2:
+        out[:, :, even] = 2 * rows[:, :, w - 1]
+    out += 2
+    out >>= 2
+    return out.astype(np.uint8)
+
+
+def reference_pyramid(image: np.ndarray, min_size: int) -> list[np.ndarray]:
+    """All levels of a whole (3, H, W) image, computed the plain way (for tests)."""
+    levels = [image]
+    for _ in level_shapes(image.shape[1], image.shape[2], min_size)[1:]:
+        prev = levels[-1].astype(np.int64)
+        p = np.pad(prev, ((0, 0), (0, prev.shape[1] % 2), (0, prev.shape[2] % 2)), mode="edge")
+        s = p[:, 0::2, 0::2] + p[:, 1::2, 0::2] + p[:, 0::2, 1::2] + p[:, 1::2, 1::2]
+        levels.append(((s + 2) // 4).astype(np.uint8))
+    return levels
+
+
+# ---------------------------------------------------------------- progress
+def _progress_path(store: ImageStore) -> str:
+    return f"{store.root}/{PROGRESS_FILE}"
+
+
+def _read_progress(store: ImageStore) -> dict:
+    try:
+        return json.loads(store.fs.cat_file(_progress_path(store)))
+    except (FileNotFoundError, ValueError):
+        return {}
+
+
+def _write_progress(store: ImageStore, progress: dict) -> None:
+    path = _progress_path(store)
+    if _is_local(store.url):
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    store.fs.pipe_file(path, json.dumps(progress).encode())
+
+
+def _plan(store: ImageStore, min_size: int | None) -> tuple[int, list[tuple[int, int]]]:
+    base = store.level(0)
+    if base.ndim != 3 or base.shape[0] != 3 or base.dtype != np.uint8:
+        raise RendererError(f"{store.url} level 0 is {base.shape} {base.dtype}; expected (3, H, W) uint8")
+    chunk = int(base.chunks[1])
+    h, w = store.shape
+    return chunk, level_shapes(h, w, min_size or chunk)
+
+
+def pyramid_complete(store: ImageStore, min_size: int | None = None) -> bool:
+    """True when every level of the plan is written (per pyramid.json) and present."""
+    chunk, shapes = _plan(store, min_size)
+    prog = _read_progress(store)
+    if prog.get("shapes") != [list(s) for s in shapes] or prog.get("chunk") != chunk:
+        return False
+    rows = prog.get("rows", {})
+    return all(
+        rows.get(str(k)) == h and store.has_level(k) and store.level(k).shape == (3, h, w)
+        for k, (h, w) in enumerate(shapes[1:], start=1)
+    )
+
+
+# ---------------------------------------------------------------- the cascade
+class _Level:
+    """Level k >= 1 as a stream: takes rows of level k-1 in order, emits its own rows.
+
+    Rows it produced are kept until they fill a chunk row of T rows (or the
+    level ends), then written with ``write``; the same rows go on to the next
+    level at once. ``start`` is the first row not yet written, ``received`` the
+    number of input rows seen (resume starts both part-way).
+    """
+
+    def __init__(self, k: int, shape: tuple[int, int], in_height: int, chunk: int,
+                 write: Callable[[int, int, np.ndarray], None], start: int) -> None:
+        self.k, self.height, self.width = k, shape[0], shape[1]
+        self.in_height, self.chunk, self.write = in_height, chunk, write
+        self.start = start
+        self.received = min(2 * start, in_height)
+        self.pending: list[np.ndarray] = []
+        self.pending_rows = 0
+        self.carry: np.ndarray | None = None  # an odd input row waiting for its pair
+        self.next: _Level | None = None
+
+    def push(self, rows: np.ndarray) -> None:
+        self.received += rows.shape[1]
+        if self.carry is not None:
+            rows = np.concatenate([self.carry, rows], axis=1)
+            self.carry = None
+        last = self.received >= self.in_height
+        if rows.shape[1] % 2 and not last:
+            self.carry, rows = rows[:, -1:, :].copy(), rows[:, :-1, :]
+        if rows.shape[1]:
+            self._emit(downsample(rows))
+
+    def _emit(self, out: np.ndarray) -> None:
+        if self.next is not None:
+            self.next.push(out)
+        self.pending.append(out)
+        self.pending_rows += out.shape[1]
+        end = self.start + self.pending_rows
+        while self.pending_rows and (end - self.start >= self.chunk or end >= self.height):
+            block = np.concatenate(self.pending, axis=1) if len(self.pending) > 1 else self.pending[0]
+            n = min(self.chunk - self.start % self.chunk, block.shape[1])
+            self.write(self.k, self.start, block[:, :n])
+            self.start += n
+            rest = block[:, n:]
+            self.pending = [rest] if rest.shape[1] else []
+            self.pending_rows = rest.shape[1]
+
+
+class _Writer:
+    """Writes chunk rows on a pool and keeps the completed prefix per level."""
+
+    def __init__(self, store: ImageStore, pool: ThreadPoolExecutor, progress: dict, max_pending: int) -> None:
+        self.store, self.pool, self.progress = store, pool, progress
+        self.max_pending = max_pending
+        self.inflight: deque[tuple[int, int, Future]] = deque()
+
+    def __call__(self, k: int, r0: int, rows: np.ndarray) -> None:
+        arr = self.store.level(k)
+        fut = self.pool.submit(arr.__setitem__, (slice(None), slice(r0, r0 + rows.shape[1]), slice(None)), rows)
+        self.inflight.append((k, r0 + rows.shape[1], fut))
+        self.retire()
+        while len(self.inflight) > self.max_pending:
+            self.retire(block=True)
+
+    def retire(self, block: bool = False) -> None:
+        """Record finished writes in submission order (so each level's prefix is contiguous)."""
+        changed = False
+        while self.inflight and (block or self.inflight[0][2].done()):
+            k, end, fut = self.inflight.popleft()
+            fut.result()
+            self.progress["rows"][str(k)] = max(self.progress["rows"].get(str(k), 0), end)
+            changed, block = True, False
+        if changed:
+            _write_progress(self.store, self.progress)
+
+    def drain(self) -> None:
+        while self.inflight:
+            self.retire(block=True)
+
+
+def _resume_rows(prog: dict, shapes: list[tuple[int, int]], chunk: int) -> list[int]:
+    """Completed rows per level, clamped so each level's prefix only rests on finished rows above."""
+    rows = [shapes[0][0]]
+    for k, (h, _) in enumerate(shapes[1:], start=1):
+        r = int(prog.get("rows", {}).get(str(k), 0))
+        above, h_above = rows[-1], shapes[k - 1][0]
+        if min(2 * r, h_above) > above:  # needs rows above that are not written yet
+            r = (above // 2) // chunk * chunk
+        rows.append(min(r, h))
+    return rows
+
+
+def _prepare_levels(store: ImageStore, shapes: list[tuple[int, int]], chunk: int, force: bool) -> dict:
+    """Create or check arrays 1..n-1, drop stale deeper ones; return the progress record."""
+    prog = _read_progress(store)
+    same_plan = prog.get("shapes") == [list(s) for s in shapes] and prog.get("chunk") == chunk
+    if force or not same_plan:
+        prog = {"shapes": [list(s) for s in shapes], "chunk": chunk, "rule": RULE, "rows": {}}
+    for k, (h, w) in enumerate(shapes[1:], start=1):
+        ok = (
+            store.has_level(k)
+            and store.level(k).shape == (3, h, w)
+            and tuple(store.level(k).chunks) == (3, chunk, chunk)
+            and str(k) in prog["rows"]
+        )
+        if not ok:
+            store.create_level(k, h, w, chunk=chunk, overwrite=True)
+            prog["rows"][str(k)] = 0
+    k = len(shapes)
+    while store.has_level(k):
+        del store.group[str(k)]
+        k += 1
+    _write_progress(store, prog)
+    return prog
+
+
+def build_pyramid(
+    store: ImageStore,
+    min_size: int | None = None,
+    workers: int | None = None,
+    progress: bool = False,
+    force: bool = False,
+) -> int:
+    """Write levels 1..n-1 from one pass over level 0 and the NGFF metadata; return n.
+
+    Re-running resumes (or does nothing when complete); ``force`` recomputes all.
+    ``workers`` threads read and write chunk rows (default: CPU count, at least 2).
+    """
+    chunk, shapes = _plan(store, min_size)
+    if not force and pyramid_complete(store, min_size):
+        return len(shapes)
+    prog = _prepare_levels(store, shapes, chunk, force)
+    done = _resume_rows(prog, shapes, chunk)
+    workers = workers or max(2, os.cpu_count() or 2)
+    with ThreadPoolExecutor(workers) as pool:
+        writer = _Writer(store, pool, prog, max_pending=2 * workers)
+        levels = [
+            _Level(k, shapes[k], shapes[k - 1][0], chunk, writer, done[k]) for k in range(1, len(shapes))
+        ]
+        for a, b in zip(levels, levels[1:]):
+            a.next = b
+        # deepest first: each level gets the stored rows above it that it still needs
+        for lev in reversed(levels[1:]):
+            _feed(store, pool, lev.k - 1, lev.received, done[lev.k - 1], lev.push, chunk)
+        if levels:
+            _feed(store, pool, 0, levels[0].received, shapes[0][0], levels[0].push, chunk, progress)
+        writer.drain()
+    store.write_ome()
+    store.update_meta(pyramid={"levels": len(shapes), "chunk": chunk, "rule": RULE})
+    return len(shapes)
+
+
+def _feed(store: ImageStore, pool: ThreadPoolExecutor, level: int, r0: int, r1: int,
+          push: Callable[[np.ndarray], None], chunk: int, progress: bool = False) -> None:
+    """Read rows [r0, r1) of a stored level in chunk-row strips (one prefetched) and push them."""
+    if r1 <= r0:
+        return
+    arr = store.level(level)
+    shards = getattr(arr, "shards", None)
+    step = int(shards[1]) if shards else chunk  # whole stored chunks (or shards) per read
+    bounds = [r0, *range((r0 // step + 1) * step, r1, step), r1]
+    reads = list(zip(bounds, bounds[1:]))
+
+    def read(a: int, b: int) -> np.ndarray:
+        return np.asarray(arr[:, a:b, :])
+
+    bar: Any = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=r1 - r0, unit="row", desc="pyramid", leave=False)
+    nxt = pool.submit(read, *reads[0])
+    for i in range(len(reads)):
+        rows = nxt.result()
+        if i + 1 < len(reads):
+            nxt = pool.submit(read, *reads[i + 1])
+        push(rows)
+        if bar is not None:
+            bar.update(rows.shape[1])
+    if bar is not None:
+        bar.close()

@@ -158,16 +158,16 @@ class DziFiles:
     def read(self, parts: list[str]) -> tuple[bytes, str] | None:
         """(bytes, content type) of NAME.dzi or a file under NAME_files/, else None."""
         if parts == [self.name]:
-            pass
+            root, inner = self.dir, parts
         elif len(parts) >= 2 and parts[0] == f"{self.stem}_files":
-            pass
+            root, inner = f"{self.dir}/{parts[0]}", parts[1:]  # a tile may not even point to NAME.dzi's folder
         else:
             return None
         ctype = CONTENT_TYPES.get(os.path.splitext(parts[-1])[1].lower())
         if ctype is None:
             return None
         if self.local:
-            p = safe_file(Path(self.dir), parts)
+            p = safe_file(Path(root), inner)
             return (p.read_bytes(), ctype) if p else None
         try:
             return self.fs.cat_file(f"{self.dir}/{'/'.join(parts)}"), ctype
@@ -234,7 +234,8 @@ class Handler(BaseHTTPRequestHandler):
         self.do_GET()
 
     def do_GET(self) -> None:
-        if self.server.local_only and not is_loopback(host_name(self.headers.get("Host") or "")):
+        hosts = self.headers.get_all("Host") or []
+        if self.server.local_only and (len(hosts) != 1 or not is_loopback(host_name(hosts[0]))):
             return self._error(403, "forbidden: Host is not a loopback name")
         parts = split_path(self.path)
         if parts is None:

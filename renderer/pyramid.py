@@ -183,9 +183,12 @@ class _Writer:
         self.store, self.pool, self.progress = store, pool, progress
         self.max_pending = max_pending
         self.inflight: deque[tuple[int, int, Future]] = deque()
+        self.arrays: dict[int, Any] = {}  # group lookups re-read metadata; do them once
 
     def __call__(self, k: int, r0: int, rows: np.ndarray) -> None:
-        arr = self.store.level(k)
+        arr = self.arrays.get(k)
+        if arr is None:
+            arr = self.arrays[k] = self.store.level(k)
         fut = self.pool.submit(arr.__setitem__, (slice(None), slice(r0, r0 + rows.shape[1]), slice(None)), rows)
         self.inflight.append((k, r0 + rows.shape[1], fut))
         self.retire()

@@ -1,0 +1,110 @@
+"""render.py assemble URL: pyramid levels, a pyramidal TIFF and a DeepZoom pyramid from a store.
+
+  render.py assemble out/img.zarr --tiff out/img.tif --dzi out/img
+  render.py assemble s3://bucket/img.zarr --storage-options '{"anon": false}' --tiff s3://bucket/img.tif
+
+The pyramid is built (or finished, if a previous run stopped) unless
+--skip-pyramid; then the requested exports. Re-running is safe. The TIFF and
+the DeepZoom export run side by side (both spend their time in C: JPEG
+encoding, zstd decoding, libvips), which keeps both cores busy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from renderer.errors import RendererError
+from renderer.exports import COMPRESSIONS, TIFF_TILES, check_target, write_dzi, write_tiff
+from renderer.pyramid import build_pyramid, pyramid_complete
+from renderer.store import open_store
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("url", help="image store (OME-Zarr group) URL or path")
+    parser.add_argument("--storage-options", default=None, metavar="JSON",
+                        help="fsspec options for the store and remote outputs, as JSON")
+    g = parser.add_argument_group("pyramidal TIFF")
+    g.add_argument("--tiff", default=None, metavar="OUT.tif", help="write a pyramidal BigTIFF here")
+    g.add_argument("--tiff-tile", type=int, default=256, choices=TIFF_TILES, help="TIFF tile side")
+    g.add_argument("--compression", default="jpeg", choices=list(COMPRESSIONS), help="TIFF compression")
+    g.add_argument("--quality", type=int, default=90, help="JPEG quality (TIFF and DeepZoom tiles), 1..100")
+    g = parser.add_argument_group("DeepZoom")
+    g.add_argument("--dzi", default=None, metavar="OUT", help="write OUT.dzi + OUT_files/ (+ OUT.szi)")
+    g.add_argument("--no-szi", action="store_true", help="skip the .szi zip")
+    g = parser.add_argument_group("pyramid")
+    g.add_argument("--skip-pyramid", action="store_true",
+                   help="do not build pyramid levels (the TIFF still needs them and builds them if missing)")
+    g.add_argument("--workers", type=int, default=None, help="threads for reads/writes/encoding")
+
+
+def assemble(
+    url: str,
+    tiff: str | None = None,
+    dzi: str | None = None,
+    storage_options: dict | None = None,
+    tiff_tile: int = 256,
+    compression: str = "jpeg",
+    quality: int = 90,
+    szi: bool = True,
+    skip_pyramid: bool = False,
+    workers: int | None = None,
+    progress: bool = False,
+) -> dict:
+    """Build the pyramid (unless skipped) and the requested exports; return seconds per stage."""
+    if not 1 <= quality <= 100:
+        raise RendererError(f"--quality must be 1..100, got {quality}")
+    for target in (tiff, dzi):
+        if target:
+            check_target(target, storage_options)
+    open_store(url, storage_options, mode="r").level(0)  # one clear error when the store or level 0 is missing
+    store = open_store(url, storage_options, mode="a")
+    times: dict[str, float] = {}
+    t = time.perf_counter()
+    if not skip_pyramid and not pyramid_complete(store):
+        build_pyramid(store, workers=workers, progress=progress)
+    times["pyramid"] = time.perf_counter() - t
+
+    def do_tiff() -> None:
+        t0 = time.perf_counter()
+        write_tiff(store, tiff, tile=tiff_tile, compression=compression, quality=quality,  # type: ignore[arg-type]
+                   storage_options=storage_options, workers=workers, progress=progress)
+        times["tiff"] = time.perf_counter() - t0
+
+    def do_dzi() -> None:
+        t0 = time.perf_counter()
+        write_dzi(store, dzi, quality=quality, szi=szi, storage_options=storage_options,  # type: ignore[arg-type]
+                  progress=progress)
+        times["dzi"] = time.perf_counter() - t0
+
+    t = time.perf_counter()
+    jobs = [f for f, want in ((do_tiff, tiff), (do_dzi, dzi)) if want]
+    with ThreadPoolExecutor(max(1, len(jobs))) as pool:
+        for fut in [pool.submit(f) for f in jobs]:
+            fut.result()
+    times["exports"] = time.perf_counter() - t
+    return times
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        options = json.loads(args.storage_options) if args.storage_options else None
+    except json.JSONDecodeError as e:
+        print(f"error: --storage-options is not valid JSON: {e}", file=sys.stderr)
+        return 2
+    try:
+        times = assemble(
+            args.url, tiff=args.tiff, dzi=args.dzi, storage_options=options, tiff_tile=args.tiff_tile,
+            compression=args.compression, quality=args.quality, szi=not args.no_szi,
+            skip_pyramid=args.skip_pyramid, workers=args.workers, progress=True,
+        )
+    except RendererError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print("assembled: " + ", ".join(f"{k} {v:.1f} s" for k, v in times.items()))
+    if args.dzi:
+        print(f"view it: python render.py view {args.dzi.removesuffix('.dzi')}.dzi")
+    return 0

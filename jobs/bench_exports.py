@@ -1,0 +1,128 @@
+"""Benchmark: zarr -> pyramid + TIFF + DZI (ours) against vips dzsave + tiffsave from a raw file.
+
+  python -m jobs.bench_exports [--size 16384] [--dir /tmp/creps-bench-exports]
+
+Both sides get the same pixels (a synthetic smooth-plus-noise RGB image, made
+once and cached in --dir as a raw interleaved file and a zarr store with 512
+chunks), the same JPEG quality (90), 256 px TIFF tiles and 254/1 DeepZoom
+tiles. Each side runs in its own process so its peak RSS is its own. Prints one
+line per side and a JSON line last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+
+def synthetic_strip(r0: int, r1: int, width: int, seed: int = 0) -> np.ndarray:
+    """(3, r1-r0, width) uint8: smooth colour waves plus a little noise (JPEG sees realistic work)."""
+    y = np.arange(r0, r1, dtype=np.float32)[:, None]
+    x = np.arange(width, dtype=np.float32)[None, :]
+    rng = np.random.default_rng(seed + r0)
+    out = np.empty((3, r1 - r0, width), np.uint8)
+    for c in range(3):
+        v = 128 + 60 * np.sin(x / (300 + 40 * c) + y / (500 - 30 * c)) + 40 * np.sin((x + y * (c + 1)) / 37.0) * np.cos(y / 91.0)
+        v += rng.integers(-6, 7, size=v.shape)
+        out[c] = np.clip(v, 0, 255)
+    return out
+
+
+def make_inputs(folder: str, size: int, chunk: int = 512) -> tuple[str, str]:
+    """Cached raw file + zarr store (level 0 only) of the same synthetic image."""
+    from renderer.store import open_store
+
+    raw, url = os.path.join(folder, f"src{size}.raw"), os.path.join(folder, f"src{size}.zarr")
+    if os.path.exists(raw) and os.path.exists(os.path.join(url, "zarr.json")):
+        return raw, url
+    os.makedirs(folder, exist_ok=True)
+    store = open_store(url, mode="w")
+    store.create_level(0, size, size, chunk=chunk)
+    with open(raw, "wb") as f:
+        for r0 in range(0, size, chunk):
+            strip = synthetic_strip(r0, min(size, r0 + chunk), size)
+            store.write_region(0, r0, 0, strip)
+            f.write(np.ascontiguousarray(strip.transpose(1, 2, 0)).tobytes())
+    return raw, url
+
+
+def _clean(folder: str, size: int) -> None:
+    """Remove outputs and the pyramid levels, so each run does the full work."""
+    for name in os.listdir(folder):
+        if name.startswith(("ours", "vips")):
+            p = os.path.join(folder, name)
+            shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
+    url = os.path.join(folder, f"src{size}.zarr")
+    for name in os.listdir(url):
+        if name not in ("0", "zarr.json"):
+            p = os.path.join(url, name)
+            shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
+
+
+def run_ours(folder: str, size: int) -> dict:
+    from jobs.assemble import assemble
+
+    t = time.perf_counter()
+    times = assemble(os.path.join(folder, f"src{size}.zarr"), tiff=os.path.join(folder, "ours.tif"),
+                     dzi=os.path.join(folder, "ours"))
+    return {"total_s": time.perf_counter() - t, **{f"{k}_s": v for k, v in times.items()}}
+
+
+def run_vips(folder: str, size: int) -> dict:
+    import pyvips
+
+    raw = os.path.join(folder, f"src{size}.raw")
+    t = time.perf_counter()
+    pyvips.Image.rawload(raw, size, size, 3).dzsave(os.path.join(folder, "vips"), tile_size=254, overlap=1,
+                                                    suffix=".jpg[Q=90]")
+    t1 = time.perf_counter()
+    pyvips.Image.rawload(raw, size, size, 3).tiffsave(os.path.join(folder, "vips.tif"), tile=True, tile_width=256,
+                                                      tile_height=256, pyramid=True, subifd=True, bigtiff=True,
+                                                      compression="jpeg", Q=90)
+    t2 = time.perf_counter()
+    return {"total_s": t2 - t, "dzsave_s": t1 - t, "tiffsave_s": t2 - t1}
+
+
+def _child(side: str, folder: str, size: int) -> None:
+    result = (run_ours if side == "ours" else run_vips)(folder, size)
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    result.update(peak_rss_mb=ru.ru_maxrss / 1024, cpu_s=ru.ru_utime + ru.ru_stime)
+    print(json.dumps(result))
+
+
+def bench(size: int = 16384, folder: str = "/tmp/creps-bench-exports") -> dict:
+    make_inputs(folder, size)
+    results = {}
+    for side in ("vips", "ours"):
+        _clean(folder, size)
+        out = subprocess.run([sys.executable, "-m", "jobs.bench_exports", "--child", side, "--size", str(size),
+                              "--dir", folder], check=True, capture_output=True, text=True)
+        results[side] = json.loads(out.stdout.strip().splitlines()[-1])
+        print(side, " ".join(f"{k}={v:.2f}" for k, v in results[side].items()), flush=True)
+    results.update(size=size, cpus=os.cpu_count())
+    return results
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", type=int, default=16384)
+    p.add_argument("--dir", default="/tmp/creps-bench-exports")
+    p.add_argument("--child", choices=("ours", "vips"), help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.child:
+        _child(a.child, a.dir, a.size)
+        return 0
+    print(json.dumps(bench(a.size, a.dir)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -256,44 +256,69 @@ class Generator(nn.Module):
         col_lines: torch.Tensor,
         pixel_block: int | None = PIXEL_BLOCK,
         weights: dict | None = None,
-        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Image [B, 3, h, w] from row lines [B, K, h, r, C] and col lines [B, K, w, r, C].
 
-        ``pixel_block=None`` runs all pixels in one pass (training); otherwise
-        blocks of exactly that many pixels, the last one padded.
+        ``pixel_block=None`` runs all pixels in one differentiable pass
+        (training).  Otherwise the image is cut into blocks of whole rows (or
+        row segments when a row is longer than the block) and every block is
+        padded to exactly ``pixel_block`` pixels, so each matmul has one shape.
+        The rank-r fusion uses elementwise multiplies and adds only, which
+        round the same whatever the block shape.
         """
+        weights = self.pixel_weights(ws) if weights is None else weights
+        if pixel_block is None:
+            return self._pixels_one_pass(row_lines, col_lines, weights)
         bsz, _, h, _, _ = row_lines.shape
         w = col_lines.shape[2]
-        total = h * w
-        weights = self.pixel_weights(ws) if weights is None else weights
-        block = total if pixel_block is None else pixel_block
-        if out is None:
-            out = torch.empty(bsz, total, self.cfg.img_channels, dtype=torch.float32, device=row_lines.device)
-        chunks = []
-        for p0 in range(0, total, block):
-            n = min(block, total - p0)
-            idx = torch.arange(p0, p0 + block, device=row_lines.device).clamp_(max=total - 1)
-            rgb = self._pixel_block(row_lines, col_lines, idx // w, idx % w, weights)
-            if torch.is_grad_enabled() and rgb.requires_grad:
-                chunks.append(rgb[:, :n])
-            else:
-                out[:, p0 : p0 + n] = rgb[:, :n]
-        if chunks:
-            out = torch.cat(chunks, dim=1)
-        return out.reshape(bsz, h, w, -1).permute(0, 3, 1, 2)
+        out = torch.empty(bsz, h, w, self.cfg.img_channels, dtype=torch.float32, device=row_lines.device)
+        # Rank-major copies so every fusion operand is a contiguous [L, C] slab.
+        R = row_lines.permute(0, 1, 3, 2, 4).contiguous()  # [B, K, r, h, C]
+        Cl = col_lines.permute(0, 1, 3, 2, 4).contiguous()  # [B, K, r, w, C]
+        K = R.shape[1]
+        buf = torch.zeros(K, pixel_block, self.cfg.biline_channels, dtype=torch.float32, device=row_lines.device)
+        seg = min(w, pixel_block)
+        nr = pixel_block // seg
+        for b in range(bsz):
+            wb = _batch_weights(weights, b)
+            for i0 in range(0, h, nr):
+                i1 = min(h, i0 + nr)
+                for j0 in range(0, w, seg):
+                    j1 = min(w, j0 + seg)
+                    n = (i1 - i0) * (j1 - j0)
+                    # F_k for all k at once: sum over rank slots, one slot at a time.
+                    view = buf[:, :n].view(K, i1 - i0, j1 - j0, -1)
+                    for r in range(R.shape[2]):
+                        rr = R[b, :, r, i0:i1].unsqueeze(2)  # [K, nr, 1, C]
+                        cc = Cl[b, :, r, j0:j1].unsqueeze(1)  # [K, 1, w, C]
+                        if r == 0:
+                            torch.mul(rr, cc, out=view)
+                        else:
+                            view.add_(rr * cc)
+                    rgb = self._pixel_mlp(buf.__getitem__, K, wb)
+                    out[b, i0:i1, j0:j1] = rgb[:n].view(i1 - i0, j1 - j0, -1)
+        return out.permute(0, 3, 1, 2)
 
-    def _pixel_block(self, R: torch.Tensor, C: torch.Tensor, ri: torch.Tensor, ci: torch.Tensor, wts: dict):
+    def _pixels_one_pass(self, R: torch.Tensor, C: torch.Tensor, weights: dict) -> torch.Tensor:
+        bsz, K, h = R.shape[:3]
+        w = C.shape[2]
+
+        def fuse(k: int) -> torch.Tensor:
+            f = (R[:, k].unsqueeze(2) * C[:, k].unsqueeze(1)).sum(dim=3)  # [B, h, w, C]
+            return f.reshape(bsz, h * w, -1)
+
+        rgb = self._pixel_mlp(fuse, K, weights)
+        return rgb.reshape(bsz, h, w, -1).permute(0, 3, 1, 2)
+
+    def _pixel_mlp(self, fuse, K: int, wts: dict) -> torch.Tensor:
+        """Decoder cascade + refinement for one block of pixels; fuse(k) gives F_k."""
         clamp = self.cfg.fc_clamp
-        feat = None
-        for k in range(R.shape[1]):
-            f = (R[:, k].index_select(1, ri) * C[:, k].index_select(1, ci)).sum(dim=2)  # [B, P, C]
-            if feat is None:
-                feat = f
-            else:
-                for wt, b in wts["dec"][k - 1]:
-                    feat = apply(feat, wt, b, True, None)
-                feat = feat + f
+        feat = fuse(0)
+        for k in range(1, K):
+            for wt, b in wts["dec"][k - 1]:
+                feat = apply(feat, wt, b, True, None)
+            f = fuse(k)
+            feat = feat.add_(f) if not feat.requires_grad else feat + f
         for wt, b in wts["last"]:
             feat = apply(feat, wt, b, True, None)
         img = apply(feat, *wts["img"], False, None)
@@ -301,7 +326,8 @@ class Generator(nn.Module):
         for fc0, fc1, tores in wts["refine"]:
             x = apply(x, *fc0, True, clamp)
             x = apply(x, *fc1, True, clamp)
-            img = img + apply(x, *tores, False, clamp)
+            y = apply(x, *tores, False, clamp)
+            img = img.add_(y) if not img.requires_grad else img + y
         return img
 
     # ----------------------------------------------------------------- renders
@@ -334,6 +360,16 @@ class Generator(nn.Module):
         R = self.lines(ws, t, "row")
         C = self.lines(ws, t, "col")
         return self.pixels(ws, R, C, pixel_block=None)
+
+
+def _batch_weights(weights: dict, b: int) -> dict:
+    """Sample b's matrices as plain 2-D ones (so the pixel stage runs addmm)."""
+    return {
+        "dec": weights["dec"],
+        "last": weights["last"],
+        "img": weights["img"],
+        "refine": [tuple((wt[b], bias[b, 0]) for wt, bias in blk) for blk in weights["refine"]],
+    }
 
 
 def to_uint8(img: torch.Tensor) -> torch.Tensor:

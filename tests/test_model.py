@@ -1,0 +1,181 @@
+"""The generator: official shapes, exact tiles (contract 1), determinism, truncation."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+import creps
+from creps import Canvas, Generator, preset
+
+OFFICIAL = {  # preset -> (parameters, state-dict entries, num_ws)
+    "ffhq512": (30_867_785, 204, 17),
+    "church256": (30_530_825, 184, 15),
+    "metfaces1024": (31_034_377, 224, 19),
+}
+
+
+@pytest.fixture(scope="module")
+def tiny() -> Generator:
+    torch.manual_seed(1)
+    return Generator(preset("tiny")).eval()
+
+
+@pytest.mark.parametrize("name", sorted(OFFICIAL))
+def test_official_shapes(name: str) -> None:
+    params, entries, num_ws = OFFICIAL[name]
+    G = Generator(preset(name))
+    sd = G.state_dict()
+    assert sum(p.numel() for p in G.parameters()) == params
+    assert len(sd) == entries
+    assert G.num_ws == num_ws
+    if name == "ffhq512":
+        assert sd["synthesis.b4.input.freqs"].shape == (1, 4096)
+        assert sd["synthesis.b8.fc0.weight"].shape == (1024, 1024)
+        assert sd["synthesis.b8.fc0.affine.weight"].shape == (1024, 512)
+        assert sd["synthesis.decoder_16.0.weight"].shape == (64, 32)
+        assert sd["synthesis.block0.fc0.weight"].shape == (128, 32)
+        assert sd["mapping.fc0.weight"].shape == (512, 512)
+        assert sd["mapping.w_avg"].shape == (512,)
+        assert len(list(G.parameters())) == 201
+
+
+def test_official_key_layout_round_trips() -> None:
+    torch.manual_seed(0)
+    a = Generator(preset("church256"))
+    b = Generator(preset("church256"))
+    b.load_state_dict(a.state_dict(), strict=True)
+    assert all(torch.equal(a.state_dict()[k], b.state_dict()[k]) for k in a.state_dict())
+
+
+def test_flops_match_design() -> None:
+    f = creps.flops(preset("ffhq512"), 512, 512)
+    assert round(f.per_pixel / 1e3) == 357
+    assert round(f.per_line_position / 1e6) == 340
+    big = creps.flops(preset("ffhq512"), 6144, 6144)
+    assert 13.4e12 < big.pixel < 13.6e12 and 2.0e12 < big.line < 2.2e12
+
+
+def _random_case(rng: random.Random) -> tuple[Canvas, tuple[int, int], tuple[int, int]]:
+    h, w = rng.randint(1, 150), rng.randint(1, 150)
+    y0, x0 = rng.uniform(-1, 1), rng.uniform(-1, 1)
+    cv = Canvas(h, w, y=(y0, y0 + rng.uniform(0.1, 3)), x=(x0, x0 + rng.uniform(0.1, 3)))
+    r0 = rng.randrange(h)
+    c0 = rng.randrange(w)
+    return cv, (r0, rng.randint(r0 + 1, h)), (c0, rng.randint(c0 + 1, w))
+
+
+@torch.no_grad()
+def test_tiles_are_bit_exact_crops_of_the_full_frame(tiny: Generator) -> None:
+    rng = random.Random(7)
+    z = tiny.z_from_seed(3)
+    for _ in range(12):
+        cv, rows, cols = _random_case(rng)
+        full = tiny.render(z, cv)
+        tile = tiny.render(z, cv, rows=rows, cols=cols)
+        crop = full[:, :, rows[0] : rows[1], cols[0] : cols[1]]
+        assert tile.shape == crop.shape
+        assert torch.equal(tile, crop), (cv, rows, cols)
+
+
+@torch.no_grad()
+def test_tiles_exact_with_small_pixel_blocks_and_many_line_blocks(tiny: Generator) -> None:
+    # Canvas longer than several line blocks; tiles straddle block boundaries.
+    cv = Canvas(3 * creps.LINE_BLOCK + 5, 2 * creps.LINE_BLOCK + 3)
+    z = tiny.z_from_seed(0)
+    full = tiny.render(z, cv, pixel_block=256)
+    for rows, cols in [((60, 70), (1, 130)), ((127, 193), (64, 65)), ((0, 197), (100, 131))]:
+        tile = tiny.render(z, cv, rows=rows, cols=cols, pixel_block=256)
+        assert torch.equal(tile, full[:, :, rows[0] : rows[1], cols[0] : cols[1]])
+
+
+@torch.no_grad()
+def test_shared_line_features_equal_per_tile_lines(tiny: Generator) -> None:
+    cv = Canvas(90, 140, y=(0.2, 1.7), x=(-0.5, 0.5))
+    ws = tiny.ws(tiny.z_from_seed(5), psi=0.7)
+    rows_all = tiny.lines(ws, cv.row_coords(), "row")
+    cols_all = tiny.lines(ws, cv.col_coords(), "col")
+    for (r0, r1), (c0, c1) in [((0, 90), (0, 140)), ((13, 77), (65, 139)), ((89, 90), (0, 1))]:
+        shared = tiny.pixels(ws, rows_all[:, :, r0:r1], cols_all[:, :, c0:c1])
+        own = tiny.render(ws, cv, rows=(r0, r1), cols=(c0, c1))
+        assert torch.equal(shared, own)
+        # A tile's own lines equal the slice of the job's lines.
+        assert torch.equal(tiny.lines(ws, cv.row_coords(), "row", r0, r1), rows_all[:, :, r0:r1])
+
+
+@torch.no_grad()
+def test_rows_and_columns_are_independent_inputs(tiny: Generator) -> None:
+    # Non-square canvas == crop of a square one sharing its row or column vector.
+    z = tiny.z_from_seed(2)
+    tall = tiny.render(z, Canvas(100, 40, x=(0.25, 0.75)))
+    square = tiny.render(z, Canvas(100, 100, x=(0.25, 0.75)))
+    assert not torch.equal(tall, square[:, :, :, :40])  # columns differ (other spacing) ...
+    wide_rows = tiny.render(z, Canvas(100, 40, x=(0.25, 0.75)), rows=(0, 100), cols=(0, 40))
+    assert torch.equal(tall, wide_rows)
+
+
+@torch.no_grad()
+def test_full_frame_matches_training_forward(tiny: Generator) -> None:
+    z = torch.randn(2, tiny.cfg.z_dim, generator=torch.Generator().manual_seed(0))
+    ref = tiny(z)
+    r = tiny.cfg.resolution
+    blocked = torch.cat([tiny.render(z[i : i + 1], Canvas(r, r)) for i in range(2)])
+    assert ref.shape == (2, 3, r, r)
+    torch.testing.assert_close(blocked, ref, rtol=0, atol=1e-5)
+
+
+@torch.no_grad()
+def test_determinism_per_seed(tiny: Generator) -> None:
+    cv = Canvas(40, 60)
+    a = tiny.render(tiny.z_from_seed(11), cv)
+    b = tiny.render(tiny.z_from_seed(11), cv)
+    c = tiny.render(tiny.z_from_seed(12), cv)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+    torch.manual_seed(1)
+    again = Generator(preset("tiny")).eval()
+    assert torch.equal(again.render(again.z_from_seed(11), cv), a)
+
+
+@torch.no_grad()
+def test_truncation_psi(tiny: Generator) -> None:
+    z = tiny.z_from_seed(4)
+    tiny.mapping.w_avg.copy_(torch.randn(tiny.cfg.w_dim))
+    try:
+        w1 = tiny.ws(z, psi=1.0)
+        assert torch.allclose(tiny.ws(z, psi=0.0), tiny.mapping.w_avg.expand_as(w1))
+        half = tiny.ws(z, psi=0.5)
+        torch.testing.assert_close(half, tiny.mapping.w_avg + 0.5 * (w1 - tiny.mapping.w_avg))
+        ws_in = tiny.ws(z, psi=0.5)
+        assert torch.equal(tiny.ws(ws_in), ws_in)  # ws pass through untouched
+    finally:
+        tiny.mapping.w_avg.zero_()
+
+
+def test_bad_inputs(tiny: Generator) -> None:
+    with pytest.raises(ValueError, match="canvas height"):
+        Canvas(0, 10)
+    with pytest.raises(ValueError, match="canvas width"):
+        Canvas(10, 2**20 + 1)
+    with pytest.raises(ValueError, match="not inside"):
+        tiny.render(tiny.z_from_seed(0), Canvas(10, 10), rows=(5, 11))
+    with pytest.raises(ValueError, match="z must be"):
+        tiny.ws(torch.zeros(1, 3))
+    with pytest.raises(KeyError, match="unknown preset"):
+        preset("nope")
+
+
+def test_to_uint8_rule() -> None:
+    x = torch.tensor([-2.0, -1.0, 0.0, 0.999, 1.0, 5.0])
+    assert creps.to_uint8(x).tolist() == [0, 0, 128, 255, 255, 255]
+
+
+def test_training_forward_is_differentiable(tiny: Generator) -> None:
+    z = torch.randn(2, tiny.cfg.z_dim)
+    img = tiny(z)
+    img.square().mean().backward()
+    grads = [p.grad for p in tiny.parameters() if p.grad is not None]
+    assert len(grads) > 50 and all(torch.isfinite(g).all() for g in grads)
+    tiny.zero_grad(set_to_none=True)

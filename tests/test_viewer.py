@@ -220,6 +220,28 @@ def test_pyramid_levels_are_read_when_listed(tmp_path, image):
     assert (decode(src.tile(top - 2, 0, 0)) == 17).all()
 
 
+def test_levels_of_a_built_pyramid_are_served(tmp_path, image):
+    """With renderer.pyramid's levels, DZI level max-i is zarr level i, pixel for pixel."""
+    from renderer.pyramid import PROGRESS_FILE, build_pyramid
+
+    url = make_store(tmp_path / "bp.zarr", image)
+    s = open_store(url)
+    n = build_pyramid(s, workers=2)
+    assert n >= 3
+    src = StoreTiles(url, fmt="png")
+    assert src.info()["zarr_levels"] == n
+    top = max_level(W, H)
+    for i in range(1, n):
+        y0, y1, x0, x1 = tile_bounds(W, H, top - i, 0, 0)
+        np.testing.assert_array_equal(decode(src.tile(top - i, 0, 0)), s.read_region(i, y0, y1, x0, x1))
+    # A level that the progress file says is unfinished (a resumed build) is not read.
+    path = tmp_path / "bp.zarr" / PROGRESS_FILE
+    record = json.loads(path.read_text())
+    record["rows"]["2"] = 0
+    path.write_text(json.dumps(record))
+    assert StoreTiles(url, fmt="png").info()["zarr_levels"] == 2
+
+
 def test_jpeg_tiles_match_loosely(tmp_path):
     y, x = np.mgrid[0:H, 0:W]
     img = np.stack([x * 255 // (W - 1), y * 255 // (H - 1), (x + y) * 255 // (W + H)]).astype(np.uint8)

@@ -16,7 +16,11 @@ that is still finer than needed, area-averaged (mean over the valid source
 pixels of each block, rounded half up). So that one coarse tile of a huge
 level-0-only store cannot read gigapixels, the source read is capped at
 MAX_SOURCE_SIDE pixels per side by striding: beyond that a tile is the mean
-of a regular subsample (every s-th pixel), not of every pixel. Chunks that
+of a regular subsample (every s-th pixel), not of every pixel. That bounds
+the pixels a tile holds in memory, not the chunks it decodes: while the
+stride is below the chunk side every chunk under the tile is still read, so
+coarse views of a huge level-0-only store are slow (seconds per tile);
+`render.py assemble` builds the pyramid that makes them cheap. Chunks that
 are not written yet read as the fill value (0, black), so a render in
 progress shows blank tiles that fill in as it goes.
 """
@@ -24,6 +28,7 @@ progress shows blank tiles that fill in as it goes.
 from __future__ import annotations
 
 import io
+import json
 import threading
 import time
 from collections import OrderedDict
@@ -34,6 +39,7 @@ import numpy as np
 from PIL import Image
 
 from renderer.errors import RendererError
+from renderer.pyramid import PROGRESS_FILE
 from renderer.store import ImageStore, open_store
 
 from .errors import ViewerError
@@ -252,11 +258,14 @@ def usable_levels(store: ImageStore) -> list[tuple[int, int]]:
     """(h, w) of the zarr levels to read tiles from: 0, then pyramid levels 1, 2, ...
 
     A pyramid level counts once it is listed in the OME ``multiscales``
-    metadata (written when the pyramid is done), so a half-built level is
-    never shown as black; without OME metadata every contiguous level with a
-    plausible shape (within a pixel of H / 2**i) is used.
+    metadata (written when the pyramid is done) and, while renderer.pyramid's
+    progress file exists, once that file says all its rows are written; so a
+    half-built level (first build or a resumed one) is never shown as black.
+    Without OME metadata every contiguous level with a plausible shape
+    (within a pixel of H / 2**i) is used.
     """
     _, h0, w0 = store.level(0).shape
+    rows_done = pyramid_rows(store)
     listed: set[str] | None = None
     ome = store.group.attrs.get("ome")
     if isinstance(ome, dict) and ome.get("multiscales"):
@@ -270,9 +279,21 @@ def usable_levels(store: ImageStore) -> list[tuple[int, int]]:
         _, h, w = store.level(i).shape
         if abs(h - h0 / 2**i) > 1 or abs(w - w0 / 2**i) > 1:
             break
+        if rows_done is not None and rows_done.get(str(i), 0) < h:
+            break
         levels.append((h, w))
         i += 1
     return levels
+
+
+def pyramid_rows(store: ImageStore) -> dict | None:
+    """Rows written per pyramid level from renderer.pyramid's progress file; None if there is none."""
+    try:
+        record = json.loads(store.fs.cat_file(f"{store.root}/{PROGRESS_FILE}"))
+    except (FileNotFoundError, ValueError, OSError):
+        return None
+    rows = record.get("rows") if isinstance(record, dict) else None
+    return rows if isinstance(rows, dict) else {}
 
 
 def _find(meta: dict, *keys: str) -> Any:

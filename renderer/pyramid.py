@@ -239,10 +239,9 @@ def _prepare_levels(store: ImageStore, shapes: list[tuple[int, int]], chunk: int
         if not ok:
             store.create_level(k, h, w, chunk=chunk, overwrite=True)
             prog["rows"][str(k)] = 0
-    k = len(shapes)
-    while store.has_level(k):
-        del store.group[str(k)]
-        k += 1
+    for key in list(store.group.array_keys()):  # deeper levels of an older plan
+        if key.isdigit() and int(key) >= len(shapes):
+            del store.group[key]
     _write_progress(store, prog)
     return prog
 

@@ -1,0 +1,191 @@
+"""renderer.exports and `render.py assemble`: pyramidal TIFF and DeepZoom read back by real readers."""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+import zipfile
+
+import numpy as np
+import pytest
+import tifffile
+
+from jobs.assemble import assemble
+from renderer.errors import RendererError
+from renderer.exports import write_dzi, write_tiff
+from renderer.pyramid import reference_pyramid
+from renderer.store import open_store
+
+pytestmark = pytest.mark.filterwarnings("ignore:Object at .* is not recognized")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+H, W, T = 301, 517, 64
+
+
+def smooth_image(h: int, w: int) -> np.ndarray:
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    img = np.stack([128 + 100 * np.sin(x / 40), 128 + 100 * np.cos(y / 30), 128 + 60 * np.sin((x + y) / 50)])
+    return img.astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def store_and_image(tmp_path_factory):
+    url = str(tmp_path_factory.mktemp("exp") / "s.zarr")
+    img = np.random.default_rng(3).integers(0, 256, (3, H, W), dtype=np.uint8)
+    store = open_store(url, mode="w")
+    store.create_level(0, H, W, chunk=T)
+    store.write_region(0, 0, 0, img)
+    return store, img
+
+
+@pytest.mark.parametrize("compression,tile", [("zstd", 256), ("deflate", 512), ("none", 256)])
+def test_tiff_lossless_levels_exact(tmp_path, store_and_image, compression, tile):
+    store, img = store_and_image
+    path = str(tmp_path / "o.tif")
+    write_tiff(store, path, tile=tile, compression=compression)
+    ref = reference_pyramid(img, T)
+    with tifffile.TiffFile(path) as tif:
+        assert tif.is_bigtiff and tif.is_ome
+        assert len(tif.pages) == 1  # sub-resolutions are SubIFDs, not pages
+        page = tif.pages[0]
+        assert page.is_tiled and (page.tilelength, page.tilewidth) == (tile, tile)
+        assert page.photometric == tifffile.PHOTOMETRIC.RGB and page.planarconfig == tifffile.PLANARCONFIG.CONTIG
+        levels = tif.series[0].levels
+        assert len(levels) == len(ref)
+        for lv, r in zip(levels, ref):
+            assert lv.shape == (r.shape[1], r.shape[2], 3)
+            np.testing.assert_array_equal(lv.asarray(), r.transpose(1, 2, 0))
+        assert "<OME" in tif.pages[0].description
+
+
+def test_tiff_jpeg_and_pyvips(tmp_path):
+    import pyvips
+
+    img = smooth_image(H, W)
+    store = open_store(str(tmp_path / "s.zarr"), mode="w")
+    store.create_level(0, H, W, chunk=T)
+    store.write_region(0, 0, 0, img)
+    path = str(tmp_path / "o.tif")
+    write_tiff(store, path, tile=256, compression="jpeg", quality=95)  # builds the missing pyramid
+    assert store.level_count() == 5
+    with tifffile.TiffFile(path) as tif:
+        lv0 = tif.series[0].levels[0].asarray()
+        assert len(tif.series[0].levels) == 5
+        assert tif.pages[0].compression == tifffile.COMPRESSION.JPEG
+    assert np.abs(lv0.astype(int) - img.transpose(1, 2, 0)).mean() < 3
+    v = pyvips.Image.new_from_file(path)
+    assert (v.width, v.height, v.bands) == (W, H, 3)
+    assert v.get("n-subifds") == 4 and v.get("n-pages") == 1
+    sub = pyvips.Image.new_from_file(path, subifd=2)  # 0-based: SubIFD 2 is level 3
+    assert (sub.width, sub.height) == (65, 38)
+    assert abs(sub.avg() - img.mean()) < 3
+
+
+def _dzi_levels(w: int, h: int) -> list[tuple[int, int]]:
+    n = math.ceil(math.log2(max(w, h))) + 1
+    sizes = []
+    for level in range(n):
+        f = 2 ** (n - 1 - level)
+        sizes.append((math.ceil(w / f), math.ceil(h / f)))
+    return sizes
+
+
+def test_dzi_layout_and_szi(tmp_path, store_and_image):
+    from PIL import Image
+
+    store, _ = store_and_image
+    base = str(tmp_path / "dz" / "out")
+    write_dzi(store, base + ".dzi", quality=80)
+    root = ET.parse(base + ".dzi").getroot()
+    ns = "{http://schemas.microsoft.com/deepzoom/2008}"
+    assert root.tag == ns + "Image"
+    assert root.get("TileSize") == "254" and root.get("Overlap") == "1" and root.get("Format") in ("jpg", "jpeg")
+    size = root.find(ns + "Size")
+    assert (int(size.get("Width")), int(size.get("Height"))) == (W, H)
+    levels = _dzi_levels(W, H)
+    dirs = sorted(int(d) for d in os.listdir(base + "_files") if d.isdigit())
+    assert dirs == list(range(len(levels))) and len(levels) == math.ceil(math.log2(max(W, H))) + 1
+    names = set()
+    for level, (lw, lh) in enumerate(levels):
+        files = os.listdir(f"{base}_files/{level}")
+        cols, rows = math.ceil(lw / 254), math.ceil(lh / 254)
+        assert len(files) == cols * rows, level
+        for c in range(cols):
+            for r in range(rows):
+                p = f"{base}_files/{level}/{c}_{r}.{root.get('Format')}"
+                with Image.open(p) as tile:
+                    tile.load()
+                    ew = min(254, lw - c * 254) + (c > 0) + (c < cols - 1)
+                    eh = min(254, lh - r * 254) + (r > 0) + (r < rows - 1)
+                    assert tile.size == (ew, eh), (level, c, r)
+                names.add(f"{level}/{c}_{r}")
+    with zipfile.ZipFile(base + ".szi") as zf:
+        assert zf.testzip() is None
+        zipped = {n.split("out_files/", 1)[1].rsplit(".", 1)[0] for n in zf.namelist() if "out_files/" in n and n.endswith(("jpg", "jpeg"))}
+        assert zipped == names
+        assert "out/out.dzi" in zf.namelist()
+        Image.open(io.BytesIO(zf.read(f"out/out_files/0/0_0.{root.get('Format')}"))).load()
+
+
+def test_dzi_from_tiff_without_szi(tmp_path, store_and_image):
+    store, _ = store_and_image
+    tif = str(tmp_path / "o.tif")
+    write_tiff(store, tif, compression="zstd")
+    base = str(tmp_path / "fromtiff")
+    write_dzi(tif, base, szi=False)
+    assert os.path.exists(base + ".dzi") and not os.path.exists(base + ".szi")
+    assert len(os.listdir(base + "_files")) >= 10
+
+
+def test_assemble_to_memory_url(store_and_image):
+    import fsspec
+
+    store, _ = store_and_image
+    times = assemble(store.url, tiff="memory://exp/o.tif", dzi="memory://exp/o", szi=True)
+    assert {"pyramid", "tiff", "dzi"} <= set(times)
+    fs = fsspec.filesystem("memory")
+    with fs.open("/exp/o.tif", "rb") as f, tifffile.TiffFile(f) as tif:
+        assert tif.series[0].levels[0].shape == (H, W, 3)
+    assert fs.exists("/exp/o.dzi") and fs.exists("/exp/o.szi") and fs.isdir("/exp/o_files")
+
+
+def test_errors_before_work(tmp_path, store_and_image):
+    store, _ = store_and_image
+    with pytest.raises(RendererError, match="no image store"):
+        assemble(str(tmp_path / "missing.zarr"), tiff=str(tmp_path / "x.tif"))
+    assert not (tmp_path / "missing.zarr").exists()
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(RendererError, match="cannot write"):
+        assemble(store.url, tiff=str(blocker / "x.tif"))
+    with pytest.raises(RendererError, match="compression"):
+        write_tiff(store, str(tmp_path / "x.tif"), compression="lzw")
+
+
+def test_cli_assemble(tmp_path, store_and_image):
+    store, _ = store_and_image
+    out = subprocess.run(
+        [sys.executable, "render.py", "assemble", store.url, "--tiff", str(tmp_path / "c.tif"), "--compression",
+         "zstd", "--tiff-tile", "512", "--dzi", str(tmp_path / "c"), "--no-szi"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "assembled:" in out.stdout and (tmp_path / "c.dzi").exists() and not (tmp_path / "c.szi").exists()
+    bad = subprocess.run([sys.executable, "render.py", "assemble", str(tmp_path / "nope.zarr"), "--tiff", "x.tif"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and bad.stderr.startswith("error: ")
+
+
+@pytest.mark.slow
+def test_memory_bound_16k(tmp_path):
+    """Peak RSS of pyramid + TIFF + DZI on a 16384^2 store stays under 1.5 GB (run with -m slow)."""
+    out = subprocess.run([sys.executable, "-m", "jobs.bench_exports", "--size", "16384", "--dir", str(tmp_path)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=1800)
+    assert out.returncode == 0, out.stderr
+    import json
+
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert res["ours"]["peak_rss_mb"] < 1536

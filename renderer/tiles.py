@@ -10,7 +10,6 @@ complete whatever was killed when.  Only small metadata is returned.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import resource
 import socket
@@ -51,50 +50,20 @@ class RenderContext:
 
 # ---------------------------------------------------------------- checkpoints
 def load_generator(checkpoint: str, init_seed: int = 0, device: str = "cpu") -> creps.Generator:
-    """A generator in eval mode from a checkpoint file or ``preset:NAME``.
-
-    Uses ``creps.load`` where available; the preset path is kept here too so a
-    job runs before (or without) the checkpoint module.
-    """
-    load = getattr(creps, "load", None)
+    """A generator in eval mode from a checkpoint file or ``preset:NAME`` (see creps.load)."""
     try:
-        if load is not None:
-            G = load(checkpoint, init_seed=init_seed, device=device)
-        elif checkpoint.startswith("preset:"):
-            cfg = creps.preset(checkpoint[len("preset:") :])
-            torch.manual_seed(init_seed)
-            G = creps.Generator(cfg).to(device)
-        elif not os.path.exists(checkpoint):
-            raise RendererError(f"checkpoint {checkpoint!r} not found (a file, or preset:NAME)")
-        else:
-            raise RendererError(f"cannot read checkpoint {checkpoint!r}: this build has no creps.load")
-    except RendererError:
-        raise
-    except (KeyError, ValueError, OSError, RuntimeError, TypeError) as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        return creps.load(checkpoint, init_seed=init_seed, device=device)
+    except (creps.CheckpointError, OSError, ValueError, RuntimeError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise RendererError(f"cannot load checkpoint {checkpoint!r}: {msg}") from None
-    except Exception as e:  # creps.CheckpointError and friends
-        if type(e).__name__.endswith("Error") and type(e).__module__.startswith("creps"):
-            raise RendererError(f"cannot load checkpoint {checkpoint!r}: {e}") from None
-        raise
-    return G.eval().requires_grad_(False)
 
 
 def checkpoint_hash(checkpoint: str, init_seed: int = 0) -> str:
-    """sha256 naming the weights: of the file, or of ``preset:NAME`` + init seed."""
-    fn = getattr(creps, "checkpoint_hash", None)
-    if fn is not None:
-        try:
-            return fn(checkpoint, init_seed=init_seed)
-        except TypeError:
-            return fn(checkpoint)
-    if checkpoint.startswith("preset:"):
-        return hashlib.sha256(f"{checkpoint}:init_seed={init_seed}".encode()).hexdigest()
-    h = hashlib.sha256()
-    with open(checkpoint, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    """Identity of the weights: sha256 of the file, or ``preset:NAME@init<seed>``."""
+    try:
+        return creps.checkpoint_hash(checkpoint, init_seed=init_seed)
+    except (creps.CheckpointError, OSError) as e:
+        raise RendererError(f"cannot read checkpoint {checkpoint!r}: {e}") from None
 
 
 def peak_rss_mb() -> float:

@@ -1,0 +1,149 @@
+"""render: render an image into a Zarr store (resume = re-run the same command).
+
+  render.py render --checkpoint preset:tiny --size 1024x768 --tile 256 --out out/a.zarr
+  render.py render jobs/examples/demo.toml --workers 2      (flags override the TOML)
+  render.py                                                 (the default demo job)
+
+CKPT is a .safetensors file of ours, an official CREPS .pkl, or preset:NAME
+(fresh weights of that preset from --init-seed).  --scale S renders an N x N
+canvas with N = int(R * S), R the checkpoint's training resolution.  Without
+--address a quiet embedded Ray starts on 127.0.0.1; with it, the job joins an
+existing cluster (`ray start --head`).  Bad input exits with code 2 and one
+line on stderr before anything is rendered or written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from renderer.errors import RendererError
+
+from . import JobSpecError
+from .spec import JobSpec, parse_size, parse_storage_options, parse_view
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("job", nargs="?", help="job TOML file (flags override its values)")
+    g = p.add_argument_group("what to render")
+    g.add_argument("--checkpoint", metavar="CKPT", help="weights file (.safetensors / official .pkl) or preset:NAME")
+    g.add_argument("--init-seed", type=int, metavar="N", help="weights seed for preset:NAME (default 0)")
+    g.add_argument("--seed", type=int, metavar="N", help="latent seed (default 0)")
+    g.add_argument("--psi", type=float, metavar="F", help="truncation psi (default 1)")
+    g.add_argument("--size", metavar="WxH", help="canvas WIDTHxHEIGHT in pixels (or N for square)")
+    g.add_argument("--scale", type=float, metavar="S", help="square canvas of int(R*S) pixels, R = training resolution")
+    g.add_argument("--view", metavar="Y0,Y1,X0,X1", help="coordinate window (default 0,1,0,1)")
+    g = p.add_argument_group("output")
+    g.add_argument("--out", metavar="URL", help="store path or fsspec URL (default out/<name>.zarr)")
+    g.add_argument("--name", help="job name (default demo)")
+    g.add_argument("--storage-options", metavar="JSON", help="fsspec storage options as a JSON object")
+    g.add_argument("--tile", type=int, metavar="T", help="tile = chunk side, a multiple of 16 (default 512)")
+    g.add_argument("--shard", type=int, metavar="N", help="tiles per shard side (default 1: no sharding)")
+    g.add_argument("--compressor", choices=["zstd", "none"], help="chunk compressor (default zstd)")
+    g.add_argument("--overwrite", action="store_true", help="replace an existing store made by another job")
+    g.add_argument("--no-exports", dest="exports", action="store_false", default=None,
+                   help="skip the pyramidal TIFF and DeepZoom exports")
+    g = p.add_argument_group("performance")
+    g.add_argument("--workers", type=int, metavar="N", help="actors (default: one per GPU, else one per core)")
+    g.add_argument("--gpus-per-worker", type=float, metavar="G", help="GPUs per actor (default 1 with CUDA, else 0)")
+    g.add_argument("--threads-per-worker", type=int, metavar="T", help="torch threads per CPU actor")
+    g.add_argument("--batch", type=int, metavar="N", help="tiles per task (default auto)")
+    g.add_argument("--address", metavar="ADDR", help="join this Ray cluster (host:port or auto)")
+    g = p.add_argument_group("control")
+    g.add_argument("--dry-run", action="store_true", help="print the resolved job and plan, render nothing")
+    g.add_argument("--max-tiles", type=int, metavar="N", help="render at most N missing tiles this run")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+    g.add_argument("--demo", action="store_true", help="the default demo job (what `render.py` alone runs)")
+
+
+FLAG_FIELDS = (
+    "checkpoint", "init_seed", "seed", "psi", "scale", "out", "name", "tile", "shard", "compressor",
+    "workers", "gpus_per_worker", "threads_per_worker", "batch", "address", "exports",
+)
+
+
+def spec_from_args(args: argparse.Namespace) -> JobSpec:
+    """JobSpec from an optional TOML file and the flags given (flags win)."""
+    over: dict[str, Any] = {k: getattr(args, k) for k in FLAG_FIELDS if getattr(args, k, None) is not None}
+    if args.size is not None:
+        over["width"], over["height"] = parse_size(args.size)
+        over["scale"] = None
+    if args.scale is not None:
+        over["scale"] = args.scale
+    if args.view is not None:
+        over["view"] = parse_view(args.view)
+    if args.storage_options is not None:
+        over["storage_options"] = parse_storage_options(args.storage_options)
+    if args.job:
+        return JobSpec.from_toml(args.job, over)
+    return JobSpec.from_dict(over)
+
+
+def run(args: argparse.Namespace) -> int:
+    from .run import prepare, run_job
+
+    try:
+        spec = spec_from_args(args)
+        if args.max_tiles is not None and args.max_tiles < 0:
+            raise JobSpecError(f"--max-tiles must be >= 0, got {args.max_tiles}")
+        if args.dry_run:
+            return _dry_run(prepare(spec))
+        summary = run_job(spec, overwrite=args.overwrite, max_tiles=args.max_tiles, progress=not args.quiet)
+    except JobSpecError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except RendererError as e:
+        print(f"error: {e} (re-run the same command to resume)", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted; re-run the same command to resume", file=sys.stderr)
+        return 130
+    print("summary " + json.dumps(summary))
+    print(
+        f"rendered {summary['tiles_rendered']} of {summary['tiles_total']} tiles "
+        f"({summary['tiles_skipped']} already done): {summary['pixels'] / 1e6:.1f} Mpx in "
+        f"{summary['seconds']:.1f} s = {summary['mpx_s']:.2f} Mpx/s -> {summary['out']}"
+    )
+    if spec.exports and summary["status"] == "done":
+        _exports(spec.out, spec.storage_options, args.demo)
+    return 0
+
+
+def _dry_run(job) -> int:
+    import creps
+
+    from .plan import line_chunk
+
+    spec = job.spec
+    f = creps.flops(job.config, spec.height, spec.width)
+    print(spec.describe())
+    print(
+        f"plan: {len(job.tiles)} tiles of <= {spec.tile * spec.shard}^2 px, "
+        f"line chunk {line_chunk(spec.tile)}, {spec.height} row + {spec.width} column lines; {f.total / 1e12:.2f} TFLOP "
+        f"({100 * f.line_share:.1f} % line work); checkpoint {job.checkpoint_sha256}; out {spec.out}"
+    )
+    return 0
+
+
+def _exports(url: str, storage_options: dict, demo: bool) -> None:
+    """Pyramid, TIFF and DZI next to a local store, when jobs.assemble is available."""
+    try:
+        from .assemble import assemble  # type: ignore[attr-defined]
+    except ImportError:
+        return
+    if "://" in url and not url.startswith("file://"):
+        print(f"exports: run `render.py assemble {url}` to build the pyramid and exports for a remote store")
+        return
+    base = Path(url[len("file://") :] if url.startswith("file://") else url)
+    stem = base.with_suffix("")
+    tiff, dzi = f"{stem}.tif", f"{stem}.dzi"
+    try:
+        assemble(str(base), tiff=tiff, dzi=dzi, storage_options=storage_options or None)
+    except Exception as e:  # exports are a convenience; the render itself is done
+        print(f"exports failed: {e}; run `render.py assemble {url}` to retry", file=sys.stderr)
+        return
+    print(f"exports: {tiff}, {dzi}")
+    print(f"view it: python render.py view {dzi}")

@@ -1,0 +1,159 @@
+"""Measure the machine and the renderer: matmul peak, pixel stage, end to end.
+
+Prints human-readable lines, then as its LAST line one JSON object with at
+least: peak_gflops, pixel_gflops, pixel_fraction, e2e_mpx_s, e2e_fraction,
+line_flop_share.  Fractions are of the measured fp32 matmul peak of this
+machine (2048^3 products on all threads the renderer uses), which is the
+ceiling the pixel stage can approach, so the ratio is comparable across
+machines.  Record figures in docs/performance.md with the machine.
+
+The fixed jobs: the pixel stage renders one 512x512 tile of an ``ffhq512``
+model from precomputed lines (357 kFLOP per pixel); end to end renders a
+``--e2e-size`` canvas (default 2048x2048) through the real job runner (Ray,
+store, markers) into a temporary local store.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+
+import torch
+
+import creps
+
+from .spec import JobSpec
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", default="preset:ffhq512", help="model to measure (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads for peak and pixel stage (0 = all cores)")
+    p.add_argument("--tile", type=int, default=512, help="pixel-stage tile side (default: %(default)s)")
+    p.add_argument("--pixel-block", type=int, default=creps.PIXEL_BLOCK, help="pixels per block (default: %(default)s)")
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats, best kept (default: %(default)s)")
+    p.add_argument("--e2e-size", default="2048x2048", help="end-to-end canvas WIDTHxHEIGHT, or 0 to skip")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def matmul_peak(threads: int, device: str = "cpu", n: int = 2048, repeats: int = 5) -> float:
+    """Best-of fp32 GFLOP/s of an n^3 matmul: the ceiling for dense fp32 work here."""
+    torch.set_num_threads(threads)
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
+    best = float("inf")
+    for i in range(repeats + 2):
+        _sync(device)
+        t = time.perf_counter()
+        a @ b
+        _sync(device)
+        if i >= 2:
+            best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best / 1e9
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+@torch.no_grad()
+def pixel_stage(G: creps.Generator, tile: int, pixel_block: int, repeats: int, device: str) -> dict:
+    """GFLOP/s of the pixel stage alone on one tile (lines precomputed, as in a job)."""
+    cv = creps.Canvas(tile, tile)
+    ws = G.ws(G.z_from_seed(0).to(device))
+    t = time.perf_counter()
+    R = G.lines(ws, cv.row_coords().to(device), "row")
+    C = G.lines(ws, cv.col_coords().to(device), "col")
+    _sync(device)
+    line_s = time.perf_counter() - t
+    weights = G.pixel_weights(ws)
+    G.pixels(ws, R[:, :, :8], C, pixel_block=pixel_block, weights=weights)  # warm up
+    best = float("inf")
+    for _ in range(repeats):
+        _sync(device)
+        t = time.perf_counter()
+        G.pixels(ws, R, C, pixel_block=pixel_block, weights=weights)
+        _sync(device)
+        best = min(best, time.perf_counter() - t)
+    f = creps.flops(G.cfg, tile, tile)
+    return {
+        "pixel_gflops": f.pixel / best / 1e9,
+        "pixel_seconds": best,
+        "pixel_mpx_s": tile * tile / best / 1e6,
+        "line_gflops": f.line / line_s / 1e9,
+    }
+
+
+def end_to_end(checkpoint: str, width: int, height: int) -> dict:
+    """A whole job through the real runner into a temporary local store."""
+    from .run import run_job
+
+    with tempfile.TemporaryDirectory(prefix="creps-bench-") as tmp:
+        spec = JobSpec(
+            checkpoint=checkpoint, width=width, height=height, name="bench",
+            out=os.path.join(tmp, "bench.zarr"), exports=False,
+        )
+        t = time.perf_counter()
+        summary = run_job(spec, progress=False, log=lambda s: None)
+        seconds = time.perf_counter() - t
+    G_cfg = creps.load(checkpoint).cfg if hasattr(creps, "load") else creps.preset(checkpoint.split(":", 1)[1])
+    f = creps.flops(G_cfg, height, width)
+    return {
+        "e2e_seconds": seconds,
+        "e2e_mpx_s": width * height / seconds / 1e6,
+        "e2e_gflops": f.total / seconds / 1e9,
+        "line_flop_share": f.line_share,
+        "e2e_line_seconds": summary.get("line_seconds"),
+        "e2e_workers": summary.get("workers"),
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    device = args.device
+    threads = args.threads or (os.cpu_count() or 1)
+    peak = matmul_peak(threads, device)
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, device {device}")
+    print(f"matmul peak (fp32, {threads} threads): {peak:.1f} GFLOP/s")
+    G = creps.load(args.checkpoint) if hasattr(creps, "load") else _fresh(args.checkpoint)
+    G = G.to(device).eval()
+    px = pixel_stage(G, args.tile, args.pixel_block, args.repeats, device)
+    print(
+        f"pixel stage: {px['pixel_mpx_s']:.3f} Mpx/s, {px['pixel_gflops']:.1f} GFLOP/s "
+        f"= {px['pixel_gflops'] / peak:.0%} of peak (tile {args.tile}, block {args.pixel_block})"
+    )
+    result = {
+        "peak_gflops": round(peak, 2),
+        "pixel_gflops": round(px["pixel_gflops"], 2),
+        "pixel_fraction": round(px["pixel_gflops"] / peak, 4),
+        "pixel_mpx_s": round(px["pixel_mpx_s"], 4),
+        "line_gflops": round(px["line_gflops"], 2),
+    }
+    if args.e2e_size not in ("0", ""):
+        w, h = (int(v) for v in args.e2e_size.lower().split("x"))
+        e2e = end_to_end(args.checkpoint, w, h)
+        peak_all = matmul_peak(os.cpu_count() or 1, device) if device == "cpu" else peak
+        print(
+            f"end to end {w}x{h}: {e2e['e2e_seconds']:.1f} s, {e2e['e2e_mpx_s']:.3f} Mpx/s, "
+            f"{e2e['e2e_gflops']:.1f} GFLOP/s = {e2e['e2e_gflops'] / peak_all:.0%} of peak; "
+            f"line work {e2e['line_flop_share']:.1%} of FLOPs"
+        )
+        result.update(
+            e2e_mpx_s=round(e2e["e2e_mpx_s"], 4),
+            e2e_fraction=round(e2e["e2e_gflops"] / peak_all, 4),
+            e2e_seconds=round(e2e["e2e_seconds"], 2),
+            line_flop_share=round(e2e["line_flop_share"], 4),
+        )
+    else:
+        f = creps.flops(G.cfg, 6144, 6144)
+        result.update(e2e_mpx_s=None, e2e_fraction=None, line_flop_share=round(f.line_share, 4))
+    print(json.dumps(result))
+    return 0
+
+
+def _fresh(spec: str) -> creps.Generator:
+    torch.manual_seed(0)
+    return creps.Generator(creps.preset(spec.split(":", 1)[1]))

@@ -9,7 +9,7 @@ machines.  Record figures in docs/performance.md with the machine.
 
 The fixed jobs: the pixel stage renders one 512x512 tile of an ``ffhq512``
 model from precomputed lines (357 kFLOP per pixel); end to end renders a
-``--e2e-size`` canvas (default 2048x2048) through the real job runner (Ray,
+``--e2e-size`` canvas (default 6144x6144, the default job's size) through the real job runner (Ray,
 store, markers) into a temporary local store.
 """
 
@@ -35,7 +35,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tile", type=int, default=512, help="pixel-stage tile side (default: %(default)s)")
     p.add_argument("--pixel-block", type=int, default=creps.PIXEL_BLOCK, help="pixels per block (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats, best kept (default: %(default)s)")
-    p.add_argument("--e2e-size", default="2048x2048", help="end-to-end canvas WIDTHxHEIGHT, or 0 to skip")
+    p.add_argument(
+        "--e2e-size",
+        default="6144x6144",
+        help="end-to-end canvas WIDTHxHEIGHT (default: the default job's %(default)s; 0 skips)",
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
 

@@ -81,6 +81,8 @@ def prepare(spec: JobSpec) -> Prepared:
 def open_output(job: Prepared, overwrite: bool) -> ImageStore:
     """Create the store, or reopen it for resume after checking it belongs to this job."""
     spec = job.spec
+    if spec.out.startswith("memory://"):
+        raise JobSpecError("memory:// lives inside one process and Ray workers cannot write it; use a path or URL")
     try:
         fs, root = filesystem(spec.out, spec.storage_options)
         exists = fs.exists(f"{root}/zarr.json")
@@ -183,6 +185,7 @@ def run_job(
             summary["line_seconds"] = round(time.perf_counter() - t_lines, 3)
             worker_rss = _tile_stage(store, job, todo, pool, workers, progress, on_progress, summary)
             summary["workers_replaced"] = pool.replaced
+            summary["tasks_retried"] = pool.retries
     except RendererError as e:
         store.update_meta(status="failed", error=str(e))
         raise

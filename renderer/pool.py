@@ -71,7 +71,7 @@ def start_ray(address: str | None, num_cpus: int | None = None, num_gpus: int | 
         else:
             os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
             ray.init(
-                address=None,
+                address="local",  # never attach to a cluster found on this machine
                 num_cpus=num_cpus,
                 num_gpus=num_gpus,
                 include_dashboard=False,
@@ -127,6 +127,7 @@ class WorkerPool:
         )
         self.actor_failures: list[str] = []
         self.replaced = 0
+        self.retries = 0
         self.slots = [_Slot(self._new_actor()) for _ in range(n)]
 
     def _new_actor(self) -> Any:
@@ -195,6 +196,7 @@ class WorkerPool:
 
     def _retry(self, queue: collections.deque, task: _Task, error: str, backoff: bool) -> None:
         task.attempts += 1
+        self.retries += 1
         task.errors.append(error)
         if task.attempts > self.max_failures:
             raise RendererError(

@@ -1,0 +1,100 @@
+"""Shared pytest fixtures.  Keep each group together and clearly named."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
+
+
+# ----------------------------------------------------------------------------
+# Render jobs (issue 3): free ports, embedded Ray, moto S3, tiny reference renders
+# ----------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float = 60.0) -> None:
+    t_end = time.monotonic() + timeout
+    while time.monotonic() < t_end:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout} s")
+
+
+@pytest.fixture(scope="session")
+def render_ray():
+    """One embedded 2-CPU Ray for all in-process render-job tests (jobs reuse it)."""
+    import ray
+
+    from renderer.pool import start_ray
+
+    started = start_ray(None, num_cpus=2)
+    yield
+    if started:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def render_reference():
+    """``ref(height, width, seed=0, psi=1.0, view=(0,1,0,1))`` -> uint8 (3, H, W) of the
+    tiny preset (init seed 0) rendered full-frame in this process: the single-process truth."""
+    import creps
+    import torch
+
+    G = creps.load("preset:tiny", init_seed=0)
+    cache: dict = {}
+
+    def ref(height: int, width: int, seed: int = 0, psi: float = 1.0, view=(0.0, 1.0, 0.0, 1.0)):
+        key = (height, width, seed, psi, tuple(view))
+        if key not in cache:
+            canvas = creps.Canvas(height, width, y=tuple(view[:2]), x=tuple(view[2:]))
+            with torch.no_grad():
+                img = G.render(G.z_from_seed(seed), canvas, psi=psi)
+            cache[key] = creps.to_uint8(img)[0].numpy()
+        return cache[key]
+
+    return ref
+
+
+@pytest.fixture(scope="module")
+def moto_s3():
+    """A real S3 endpoint: ``moto_server`` on 127.0.0.1 (in-memory; dies with the fixture).
+    Yields the endpoint URL."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [str(VENV_BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        wait_port(port)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def render_cli_env() -> dict:
+    """Environment for ``render.py`` subprocesses: our packages importable, no stray Ray address."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
+    env.pop("RAY_ADDRESS", None)
+    env["RAY_USAGE_STATS_ENABLED"] = "0"
+    return env

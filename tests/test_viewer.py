@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -443,3 +444,57 @@ def test_tile_cache_is_bounded(tmp_path, image):
     assert len(src._cache) == 3
     key = next(reversed(src._cache))
     assert src.tile(top, 2, 1) is src._cache[key]  # the most recent tile is a cache hit
+
+
+# ---------------------------------------------------------------- a store on S3 (moto on 127.0.0.1)
+@pytest.fixture(scope="module")
+def s3_options():
+    """A real S3 endpoint: moto_server on a free 127.0.0.1 port, for the module."""
+    exe = Path(sys.executable).parent / "moto_server"
+    if not exe.exists():
+        pytest.skip("moto_server is not installed in this environment")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen([str(exe), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    pytest.fail("moto_server did not start")
+                time.sleep(0.2)
+        yield {
+            "key": "testing",
+            "secret": "testing",
+            "client_kwargs": {"endpoint_url": f"http://127.0.0.1:{port}"},
+        }
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_store_on_s3_is_served(s3_options, image):
+    import s3fs
+
+    s3fs.S3FileSystem(**s3_options).mkdir("viewer-bucket")
+    url = "s3://viewer-bucket/img.zarr"
+    s = open_store(url, s3_options, mode="w")
+    s.create_level(0, H, W, CHUNK)
+    s.write_region(0, 0, 0, image)
+    s.update_meta(tiles_total=3, spec={"seed": 5})
+    s.mark_done("a", {})
+    with serving(open_source(url, s3_options, fmt="png")) as addr:
+        info = json.loads(get(addr, "/api/info")[2])
+        assert (info["width"], info["tiles_done"], info["tiles_total"], info["seed"]) == (W, 1, 3, 5)
+        top = max_level(W, H)
+        y0, y1, x0, x1 = tile_bounds(W, H, top, 2, 1)
+        status, _, body = get(addr, f"/image_files/{top}/2_1.png")
+        assert status == 200
+        np.testing.assert_array_equal(decode(body), image[:, y0:y1, x0:x1])
+        status, _, body = get(addr, "/image_files/0/0_0.png")
+        assert status == 200 and decode(body).shape == (3, 1, 1)

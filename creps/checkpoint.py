@@ -83,8 +83,8 @@ def load(spec: str | os.PathLike[str], init_seed: int = 0, device: str | torch.d
                     cfg, sd = read_official(f)
                 except CheckpointError as e:
                     raise CheckpointError(f"{path}: {e}") from None
-        _check_state(cfg, sd, path)
         G = Generator(cfg)
+        _check_state(G, sd, path)
         G.load_state_dict(sd, strict=True)
     return G.eval().requires_grad_(False).to(device)
 
@@ -158,12 +158,9 @@ def _read_safetensors(path: Path) -> tuple[GeneratorConfig, dict[str, torch.Tens
     return cfg, sd
 
 
-def _check_state(cfg: GeneratorConfig, sd: dict[str, torch.Tensor], path: Path) -> None:
-    """Strict key and shape check against the config, one line naming the culprits."""
-    from .network import Generator
-
-    with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in Generator(cfg).state_dict().items()}
+def _check_state(G: "Generator", sd: dict[str, torch.Tensor], path: Path) -> None:
+    """Strict key and shape check against the generator, one line naming the culprits."""
+    expected = {k: tuple(v.shape) for k, v in G.state_dict().items()}
     missing = [k for k in expected if k not in sd]
     unknown = [k for k in sd if k not in expected]
     wrong = [f"{k} {list(sd[k].shape)} (expected {list(expected[k])})" for k in expected if k in sd and tuple(sd[k].shape) != expected[k]]

@@ -16,6 +16,7 @@
     prefixUrl: "/osd/images/",
     drawer: "canvas",          // 2D canvas: works without a GPU, pixels readable by tests
     showNavigator: true,
+    autoHideControls: false,  // keep the navigator and buttons on screen
     navigatorPosition: "BOTTOM_RIGHT",
     visibilityRatio: 0.5,
     maxZoomPixelRatio: 4,

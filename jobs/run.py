@@ -24,7 +24,7 @@ import ray
 import creps
 from renderer import lines as line_store
 from renderer.errors import RendererError
-from renderer.pool import WorkerPool, cluster_resources, start_ray
+from renderer.pool import WorkerPool, cluster_resources, get_pool, release_pools, start_ray
 from renderer.store import ImageStore, filesystem, open_store
 from renderer.tiles import RenderContext, checkpoint_hash, load_generator, peak_rss_mb
 
@@ -177,22 +177,24 @@ def run_job(
             started_ray = start_ray(spec.address, num_cpus=ncpu)
             workers, threads, gpus = pool_shape(spec)
             summary["workers"] = workers
-            pool = WorkerPool(job.context(), workers, threads, gpus, in_flight=2, max_failures=spec.max_retries)
+            pool = get_pool(spec.checkpoint, spec.init_seed, workers, threads, gpus, max_failures=spec.max_retries)
+            retried0, replaced0 = pool.retries, pool.replaced
             store.update_meta(status="running")
             t_lines = time.perf_counter()
             if lines_needed:
-                summary["line_ranges_computed"] = _line_stage(store, spec, pool, workers, log)
+                summary["line_ranges_computed"] = _line_stage(store, job, pool, workers, log)
             summary["line_seconds"] = round(time.perf_counter() - t_lines, 3)
             worker_rss = _tile_stage(store, job, todo, pool, workers, progress, on_progress, summary)
-            summary["workers_replaced"] = pool.replaced
-            summary["tasks_retried"] = pool.retries
-    except RendererError as e:
-        store.update_meta(status="failed", error=str(e))
+            summary["workers_replaced"] = pool.replaced - replaced0
+            summary["tasks_retried"] = pool.retries - retried0
+    except BaseException as e:
+        release_pools()  # a failed or interrupted job leaves no half-busy actors behind
+        if isinstance(e, RendererError):
+            store.update_meta(status="failed", error=str(e))
         raise
     finally:
-        if pool is not None:
-            pool.shutdown()
-        if started_ray:
+        if started_ray:  # our own Ray: leave nothing behind; else keep the actors for the next job
+            release_pools()
             ray.shutdown()
     seconds = time.perf_counter() - t_start
     pixels = sum(t.pixels for t in todo)
@@ -207,7 +209,8 @@ def run_job(
     return summary
 
 
-def _line_stage(store: ImageStore, spec: JobSpec, pool: WorkerPool, workers: int, log) -> int:
+def _line_stage(store: ImageStore, job: Prepared, pool: WorkerPool, workers: int, log) -> int:
+    spec, ctx = job.spec, job.context()
     chunk = line_chunk(spec.tile)
     done = line_store.done_ranges(store)
     tasks = []
@@ -215,7 +218,7 @@ def _line_stage(store: ImageStore, spec: JobSpec, pool: WorkerPool, workers: int
         for a, b in line_ranges(length, chunk, 2 * workers):
             if (which, a, b) not in done:
                 tasks.append((f"lines {which} {a}:{b}", "lines", (which, a, b)))
-    pool.run(tasks, lambda key, value: None)
+    pool.run(ctx, tasks, lambda key, value: None)
     line_store.mark_all_done(store, {"height": spec.height, "width": spec.width, "chunk": chunk})
     return len(tasks)
 
@@ -247,7 +250,7 @@ def _tile_stage(store, job: Prepared, todo: list[Tile], pool: WorkerPool, worker
             on_progress(summary, pool)
 
     try:
-        pool.run(tasks, on_result)
+        pool.run(job.context(), tasks, on_result)
     finally:
         bar.close()
     summary["render_seconds"] = round(time.perf_counter() - state["t0"], 3)

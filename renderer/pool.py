@@ -30,27 +30,38 @@ REPO_ROOT = str(Path(__file__).resolve().parent.parent)
 
 
 class RenderWorker:
-    """The actor body (wrapped by ``ray.remote`` in ``WorkerPool``)."""
+    """The actor body (wrapped by ``ray.remote`` in ``WorkerPool``): one resident
+    generator; jobs arrive with each task as a ``RenderContext``, so the same
+    actors serve several jobs of one checkpoint without reloading it."""
 
-    def __init__(self, ctx: RenderContext, threads: int, device: str) -> None:
+    def __init__(self, checkpoint: str, init_seed: int, threads: int, device: str) -> None:
         import torch
 
         if threads > 0:
             torch.set_num_threads(threads)
         if device == "cuda" and not torch.cuda.is_available():
             device = "cpu"
-        self.r = TileRenderer(load_generator(ctx.checkpoint, ctx.init_seed, device), ctx, device)
+        self.G = load_generator(checkpoint, init_seed, device)
+        self.device = device
+        self._ctx: RenderContext | None = None
+        self._r: TileRenderer | None = None
+
+    def _renderer(self, ctx: RenderContext) -> TileRenderer:
+        if self._r is None or ctx != self._ctx:
+            self._r, self._ctx = TileRenderer(self.G, ctx, self.device), ctx
+        return self._r
 
     def pid(self) -> int:
         return os.getpid()
 
-    def lines(self, which: str, start: int, stop: int) -> dict:
-        info = self.r.lines(which, start, stop)
+    def lines(self, ctx: RenderContext, which: str, start: int, stop: int) -> dict:
+        info = self._renderer(ctx).lines(which, start, stop)
         info["peak_rss_mb"] = peak_rss_mb()
         return info
 
-    def tiles(self, batch: list[tuple[str, int, int, int, int]]) -> list[dict]:
-        return [self.r.tile(*t) for t in batch]
+    def tiles(self, ctx: RenderContext, batch: list[tuple[str, int, int, int, int]]) -> list[dict]:
+        r = self._renderer(ctx)
+        return [r.tile(*t) for t in batch]
 
 
 # ---------------------------------------------------------------- Ray start-up
@@ -108,18 +119,20 @@ class _Task:
 
 
 class WorkerPool:
-    """``n`` render actors sharing one job context."""
+    """``n`` render actors of one checkpoint."""
 
     def __init__(
         self,
-        ctx: RenderContext,
+        checkpoint: str,
+        init_seed: int,
         n: int,
         threads: int = 1,
         gpus: float = 0.0,
         in_flight: int = 2,
         max_failures: int = 4,
     ) -> None:
-        self.ctx, self.n, self.threads, self.gpus = ctx, n, threads, gpus
+        self.checkpoint, self.init_seed = checkpoint, init_seed
+        self.n, self.threads, self.gpus = n, threads, gpus
         self.in_flight, self.max_failures = in_flight, max_failures
         self.device = "cuda" if gpus > 0 else "cpu"
         self._cls = ray.remote(RenderWorker).options(
@@ -131,7 +144,7 @@ class WorkerPool:
         self.slots = [_Slot(self._new_actor()) for _ in range(n)]
 
     def _new_actor(self) -> Any:
-        return self._cls.remote(self.ctx, self.threads, self.device)
+        return self._cls.remote(self.checkpoint, self.init_seed, self.threads, self.device)
 
     def pids(self, timeout: float = 120.0) -> list[int]:
         """Process ids of the live actors (waits for them to start)."""
@@ -160,8 +173,10 @@ class WorkerPool:
         slot.in_flight = 0
         self.replaced += 1
 
-    def run(self, tasks: list[tuple[str, str, tuple]], on_result: Callable[[str, Any], None]) -> None:
-        """Run ``(key, method, args)`` tasks on the actors; ``on_result(key, value)`` per finished task."""
+    def run(
+        self, ctx: RenderContext, tasks: list[tuple[str, str, tuple]], on_result: Callable[[str, Any], None]
+    ) -> None:
+        """Run ``(key, method, args)`` tasks of job ``ctx`` on the actors; ``on_result(key, value)`` each."""
         queue = collections.deque(_Task(k, m, a) for k, m, a in tasks)
         pending: dict[Any, tuple[int, int, _Task]] = {}
         while queue or pending:
@@ -171,7 +186,7 @@ class WorkerPool:
                     task = self._next_ready(queue, now)
                     if task is None:
                         break
-                    ref = getattr(slot.actor, task.method).remote(*task.args)
+                    ref = getattr(slot.actor, task.method).remote(ctx, *task.args)
                     pending[ref] = (i, slot.generation, task)
                     slot.in_flight += 1
             if not pending:
@@ -214,6 +229,30 @@ class WorkerPool:
                 return task
             queue.rotate(-1)
         return None
+
+
+# ---------------------------------------------------------------- reuse across jobs
+_POOLS: dict[tuple, WorkerPool] = {}
+
+
+def get_pool(checkpoint: str, init_seed: int, n: int, threads: int, gpus: float, max_failures: int = 4) -> WorkerPool:
+    """A pool for these weights and shape, reusing the live one of an earlier job in this
+    Ray session (loading a generator into fresh actors is the slow part of a small job).
+    Pools of other shapes are shut down first so their resources free up."""
+    key = (ray.get_runtime_context().get_job_id(), checkpoint, init_seed, n, threads, gpus)
+    for k in [k for k in _POOLS if k != key]:
+        _POOLS.pop(k).shutdown()
+    pool = _POOLS.get(key)
+    if pool is None:
+        pool = _POOLS[key] = WorkerPool(checkpoint, init_seed, n, threads, gpus, max_failures=max_failures)
+    pool.max_failures = max_failures
+    return pool
+
+
+def release_pools() -> None:
+    """Kill every cached pool's actors (before ``ray.shutdown`` or to free resources)."""
+    while _POOLS:
+        _POOLS.popitem()[1].shutdown()
 
 
 def _first_line(e: BaseException) -> str:

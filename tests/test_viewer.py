@@ -108,6 +108,7 @@ def store_url(tmp_path_factory, image) -> str:
         "spec": {"seed": 42, "psi": 0.7, "checkpoint": "tiny.safetensors", "height": H, "width": W},
         "checkpoint_sha256": "0123456789abcdef" * 4,
         "tiles_total": 6,
+        "status": "running",
     }
     url = make_store(tmp_path_factory.mktemp("v") / "img.zarr", image, meta)
     s = open_store(url)
@@ -143,6 +144,7 @@ def test_api_info_reports_job_and_progress(png_server):
     assert (info["tiles_done"], info["tiles_total"]) == (4, 6)
     assert info["seed"] == 42 and info["psi"] == 0.7 and info["checkpoint"] == "tiny.safetensors"
     assert info["checkpoint_sha256"] == "0123456789abcdef" * 4
+    assert info["status"] == "running" and info["error"] is None
     assert info["dzi_levels"] == max_level(W, H) + 1 == 11
 
 

@@ -152,6 +152,8 @@ class DziFiles:
             "checkpoint_sha256": None,
             "seed": None,
             "psi": None,
+            "status": None,
+            "error": None,
             "meta": {},
         }
 

@@ -314,5 +314,7 @@ def job_summary(meta: dict) -> dict[str, Any]:
         "checkpoint_sha256": sha if isinstance(sha, str) else None,
         "seed": _find(meta, "seed"),
         "psi": _find(meta, "psi", "truncation_psi"),
+        "status": meta.get("status") if isinstance(meta.get("status"), str) else None,
+        "error": meta.get("error") if isinstance(meta.get("error"), str) else None,
     }
 

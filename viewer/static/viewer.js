@@ -50,7 +50,9 @@
     const amount = mp >= 1000 ? (mp / 1000).toFixed(2) + " gigapixels" : mp.toFixed(1) + " megapixels";
     set("f-size", info.width + " × " + info.height + " px (" + amount + ")");
     let ckpt = info.checkpoint;
-    if (info.checkpoint_sha256) ckpt = (ckpt ? ckpt + " " : "") + "sha256 " + info.checkpoint_sha256.slice(0, 12) + "…";
+    const sha = info.checkpoint_sha256;
+    if (sha && /^[0-9a-f]{64}$/.test(sha)) ckpt = (ckpt ? ckpt + " " : "") + "sha256 " + sha.slice(0, 12) + "…";
+    else if (sha && sha !== ckpt) ckpt = (ckpt ? ckpt + " " : "") + "(" + sha + ")";
     set("f-checkpoint", ckpt);
     $("f-checkpoint").title = info.checkpoint_sha256 || "";
     set("f-seed", info.seed);
@@ -65,7 +67,7 @@
     if (info.tiles_total) {
       const pct = (100 * info.tiles_done) / info.tiles_total;
       set("f-progress", info.tiles_done + " / " + info.tiles_total + " tiles (" + pct.toFixed(1) + " %)" +
-        (running(info) ? ", rendering…" : ", complete"));
+        (info.status === "failed" ? ", failed" : running(info) ? ", rendering…" : ", complete"));
       bar.hidden = false;
       $("bar-fill").style.width = Math.min(100, pct) + "%";
     } else {
@@ -73,6 +75,7 @@
       bar.hidden = true;
     }
     $("meta").textContent = JSON.stringify(info.meta || {}, null, 2);
+    if (info.status === "failed") status("render failed: " + (info.error || "see the job's log") + " (re-run to resume)");
   }
 
   // Open the new version above the old one; remove the old one when the new one is fully loaded.
@@ -118,7 +121,7 @@
       info = await fetchInfo();
       hooks.info = info;
       showInfo(info);
-      status("");
+      if (info.status !== "failed") status("");
       if (version === null) {
         version = info.version;
         viewer.open(sourceUrl(info));

@@ -4,9 +4,9 @@
   render.py assemble s3://bucket/img.zarr --storage-options '{"anon": false}' --tiff s3://bucket/img.tif
 
 The pyramid is built (or finished, if a previous run stopped) unless
---skip-pyramid; then the requested exports. Re-running is safe. The TIFF and
-the DeepZoom export run side by side (both spend their time in C: JPEG
-encoding, zstd decoding, libvips), which keeps both cores busy.
+--skip-pyramid; then the requested exports, both fed from one read of each
+pyramid level (DeepZoom tiles are cut from the zarr levels; --dzi-engine vips
+runs libvips dzsave instead, side by side with the TIFF). Re-running is safe.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from renderer.errors import RendererError
-from renderer.exports import COMPRESSIONS, TIFF_TILES, check_target, write_dzi, write_tiff
+from renderer.exports import COMPRESSIONS, DZI_ENGINES, TIFF_TILES, check_target, write_dzi, write_exports, write_tiff
 from renderer.pyramid import build_pyramid, pyramid_complete
 from renderer.store import open_store
 
@@ -35,6 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("DeepZoom")
     g.add_argument("--dzi", default=None, metavar="OUT", help="write OUT.dzi + OUT_files/ (+ OUT.szi)")
     g.add_argument("--no-szi", action="store_true", help="skip the .szi zip")
+    g.add_argument("--dzi-engine", default="zarr", choices=DZI_ENGINES,
+                   help="zarr: cut tiles from the pyramid levels (fast, same files as dzsave); vips: libvips dzsave")
     g = parser.add_argument_group("pyramid")
     g.add_argument("--skip-pyramid", action="store_true",
                    help="do not build pyramid levels (the TIFF still needs them and builds them if missing)")
@@ -50,6 +52,7 @@ def assemble(
     compression: str = "jpeg",
     quality: int = 90,
     szi: bool = True,
+    dzi_engine: str = "zarr",
     skip_pyramid: bool = False,
     workers: int | None = None,
     progress: bool = False,
@@ -68,23 +71,21 @@ def assemble(
         build_pyramid(store, workers=workers, progress=progress)
     times["pyramid"] = time.perf_counter() - t
 
-    def do_tiff() -> None:
-        t0 = time.perf_counter()
-        write_tiff(store, tiff, tile=tiff_tile, compression=compression, quality=quality,  # type: ignore[arg-type]
-                   storage_options=storage_options, workers=workers, progress=progress)
-        times["tiff"] = time.perf_counter() - t0
-
-    def do_dzi() -> None:
-        t0 = time.perf_counter()
-        write_dzi(store, dzi, quality=quality, szi=szi, storage_options=storage_options,  # type: ignore[arg-type]
-                  progress=progress)
-        times["dzi"] = time.perf_counter() - t0
-
     t = time.perf_counter()
-    jobs = [f for f, want in ((do_tiff, tiff), (do_dzi, dzi)) if want]
-    with ThreadPoolExecutor(max(1, len(jobs))) as pool:
-        for fut in [pool.submit(f) for f in jobs]:
-            fut.result()
+    if dzi_engine == "zarr":  # one read of every level feeds both exports
+        write_exports(store, tiff=tiff, dzi=dzi, tiff_tile=tiff_tile, compression=compression, quality=quality,
+                      szi=szi, storage_options=storage_options, workers=workers, progress=progress)
+    else:
+        jobs = []
+        if tiff:
+            jobs.append(lambda: write_tiff(store, tiff, tile=tiff_tile, compression=compression, quality=quality,
+                                           storage_options=storage_options, workers=workers, progress=progress))
+        if dzi:
+            jobs.append(lambda: write_dzi(store, dzi, quality=quality, szi=szi, storage_options=storage_options,
+                                          progress=progress, engine="vips", workers=workers))
+        with ThreadPoolExecutor(max(1, len(jobs))) as pool:
+            for fut in [pool.submit(f) for f in jobs]:
+                fut.result()
     times["exports"] = time.perf_counter() - t
     return times
 
@@ -98,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         times = assemble(
             args.url, tiff=args.tiff, dzi=args.dzi, storage_options=options, tiff_tile=args.tiff_tile,
-            compression=args.compression, quality=args.quality, szi=not args.no_szi,
+            compression=args.compression, quality=args.quality, szi=not args.no_szi, dzi_engine=args.dzi_engine,
             skip_pyramid=args.skip_pyramid, workers=args.workers, progress=True,
         )
     except RendererError as e:

@@ -5,7 +5,8 @@
 Both sides get the same pixels (a synthetic smooth-plus-noise RGB image, made
 once and cached in --dir as a raw interleaved file and a zarr store with 512
 chunks), the same JPEG quality (90), 256 px TIFF tiles and 254/1 DeepZoom
-tiles. Each side runs in its own process so its peak RSS is its own. Prints one
+tiles. "ours" cuts DeepZoom tiles from the zarr levels, "ours-dzsave" feeds
+libvips dzsave instead. Each side runs in its own process so its peak RSS is its own. Prints one
 line per side and a JSON line last.
 """
 
@@ -67,12 +68,12 @@ def _clean(folder: str, size: int) -> None:
             shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
 
 
-def run_ours(folder: str, size: int) -> dict:
+def run_ours(folder: str, size: int, engine: str = "zarr") -> dict:
     from jobs.assemble import assemble
 
     t = time.perf_counter()
     times = assemble(os.path.join(folder, f"src{size}.zarr"), tiff=os.path.join(folder, "ours.tif"),
-                     dzi=os.path.join(folder, "ours"))
+                     dzi=os.path.join(folder, "ours"), dzi_engine=engine)
     return {"total_s": time.perf_counter() - t, **{f"{k}_s": v for k, v in times.items()}}
 
 
@@ -92,7 +93,10 @@ def run_vips(folder: str, size: int) -> dict:
 
 
 def _child(side: str, folder: str, size: int) -> None:
-    result = (run_ours if side == "ours" else run_vips)(folder, size)
+    if side == "vips":
+        result = run_vips(folder, size)
+    else:
+        result = run_ours(folder, size, engine="zarr" if side == "ours" else "vips")
     ru = resource.getrusage(resource.RUSAGE_SELF)
     result.update(peak_rss_mb=ru.ru_maxrss / 1024, cpu_s=ru.ru_utime + ru.ru_stime)
     print(json.dumps(result))
@@ -101,7 +105,7 @@ def _child(side: str, folder: str, size: int) -> None:
 def bench(size: int = 16384, folder: str = "/tmp/creps-bench-exports") -> dict:
     make_inputs(folder, size)
     results = {}
-    for side in ("vips", "ours"):
+    for side in ("vips", "ours", "ours-dzsave"):
         _clean(folder, size)
         out = subprocess.run([sys.executable, "-m", "jobs.bench_exports", "--child", side, "--size", str(size),
                               "--dir", folder], check=True, capture_output=True, text=True)
@@ -115,7 +119,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", type=int, default=16384)
     p.add_argument("--dir", default="/tmp/creps-bench-exports")
-    p.add_argument("--child", choices=("ours", "vips"), help=argparse.SUPPRESS)
+    p.add_argument("--child", choices=("ours", "ours-dzsave", "vips"), help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child:
         _child(a.child, a.dir, a.size)

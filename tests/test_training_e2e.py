@@ -1,0 +1,178 @@
+"""End to end on CPU: tiny dataset -> a few steps -> checkpoint -> resume equals
+an uninterrupted run -> the exported generator renders.  Plus bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import creps
+from creps.checkpoint import load
+from training import TrainingError
+from training.config import TrainConfig
+from training.dataset import build_dataset, open_dataset
+from training.loop import Trainer
+from training.state import latest_checkpoint, read_checkpoint
+
+torch.set_num_threads(1)
+
+
+def make_images(folder: Path, n: int = 32, size: int = 40) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    for i in range(n):
+        c = rng.random((3, 1, 1))
+        img = np.stack([yy, xx, (yy + xx) / 2]) * c + 0.2 * rng.random((3, size, size + i % 5))[:, :, :size]
+        Image.fromarray((img.transpose(1, 2, 0) * 255).clip(0, 255).astype(np.uint8)).save(folder / f"img{i:02d}.png")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> str:
+    root = tmp_path_factory.mktemp("data")
+    src = make_images(root / "src")
+    build_dataset(str(src), str(root / "ds"), 32, log=lambda s: None)
+    return str(root / "ds")
+
+
+def config(data: str, kimg: float, **kw) -> TrainConfig:
+    base = dict(data=data, preset="tiny", batch=4, kimg=kimg, snap=0.008, tick_kimg=0.004, seed=3, aug="ada",
+                ada_kimg=0.1, ada_interval=1, r1_interval=2)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def states(run: Path) -> dict[str, torch.Tensor]:
+    return read_checkpoint(latest_checkpoint(run)).tensors
+
+
+def test_train_resume_equals_uninterrupted_and_renders(dataset, tmp_path):
+    # uninterrupted: 4 steps
+    a = Trainer(config(dataset, 0.016), str(tmp_path / "a"), log=lambda s: None)
+    a.run(progress=False)
+    assert a.step == 4
+    # interrupted after 2 steps, then the same command with a longer --kimg resumes
+    b = Trainer(config(dataset, 0.008), str(tmp_path / "b"), log=lambda s: None)
+    b.run(progress=False)
+    assert b.step == 2 and latest_checkpoint(tmp_path / "b").name == "ckpt-00000002.safetensors"
+    b2 = Trainer(config(dataset, 0.016), str(tmp_path / "b"), log=lambda s: None)
+    assert b2.step == 2  # the checkpoint was found and loaded
+    b2.run(progress=False)
+    assert b2.step == 4
+    sa, sb = states(tmp_path / "a"), states(tmp_path / "b")
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        if not k.startswith("rng/"):
+            assert torch.equal(sa[k], sb[k]), k
+    meta = read_checkpoint(latest_checkpoint(tmp_path / "b")).meta
+    assert meta["step"] == 4 and meta["ada"]["p"] == a.ada.p
+    # log, config, grids beside the run
+    lines = [json.loads(x) for x in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [1, 2, 3, 4]
+    assert json.loads((tmp_path / "b" / "config.json").read_text())["preset"] == "tiny"
+    assert (tmp_path / "b" / "fakes00000004.png").is_file() and (tmp_path / "b" / "reals.png").is_file()
+    # the exported generator renders through the public API
+    G = load(tmp_path / "b" / "G_ema.safetensors")
+    img = G.render(G.z_from_seed(1), creps.Canvas(24, 40), rows=(4, 20), cols=(8, 40))
+    assert img.shape == (1, 3, 16, 32) and torch.isfinite(img).all()
+    for k, v in G.state_dict().items():
+        assert torch.equal(v, sa[f"G_ema/{k}"]), k
+
+
+def test_changed_config_refused_and_resume_from_weights(dataset, tmp_path):
+    Trainer(config(dataset, 0.004), str(tmp_path / "r"), log=lambda s: None).run(progress=False)
+    with pytest.raises(TrainingError, match="different config.*gamma"):
+        Trainer(config(dataset, 0.004, gamma=3.0), str(tmp_path / "r"), log=lambda s: None)
+    # fine-tuning from a training checkpoint and from an exported generator
+    ck = latest_checkpoint(tmp_path / "r")
+    t = Trainer(config(dataset, 0.004, resume=str(ck)), str(tmp_path / "ft1"), log=lambda s: None)
+    assert t.step == 0 and torch.equal(t.D.out.weight, read_checkpoint(ck).tensors["D/out.weight"])
+    t = Trainer(config(dataset, 0.004, resume=str(tmp_path / "r" / "G_ema.safetensors")), str(tmp_path / "ft2"),
+                log=lambda s: None)
+    assert torch.equal(t.G.mapping.fc0.weight, read_checkpoint(ck).tensors["G_ema/mapping.fc0.weight"])
+
+
+# ------------------------------------------------------------------ bad input
+def test_empty_folder_refused(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(TrainingError, match="0 usable images"):
+        build_dataset(str(tmp_path / "empty"), str(tmp_path / "out"), 32, log=lambda s: None)
+    assert not (tmp_path / "out").exists()
+
+
+def test_unreadable_and_non_image_files_skipped(tmp_path):
+    src = make_images(tmp_path / "src", n=10)
+    (src / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    (src / "truncated.jpg").write_bytes((src / "img00.png").read_bytes()[:50])
+    (src / "notes.txt").write_text("hello")
+    report = build_dataset(str(src), str(tmp_path / "ds"), 16, log=lambda s: None)
+    assert len(report.names) == 10
+    assert sorted(report.unreadable) == ["broken.png", "truncated.jpg"] and report.not_images == ["notes.txt"]
+    assert "skipped 2 unreadable (broken.png, truncated.jpg)" in report.summary()
+    ds = open_dataset(str(tmp_path / "ds"))
+    assert len(ds) == 10 and ds.batch(np.arange(3)).shape == (3, 3, 16, 16)
+    # nothing overwritten
+    with pytest.raises(TrainingError, match="already exists"):
+        build_dataset(str(src), str(tmp_path / "ds"), 16, log=lambda s: None)
+
+
+def test_too_few_images_refused(tmp_path):
+    src = make_images(tmp_path / "src", n=3)
+    with pytest.raises(TrainingError, match="3 usable images, need at least 8"):
+        build_dataset(str(src), str(tmp_path / "ds"), 16, log=lambda s: None)
+
+
+def test_wrong_resolution_resume_refused(dataset, tmp_path):
+    Trainer(config(dataset, 0.004), str(tmp_path / "r32"), log=lambda s: None).run(progress=False)
+    src = make_images(tmp_path / "src64", n=8, size=64)
+    build_dataset(str(src), str(tmp_path / "ds64"), 64, log=lambda s: None)
+    ck = str(latest_checkpoint(tmp_path / "r32"))
+    with pytest.raises(TrainingError, match="shapes differ.*b4,b8,b16,b32.*b64"):
+        Trainer(config(str(tmp_path / "ds64"), 0.004, resume=ck), str(tmp_path / "r64"), log=lambda s: None)
+    assert not (tmp_path / "r64").exists()
+    with pytest.raises(TrainingError, match="dataset is 64x64"):
+        Trainer(config(str(tmp_path / "ds64"), 0.004, resolution=32), str(tmp_path / "r64"), log=lambda s: None)
+
+
+def test_corrupt_checkpoint_reported_not_overwritten(dataset, tmp_path):
+    run = tmp_path / "run"
+    Trainer(config(dataset, 0.004), str(run), log=lambda s: None).run(progress=False)
+    ck = latest_checkpoint(run)
+    data = ck.read_bytes()
+    ck.write_bytes(data[: len(data) // 2])
+    with pytest.raises(TrainingError, match=f"checkpoint {ck} is corrupt"):
+        Trainer(config(dataset, 0.008), str(run), log=lambda s: None)
+    assert ck.read_bytes() == data[: len(data) // 2]
+    with pytest.raises(TrainingError, match="not found"):
+        Trainer(config(dataset, 0.004, resume=str(tmp_path / "nope.safetensors")), str(tmp_path / "x"), log=lambda s: None)
+    junk = tmp_path / "junk.pkl"
+    junk.write_bytes(b"garbage")
+    with pytest.raises(TrainingError, match="--resume"):
+        Trainer(config(dataset, 0.004, resume=str(junk)), str(tmp_path / "y"), log=lambda s: None)
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    import train
+
+    (tmp_path / "empty").mkdir()
+    assert train.main(["dataset", str(tmp_path / "empty"), str(tmp_path / "o"), "--resolution", "32"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: dataset") and "0 usable images" in err[0]
+    assert train.main(["--data", str(tmp_path / "missing"), "--out", str(tmp_path / "run"), "--resolution", "32"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_help_is_grouped(capsys):
+    import train
+
+    with pytest.raises(SystemExit):
+        train.main(["--help"])
+    out = capsys.readouterr().out
+    for header in ("main options", "hyperparameters", "I/O and fine-tuning", "performance"):
+        assert header in out

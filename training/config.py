@@ -1,0 +1,139 @@
+"""The resolved training configuration: one frozen dataclass, stored beside the run.
+
+Defaults follow the StyleGAN2/CREPS recipes scaled to the preset: R1 gamma
+from the resolution (the seed's 0.5 @ 128, 10 @ 512, 32 @ 1024), EMA half-life
+``batch * 10 / 32`` kimg with a 5 % ramp-up, Adam (0, 0.99), lazy R1 every 16
+steps, a discriminator half as wide as the generator.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+
+from creps import GeneratorConfig, preset
+
+from . import TrainingError
+
+# Options that may change between runs of the same RUNDIR without --force:
+# they say how long / how often, not what is trained.
+MUTABLE = ("kimg", "snap", "metrics", "metrics_num", "resume", "workers", "tick_kimg")
+
+
+def default_gamma(resolution: int) -> float:
+    """R1 gamma the seed used per resolution, interpolated in log2 for others."""
+    table = {32: 0.05, 64: 0.1, 128: 0.5, 256: 2.0, 512: 10.0, 1024: 32.0}
+    return table.get(resolution, 0.0002 * resolution**2)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that determines a training run (printed and saved as config.json)."""
+
+    data: str
+    preset: str = "small64"
+    resolution: int = 0  # 0 = the dataset's resolution
+    batch: int = 16
+    kimg: float = 100.0
+    gamma: float = -1.0  # < 0: default_gamma(resolution)
+    aug: str = "ada"  # ada | noaug
+    ada_target: float = 0.6
+    ada_kimg: float = 100.0
+    ada_interval: int = 4
+    r1_interval: int = 16
+    lr_g: float = 0.002
+    lr_d: float = 0.002
+    betas: tuple[float, float] = (0.0, 0.99)
+    ema_kimg: float = -1.0  # < 0: batch * 10 / 32
+    ema_rampup: float = 0.05
+    d_channel_base: int = 0  # 0: half the generator's channel base
+    d_channel_max: int = 0  # 0: min(512, max(128, generator channel max))
+    mbstd_group: int = 4
+    mirror: bool = False  # x-flip real images at random (in addition to ADA)
+    seed: int = 0
+    snap: float = 10.0  # kimg between snapshots (checkpoint + grid)
+    tick_kimg: float = 1.0  # kimg between log lines
+    metrics: tuple[str, ...] = ()
+    metrics_num: int = 2000
+    resume: str = ""
+    amp: bool = True  # bf16 autocast on CUDA only
+    workers: int = 0
+    generator: dict = field(default_factory=dict)  # resolved GeneratorConfig fields
+
+    def __post_init__(self) -> None:
+        if self.batch < 2:
+            raise TrainingError(f"--batch must be >= 2 (minibatch-std needs pairs), got {self.batch}")
+        if self.kimg <= 0:
+            raise TrainingError(f"--kimg must be positive, got {self.kimg}")
+        if self.aug not in ("ada", "noaug"):
+            raise TrainingError(f"--aug must be 'ada' or 'noaug', got {self.aug!r}")
+        unknown = sorted(set(self.metrics) - {"fid", "kid"})
+        if unknown:
+            raise TrainingError(f"unknown metrics {unknown}; choose from fid, kid")
+
+    # ---------------------------------------------------------------- derived
+    @property
+    def gen(self) -> GeneratorConfig:
+        return GeneratorConfig.from_dict(self.generator)
+
+    @property
+    def r1_gamma(self) -> float:
+        return self.gamma if self.gamma >= 0 else default_gamma(self.resolution)
+
+    @property
+    def ema_nimg(self) -> float:
+        kimg = self.ema_kimg if self.ema_kimg >= 0 else self.batch * 10 / 32
+        return kimg * 1000
+
+    @property
+    def total_steps(self) -> int:
+        return max(1, round(self.kimg * 1000 / self.batch))
+
+    def resolve(self, dataset_resolution: int) -> "TrainConfig":
+        """Fill in resolution, generator config and D width from the preset and the data."""
+        try:
+            base = preset(self.preset)
+        except KeyError as e:
+            raise TrainingError(str(e.args[0])) from None
+        res = self.resolution or dataset_resolution
+        if res != dataset_resolution:
+            raise TrainingError(
+                f"--resolution {res} but the dataset is {dataset_resolution}x{dataset_resolution}; "
+                f"rebuild it with `train.py dataset SRC DEST --resolution {res}`"
+            )
+        try:
+            gen = dataclasses.replace(base, resolution=res)
+        except ValueError as e:
+            raise TrainingError(str(e)) from None
+        return dataclasses.replace(
+            self,
+            resolution=res,
+            generator=gen.to_dict(),
+            d_channel_base=self.d_channel_base or gen.channel_base // 2,
+            d_channel_max=self.d_channel_max or min(512, max(128, gen.channel_max)),
+        )
+
+    # ------------------------------------------------------------------ io
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["betas"], d["metrics"] = list(self.betas), list(self.metrics)
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        d = {k: v for k, v in d.items() if k in known}
+        if "betas" in d:
+            d["betas"] = tuple(d["betas"])
+        if "metrics" in d:
+            d["metrics"] = tuple(d["metrics"])
+        return cls(**d)
+
+    def differences(self, other: "TrainConfig") -> list[str]:
+        """Fields (other than MUTABLE ones) whose values differ."""
+        a, b = self.to_dict(), other.to_dict()
+        return sorted(k for k in a if k not in MUTABLE and a[k] != b.get(k))

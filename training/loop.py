@@ -1,0 +1,357 @@
+"""The training loop: one step = a D update (logistic loss, lazy R1) and a G update
+(non-saturating loss) on the same generated batch, then the G EMA and the ADA
+controller.
+
+Determinism (CPU): every random draw of step s (latents, augmentation, x-flip)
+comes from a generator seeded by (seed, s, rank), and the data order from
+(seed, epoch), so the state at step s is a function of the checkpointed state
+only: an interrupted and resumed run equals an uninterrupted one, bit for bit.
+
+Resume = re-run the same command: the latest ``ckpt-*.safetensors`` in the
+run directory is loaded.  ``--resume PATH`` starts a new run from other
+weights (a training checkpoint, one of our generator files, an official CREPS
+pickle).  Multi-GPU: launched by ``torchrun``, each rank takes ``batch/world``
+images and gradients are averaged with all-reduce (untested here: no GPUs).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from creps import Generator
+
+from . import TrainingError
+from .augment import AdaController, augment
+from .config import TrainConfig
+from .dataset import ImageDataset, open_dataset
+from .losses import d_loss, g_loss, r1_loss
+from .networks import Discriminator
+from .state import ckpt_name, is_training_checkpoint, latest_checkpoint, load_modules, read_checkpoint, save_checkpoint
+
+GRID_SEED = 123456789
+KEEP_CHECKPOINTS = 3
+
+
+# ----------------------------------------------------------------- helpers
+def step_generator(seed: int, step: int, rank: int = 0) -> torch.Generator:
+    state = np.random.SeedSequence([seed, step, rank]).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+def ema_update(G_ema: nn.Module, G: nn.Module, beta: float) -> None:
+    """p_ema <- p + beta * (p_ema - p) (= lerp(p, p_ema, beta)); buffers copied."""
+    with torch.no_grad():
+        for pe, p in zip(G_ema.parameters(), G.parameters()):
+            pe.copy_(p.lerp(pe, beta))
+        for be, b in zip(G_ema.buffers(), G.buffers()):
+            be.copy_(b)
+
+
+def ema_beta(batch: int, nimg: int, ema_nimg: float, rampup: float) -> float:
+    if rampup > 0:
+        ema_nimg = min(ema_nimg, nimg * rampup)
+    return 0.5 ** (batch / max(ema_nimg, 1e-8))
+
+
+def save_grid(images: torch.Tensor, path: Path) -> None:
+    """uint8-converted grid PNG of float images [N, 3, R, R] in [-1, 1]."""
+    from PIL import Image
+
+    n, c, h, w = images.shape
+    cols = int(np.ceil(np.sqrt(n)))
+    rows = int(np.ceil(n / cols))
+    arr = (images.detach().cpu() * 127.5 + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    grid = np.zeros((rows * h, cols * w, c), np.uint8)
+    for i in range(n):
+        r, q = divmod(i, cols)
+        grid[r * h : (r + 1) * h, q * w : (q + 1) * w] = arr[i]
+    tmp = path.with_name(path.name + ".tmp.png")
+    Image.fromarray(grid).save(tmp)
+    os.replace(tmp, path)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def init_from(path: str, G: Generator, G_ema: Generator, D: Discriminator, log: Callable[[str], None]) -> None:
+    """Fine-tuning start: copy weights from a checkpoint whose shapes match ours."""
+    if is_training_checkpoint(path):
+        snap = read_checkpoint(path)
+        src_g, src_d = snap.module_state("G_ema"), snap.module_state("D")
+    else:
+        from creps.checkpoint import CheckpointError, load
+
+        try:
+            src_g = load(path).state_dict()
+        except CheckpointError as e:
+            raise TrainingError(f"--resume {path}: {e}") from None
+        src_d = {}
+    ours = G.state_dict()
+    skip = {"synthesis.b4.input.coords"}  # resolution-dependent, never used in the forward
+    missing = [k for k in ours if k not in skip and k not in src_g]
+    wrong = [k for k in ours if k not in skip and k in src_g and src_g[k].shape != ours[k].shape]
+    if missing or wrong:
+        blocks = sorted({k.split(".")[1] for k in src_g if k.startswith("synthesis.b") and k.split(".")[1][1:].isdigit()}, key=lambda b: int(b[1:]))
+        want = sorted({k.split(".")[1] for k in ours if k.startswith("synthesis.b") and k.split(".")[1][1:].isdigit()}, key=lambda b: int(b[1:]))
+        raise TrainingError(
+            f"--resume {path}: generator shapes differ from preset/resolution "
+            f"(checkpoint blocks {','.join(blocks) or '?'}, ours {','.join(want)}; "
+            f"{len(missing)} missing, {len(wrong)} mismatched, e.g. {(missing + wrong)[0]}); "
+            "use the checkpoint's preset and resolution"
+        )
+    for k in skip:
+        src_g[k] = ours[k]
+    G.load_state_dict({k: src_g[k] for k in ours}, strict=True)
+    G_ema.load_state_dict(G.state_dict())
+    d_ours = D.state_dict()
+    if src_d and all(k in src_d and src_d[k].shape == v.shape for k, v in d_ours.items()):
+        D.load_state_dict({k: src_d[k] for k in d_ours})
+        log(f"initialised G, G_ema and D from {path}")
+    else:
+        log(f"initialised G and G_ema from {path} (D starts fresh)")
+
+
+# ----------------------------------------------------------------- the run
+class Trainer:
+    """Holds networks, optimisers and state of one run; ``run()`` trains to ``cfg.kimg``."""
+
+    def __init__(self, cfg: TrainConfig, run_dir: str, force: bool = False, device: str | None = None,
+                 log: Callable[[str], None] | None = None, dataset: ImageDataset | None = None) -> None:
+        self.rank, self.world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        self.log = log or (lambda s: print(s, file=sys.stderr) if self.rank == 0 else None)
+        self.ds = dataset or open_dataset(cfg.data, cfg.resolution, cfg.seed)
+        self.ds.seed = cfg.seed
+        cfg = cfg.resolve(self.ds.resolution)
+        if cfg.batch % self.world:
+            raise TrainingError(f"--batch {cfg.batch} is not divisible by {self.world} processes")
+        self.run_dir = Path(run_dir)
+        self.latest = latest_checkpoint(self.run_dir)
+        self._check_run_dir(cfg, force)
+        self.cfg = cfg
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if self.world > 1:
+            self._init_distributed()
+        self.amp = cfg.amp and self.device.type == "cuda"
+        torch.manual_seed(cfg.seed)  # the initial weights are a function of the seed
+        self.G = Generator(cfg.gen).to(self.device).train()
+        self.D = Discriminator(cfg.resolution, cfg.d_channel_base, cfg.d_channel_max, cfg.mbstd_group).to(self.device)
+        self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False)
+        ratio = cfg.r1_interval / (cfg.r1_interval + 1)  # lazy-regularisation correction (StyleGAN2)
+        self.opt_G = torch.optim.Adam(self.G.parameters(), lr=cfg.lr_g, betas=cfg.betas, eps=1e-8)
+        self.opt_D = torch.optim.Adam(self.D.parameters(), lr=cfg.lr_d * ratio,
+                                      betas=(cfg.betas[0] ** ratio, cfg.betas[1] ** ratio), eps=1e-8)
+        self.ada = AdaController(cfg.ada_target, cfg.ada_kimg, cfg.ada_interval)
+        self.step = 0
+        if self.latest is not None:
+            snap = read_checkpoint(self.latest)
+            load_modules(snap, self.modules, self.opts)
+            self.step = int(snap.meta["step"])
+            self.ada.load(snap.meta["ada"])
+            self.log(f"resuming {self.run_dir} from {self.latest.name} (step {self.step}, {self.kimg:.1f} kimg)")
+        elif cfg.resume:
+            init_from(cfg.resume, self.G, self.G_ema, self.D, self.log)
+
+    # --------------------------------------------------------------- setup
+    @property
+    def modules(self) -> dict[str, nn.Module]:
+        return {"G": self.G, "G_ema": self.G_ema, "D": self.D}
+
+    @property
+    def opts(self) -> dict[str, torch.optim.Optimizer]:
+        return {"opt_G": self.opt_G, "opt_D": self.opt_D}
+
+    @property
+    def kimg(self) -> float:
+        return self.step * self.cfg.batch / 1000
+
+    def _check_run_dir(self, cfg: TrainConfig, force: bool) -> None:
+        cfg_path = self.run_dir / "config.json"
+        if cfg_path.is_file():
+            try:
+                old = TrainConfig.from_dict(json.loads(cfg_path.read_text()))
+            except (ValueError, TypeError, TrainingError) as e:
+                raise TrainingError(f"{cfg_path} is unreadable ({e}); use a new --out or --force") from None
+            diff = old.differences(cfg)
+            if diff and not force:
+                raise TrainingError(
+                    f"{self.run_dir} was started with a different config ({', '.join(diff)} changed); "
+                    "use a new --out, or --force to continue with the new settings"
+                )
+        elif self.latest is not None and not force:
+            raise TrainingError(f"{self.run_dir} has checkpoints but no config.json; use --force to resume it")
+
+    def _init_distributed(self) -> None:
+        import torch.distributed as dist
+
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if not dist.is_initialized():
+            dist.init_process_group(backend)
+        if torch.cuda.is_available():
+            local = int(os.environ.get("LOCAL_RANK", 0))
+            torch.cuda.set_device(local)
+            self.device = torch.device("cuda", local)
+
+    def _sync(self, module: nn.Module) -> None:
+        """Average gradients over ranks (one flat all-reduce)."""
+        if self.world == 1:
+            return
+        import torch.distributed as dist
+
+        params = [p for p in module.parameters() if p.grad is not None]
+        flat = torch.cat([p.grad.flatten() for p in params]) / self.world
+        dist.all_reduce(flat)
+        for p, g in zip(params, flat.split([p.numel() for p in params])):
+            p.grad.copy_(g.view_as(p))
+
+    # ---------------------------------------------------------------- step
+    def train_step(self) -> dict:
+        cfg, dev = self.cfg, self.device
+        local = cfg.batch // self.world
+        gen = step_generator(cfg.seed, self.step, self.rank)
+        idx = self.ds.order(self.step * cfg.batch + self.rank * local, local)
+        real = self.ds.batch(idx).to(dev, torch.float32) / 127.5 - 1
+        if cfg.mirror:
+            flip = (torch.rand(local, generator=gen) < 0.5).to(dev).reshape(-1, 1, 1, 1)
+            real = torch.where(flip, real.flip(3), real)
+        z = torch.randn(local, cfg.gen.z_dim, generator=gen).to(dev)
+        p = self.ada.p if cfg.aug == "ada" else 0.0
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp)
+
+        fake = self.G(z, update_w_avg=True)  # graph kept for the G update below
+
+        # D: logistic loss on real vs fake; lazy R1 on the (augmented) reals every r1_interval steps.
+        self.D.requires_grad_(True)
+        do_r1 = cfg.r1_interval > 0 and cfg.r1_gamma > 0 and self.step % cfg.r1_interval == 0
+        real_aug = augment(real, p, gen).detach().requires_grad_(do_r1)
+        with autocast:
+            real_logits = self.D(real_aug)
+            fake_logits = self.D(augment(fake.detach(), p, gen))
+        loss_d = d_loss(real_logits, fake_logits)
+        total_d = loss_d
+        r1 = torch.zeros(())
+        if do_r1:
+            r1 = r1_loss(real_aug, real_logits, cfg.r1_gamma, cfg.r1_interval)
+            total_d = total_d + r1
+        self.opt_D.zero_grad(set_to_none=True)
+        total_d.backward()
+        self._sync(self.D)
+        self.opt_D.step()
+        self.ada.accumulate(real_logits)
+
+        # G: non-saturating loss through the updated D.
+        self.D.requires_grad_(False)
+        with autocast:
+            loss_g = g_loss(self.D(augment(fake, p, gen)))
+        self.opt_G.zero_grad(set_to_none=True)
+        loss_g.backward()
+        self._sync(self.G)
+        self.opt_G.step()
+
+        self.step += 1
+        ema_update(self.G_ema, self.G, ema_beta(cfg.batch, self.step * cfg.batch, cfg.ema_nimg, cfg.ema_rampup))
+        if cfg.aug == "ada":
+            if self.world > 1:
+                self._sync_ada()
+            self.ada.step(self.step - 1, cfg.batch)
+        return {"loss_G": loss_g.item(), "loss_D": loss_d.item(), "r1": r1.item() if do_r1 else None,
+                "real_sign": float(real_logits.detach().sign().mean())}
+
+    def _sync_ada(self) -> None:
+        import torch.distributed as dist
+
+        t = torch.tensor([self.ada.sign_sum, float(self.ada.count)], device=self.device, dtype=torch.float64)
+        dist.all_reduce(t)
+        # every rank sees the global statistic; divide back so repeated syncs do not double count
+        self.ada.sign_sum, self.ada.count = float(t[0]) / self.world, int(t[1]) // self.world
+
+    # ---------------------------------------------------------------- io
+    def grid_latents(self, n: int = 0) -> torch.Tensor:
+        n = n or (64 if self.cfg.resolution <= 64 else 16)
+        return torch.randn(n, self.cfg.gen.z_dim, generator=torch.Generator().manual_seed(GRID_SEED))
+
+    def snapshot(self) -> Path:
+        """Checkpoint + grid + exported G_ema, all atomic; prune old checkpoints."""
+        from creps.checkpoint import save
+
+        path = save_checkpoint(self.run_dir / ckpt_name(self.step), self.modules, self.opts, {
+            "step": self.step, "nimg": self.step * self.cfg.batch, "kimg": self.kimg,
+            "ada": self.ada.state(), "config": self.cfg.to_dict(),
+        })
+        with torch.no_grad():
+            imgs = torch.cat([self.G_ema(z.to(self.device)) for z in self.grid_latents().split(16)])
+        save_grid(imgs, self.run_dir / f"fakes{self.step:08d}.png")
+        save(copy.deepcopy(self.G_ema).cpu(), self.run_dir / "G_ema.safetensors")
+        old = sorted(p for p in self.run_dir.glob("ckpt-*.safetensors") if p != path)
+        for p in old[: max(0, len(old) - (KEEP_CHECKPOINTS - 1))]:
+            p.unlink(missing_ok=True)
+        return path
+
+    def run(self, progress: bool = True) -> dict:
+        cfg, master = self.cfg, self.rank == 0
+        if master:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            _write_atomic(self.run_dir / "config.json", cfg.to_json() + "\n")
+            if not (self.run_dir / "reals.png").exists():
+                idx = self.ds.order(0, min(64, len(self.ds)))
+                save_grid(self.ds.batch(idx).float() / 127.5 - 1, self.run_dir / "reals.png")
+        total = cfg.total_steps
+        snap_steps = max(1, round(cfg.snap * 1000 / cfg.batch))
+        tick_steps = max(1, round(cfg.tick_kimg * 1000 / cfg.batch))
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, initial=self.step, unit="step", disable=not (progress and master),
+                   mininterval=5, dynamic_ncols=True)
+        acc: list[dict] = []
+        t_tick, last = time.time(), {}
+        while self.step < total:
+            stats = self.train_step()
+            acc.append(stats)
+            bar.update(1)
+            if self.step % tick_steps == 0 or self.step == total:
+                now = time.time()
+                last = self._tick(acc, now - t_tick)
+                t_tick, acc = now, []
+                bar.set_postfix_str(f"kimg {self.kimg:.1f} s/kimg {last['sec_per_kimg']:.0f} "
+                                    f"G {last['loss_G']:.3f} D {last['loss_D']:.3f} p {self.ada.p:.3f}")
+            if master and (self.step % snap_steps == 0 or self.step == total):
+                self.snapshot()
+                if cfg.metrics:
+                    self._metrics()
+        bar.close()
+        return last
+
+    def _tick(self, acc: list[dict], seconds: float) -> dict:
+        r1 = [a["r1"] for a in acc if a["r1"] is not None]
+        rec = {
+            "step": self.step, "kimg": round(self.kimg, 3), "time": time.time(),
+            "sec_per_kimg": seconds / max(len(acc) * self.cfg.batch / 1000, 1e-9),
+            "loss_G": float(np.mean([a["loss_G"] for a in acc])), "loss_D": float(np.mean([a["loss_D"] for a in acc])),
+            "r1": float(np.mean(r1)) if r1 else None, "real_sign": float(np.mean([a["real_sign"] for a in acc])),
+            "augment_p": self.ada.p,
+        }
+        if self.rank == 0:
+            with open(self.run_dir / "log.jsonl", "a") as f:
+                f.write(json.dumps(rec) + "\n")
+        return rec
+
+    def _metrics(self) -> None:
+        from .metrics import compute_metrics
+
+        res = compute_metrics(self.G_ema, self.ds, self.cfg.metrics, self.cfg.metrics_num, device=self.device)
+        res.update(step=self.step, kimg=self.kimg)
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(res) + "\n")
+        self.log(f"metrics at {self.kimg:.1f} kimg: {res}")

@@ -163,7 +163,11 @@ def _check_state(G: "Generator", sd: dict[str, torch.Tensor], path: Path) -> Non
     expected = {k: tuple(v.shape) for k, v in G.state_dict().items()}
     missing = [k for k in expected if k not in sd]
     unknown = [k for k in sd if k not in expected]
-    wrong = [f"{k} {list(sd[k].shape)} (expected {list(expected[k])})" for k in expected if k in sd and tuple(sd[k].shape) != expected[k]]
+    wrong = [
+        f"{k} {list(sd[k].shape)} (expected {list(shape)})"
+        for k, shape in expected.items()
+        if k in sd and tuple(sd[k].shape) != shape
+    ]
     problems = []
     if missing:
         problems.append(f"{len(missing)} missing keys ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})")

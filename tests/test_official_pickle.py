@@ -32,7 +32,14 @@ from creps import convert
 from creps.layers import FullyConnected, ModulatedFC
 from creps.network import FourierInput, LineBlock, Mapping, RefineBlock, Synthesis
 
-FAKE_MODULES = ["torch_utils", "torch_utils.persistence", "training", "training.networks_creps", "dnnlib", "dnnlib.util"]
+FAKE_MODULES = [
+    "torch_utils",
+    "torch_utils.persistence",
+    "training",
+    "training.networks_creps",
+    "dnnlib",
+    "dnnlib.util",
+]
 
 
 @contextlib.contextmanager
@@ -64,7 +71,9 @@ def fake_official_modules():
 
     sys.modules.update(mods)
     try:
-        yield types.SimpleNamespace(reconstruct=_reconstruct_persistent_obj, SynthesisInput=SynthesisInput, EasyDict=EasyDict)
+        yield types.SimpleNamespace(
+            reconstruct=_reconstruct_persistent_obj, SynthesisInput=SynthesisInput, EasyDict=EasyDict
+        )
     finally:
         for name, mod in saved.items():
             if mod is None:
@@ -156,7 +165,9 @@ def official_pickle(G: creps.Generator, marker: Path, protocol: int = 4) -> byte
             D=D,
             G_ema=official_tree(G, ns),
             augment_pipe=aug,
-            training_set_kwargs=ns.EasyDict(path="ffhq.zip", resolution=np.int64(G.cfg.resolution), xflip=False, ratio=np.float32(0.5)),
+            training_set_kwargs=ns.EasyDict(
+                path="ffhq.zip", resolution=np.int64(G.cfg.resolution), xflip=False, ratio=np.float32(0.5)
+            ),
         )
         return pickle.dumps(snapshot, protocol=protocol)
 

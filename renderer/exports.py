@@ -37,7 +37,7 @@ import numpy as np
 
 from .dzi import DziWriter
 from .errors import RendererError
-from .pyramid import build_pyramid, pyramid_complete
+from .pyramid import build_pyramid, pyramid_complete, pyramid_plan
 from .store import ImageStore, _is_local, _local_path, filesystem
 from .tiff import COMPRESSIONS, TIFF_TILES, write_levels
 
@@ -75,12 +75,6 @@ def _local_target(url: str, storage_options: dict | None) -> Iterator[str]:
             fs.put(src, dst, recursive=os.path.isdir(src))
 
 
-def _ensure_pyramid(store: ImageStore, progress: bool) -> int:
-    if not pyramid_complete(store):
-        build_pyramid(store, progress=progress)
-    return store.level_count()
-
-
 # ---------------------------------------------------------------- one read for all exports
 def hwc(chw: np.ndarray) -> np.ndarray:
     """(3, h, w) -> contiguous (h, w, 3); three strided copies, ~4x faster than a transpose copy."""
@@ -97,22 +91,23 @@ class _Stop(Exception):
 class LevelStream:
     """Reads every level once, a chunk row at a time, and hands each strip to every consumer.
 
-    A reader thread decodes strips (zarr) and interleaves them to (h, w, 3);
+    A reader thread decodes strips (zarr) and interleaves them to (h, w, 3)
+    (with ``build``, it first runs the pyramid, whose one pass over level 0
+    also hands those strips on, so level 0 is decoded once for everything);
     each consumer pulls ``strips(i, k)`` for levels k = 0, 1, ... in order from
     its own small queue (so memory is a few strips). A failing consumer calls
     ``fail`` and the reader stops; a failing reader passes its error on.
     """
 
-    def __init__(self, store: ImageStore, consumers: int, bar: Any = None, depth: int = 2) -> None:
-        self.levels = [store.level(k) for k in range(store.level_count())]
+    def __init__(self, store: ImageStore, consumers: int, bar: Any = None, depth: int = 2,
+                 build: bool = False, workers: int | None = None) -> None:
+        self.store, self.build, self.workers = store, build, workers
+        self.shapes = pyramid_plan(store)
         self.queues: list[queue.Queue] = [queue.Queue(depth) for _ in range(consumers)]
         self.failed = threading.Event()
         self.bar = bar
         self.thread = threading.Thread(target=self._run, name="level-reader", daemon=True)
         self.thread.start()
-
-    def shapes(self) -> list[tuple[int, int]]:
-        return [(int(a.shape[1]), int(a.shape[2])) for a in self.levels]
 
     def _put(self, item: Any) -> None:
         for q in self.queues:
@@ -125,15 +120,33 @@ class LevelStream:
                 except queue.Full:
                     continue
 
+    def _strip(self, k: int, r0: int, chw: np.ndarray) -> None:
+        self._put((k, r0, hwc(chw)))
+        if self.bar is not None:
+            self.bar.update(chw.shape[1] * chw.shape[2])
+
     def _run(self) -> None:
         try:
-            for k, arr in enumerate(self.levels):
-                _, h, w = arr.shape
+            first = 0
+            if self.build:  # level 0 comes from the pyramid's own pass, if that pass reads all of it
+                seen = [0]
+
+                def tap(r0: int, chw: np.ndarray) -> None:
+                    if r0 == seen[0]:
+                        self._strip(0, r0, chw)
+                        seen[0] += chw.shape[1]
+
+                build_pyramid(self.store, workers=self.workers, tap=tap)
+                if seen[0] == self.shapes[0][0]:
+                    self._put((0, None, None))
+                    first = 1
+                # else: a resumed pass started part-way; level 0 is read below like the others
+            for k in range(first, len(self.shapes)):
+                arr = self.store.level(k)
+                _, h, _ = arr.shape
                 step = int(arr.chunks[1])
                 for r0 in range(0, h, step):
-                    self._put((k, r0, hwc(np.asarray(arr[:, r0 : r0 + step, :]))))
-                    if self.bar is not None:
-                        self.bar.update(min(step, h - r0) * w)
+                    self._strip(k, r0, np.asarray(arr[:, r0 : r0 + step, :]))
                 self._put((k, None, None))
         except _Stop:
             pass
@@ -203,16 +216,18 @@ def write_exports(
             check_target(target, storage_options)
     if not tiff and not dzi:
         return
-    n = _ensure_pyramid(store, progress)
+    build = not pyramid_complete(store)  # then the pyramid pass also feeds level 0 to the exports
     height, width = store.shape
     workers = workers or os.cpu_count() or 2
     with ExitStack() as stack:
         tiff_path = stack.enter_context(_local_target(tiff, storage_options)) if tiff else None
         dzi_base = stack.enter_context(_local_target(dzi, storage_options)) if dzi else None
         consumers = [c for c in ("tiff", "dzi") if (tiff_path if c == "tiff" else dzi_base)]
-        total = sum(h * w for h, w in (store.level(k).shape[1:] for k in range(n)))
-        stream = LevelStream(store, len(consumers), bar=_bar(progress, total, "exports"))
-        shapes = stream.shapes()
+        shapes = pyramid_plan(store)
+        n = len(shapes)
+        total = sum(h * w for h, w in shapes)
+        stream = LevelStream(store, len(consumers), bar=_bar(progress, total, "pyramid+exports" if build else "exports"),
+                             build=build, workers=workers)
 
         def run_tiff(i: int) -> None:
             levels = ((h, w, stream.strips(i, k)) for k, (h, w) in enumerate(shapes))

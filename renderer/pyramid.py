@@ -115,6 +115,11 @@ def _plan(store: ImageStore, min_size: int | None) -> tuple[int, list[tuple[int,
     return chunk, level_shapes(h, w, min_size or chunk)
 
 
+def pyramid_plan(store: ImageStore, min_size: int | None = None) -> list[tuple[int, int]]:
+    """(h, w) of every level the pyramid of ``store`` has or will have."""
+    return _plan(store, min_size)[1]
+
+
 def pyramid_complete(store: ImageStore, min_size: int | None = None) -> bool:
     """True when every level of the plan is written (per pyramid.json) and present."""
     chunk, shapes = _plan(store, min_size)
@@ -252,11 +257,15 @@ def build_pyramid(
     workers: int | None = None,
     progress: bool = False,
     force: bool = False,
+    tap: Callable[[int, np.ndarray], None] | None = None,
 ) -> int:
     """Write levels 1..n-1 from one pass over level 0 and the NGFF metadata; return n.
 
     Re-running resumes (or does nothing when complete); ``force`` recomputes all.
     ``workers`` threads read and write chunk rows (default: CPU count, at least 2).
+    ``tap(r0, strip)`` sees every (3, h, W) strip of level 0 read by the pass, in
+    order (the exports use it to avoid a second read); a resumed pass reads only
+    part of level 0, so a caller must check what it saw.
     """
     chunk, shapes = _plan(store, min_size)
     if not force and pyramid_complete(store, min_size):
@@ -275,7 +284,7 @@ def build_pyramid(
         for lev in reversed(levels[1:]):
             _feed(store, pool, lev.k - 1, lev.received, done[lev.k - 1], lev.push, chunk)
         if levels:
-            _feed(store, pool, 0, levels[0].received, shapes[0][0], levels[0].push, chunk, progress)
+            _feed(store, pool, 0, levels[0].received, shapes[0][0], levels[0].push, chunk, progress, tap)
         writer.drain()
     store.write_ome()
     store.update_meta(pyramid={"levels": len(shapes), "chunk": chunk, "rule": RULE})
@@ -283,7 +292,8 @@ def build_pyramid(
 
 
 def _feed(store: ImageStore, pool: ThreadPoolExecutor, level: int, r0: int, r1: int,
-          push: Callable[[np.ndarray], None], chunk: int, progress: bool = False) -> None:
+          push: Callable[[np.ndarray], None], chunk: int, progress: bool = False,
+          tap: Callable[[int, np.ndarray], None] | None = None) -> None:
     """Read rows [r0, r1) of a stored level in chunk-row strips (one prefetched) and push them."""
     if r1 <= r0:
         return
@@ -307,6 +317,8 @@ def _feed(store: ImageStore, pool: ThreadPoolExecutor, level: int, r0: int, r1: 
         if i + 1 < len(reads):
             nxt = pool.submit(read, *reads[i + 1])
         push(rows)
+        if tap is not None:
+            tap(reads[i][0], rows)
         if bar is not None:
             bar.update(rows.shape[1])
     if bar is not None:

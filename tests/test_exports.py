@@ -16,7 +16,7 @@ import tifffile
 
 from jobs.assemble import assemble
 from renderer.errors import RendererError
-from renderer.exports import write_dzi, write_tiff
+from renderer.exports import write_dzi, write_exports, write_tiff
 from renderer.pyramid import reference_pyramid
 from renderer.store import open_store
 
@@ -154,6 +154,29 @@ def test_zarr_engine_tiles_equal_dzsave(tmp_path, quality):
         b = np.asarray(Image.open(tmp_path / "v_files" / name)).astype(int)
         assert a.shape == b.shape, name
         assert np.abs(a - b).mean() < 0.5, name
+
+
+def test_exports_after_interrupted_pyramid(tmp_path):
+    """A pyramid that resumes part-way still yields exact exports (level 0 then read from zarr)."""
+    import json
+
+    img = np.random.default_rng(5).integers(0, 256, (3, 200, 150), dtype=np.uint8)
+    store = open_store(str(tmp_path / "s.zarr"), mode="w")
+    store.create_level(0, 200, 150, chunk=32)
+    store.write_region(0, 0, 0, img)
+    from renderer.pyramid import build_pyramid
+
+    build_pyramid(store)
+    prog = json.loads((tmp_path / "s.zarr" / "pyramid.json").read_text())
+    prog["rows"] = {k: (32 if k == "1" else 0) for k in prog["rows"]}
+    (tmp_path / "s.zarr" / "pyramid.json").write_text(json.dumps(prog))
+    for k in range(1, store.level_count()):
+        store.level(k)[:, 32:, :] = 9
+    write_exports(store, tiff=str(tmp_path / "o.tif"), dzi=str(tmp_path / "o"), compression="zstd")
+    with tifffile.TiffFile(tmp_path / "o.tif") as tif:
+        for lv, r in zip(tif.series[0].levels, reference_pyramid(img, 32)):
+            np.testing.assert_array_equal(lv.asarray(), r.transpose(1, 2, 0))
+    assert (tmp_path / "o.dzi").exists() and (tmp_path / "o.szi").exists()
 
 
 def test_dzi_from_tiff_without_szi(tmp_path, store_and_image):

@@ -11,6 +11,7 @@ the store say what is already there.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import os
@@ -56,7 +57,7 @@ class Prepared:
     def context(self) -> RenderContext:
         s = self.spec
         return RenderContext(
-            url=s.out, storage_options=s.storage_options, checkpoint=s.checkpoint, init_seed=s.init_seed,
+            url=s.out, storage_options=_options(s), checkpoint=s.checkpoint, init_seed=s.init_seed,
             seed=s.seed, psi=s.psi, height=s.height, width=s.width, view=s.view, chunk=s.tile,
         )
 
@@ -84,7 +85,7 @@ def open_output(job: Prepared, overwrite: bool) -> ImageStore:
     if spec.out.startswith("memory://"):
         raise JobSpecError("memory:// lives inside one process and Ray workers cannot write it; use a path or URL")
     try:
-        fs, root = filesystem(spec.out, spec.storage_options)
+        fs, root = filesystem(spec.out, _options(spec))
         exists = fs.exists(f"{root}/zarr.json")
         if not exists and fs.exists(root) and fs.isdir(root) and fs.ls(root):
             raise JobSpecError(f"{spec.out} exists and is not an image store; choose another --out")
@@ -96,7 +97,7 @@ def open_output(job: Prepared, overwrite: bool) -> ImageStore:
         raise JobSpecError(f"cannot access {spec.out!r}: {_one_line(e)}") from None
     if exists and not overwrite:
         try:
-            store = open_store(spec.out, spec.storage_options, mode="a")
+            store = open_store(spec.out, _options(spec), mode="a")
         except RendererError as e:
             raise JobSpecError(f"{e} (use --overwrite to replace it)") from None
         old = store.meta.get("identity")
@@ -107,7 +108,7 @@ def open_output(job: Prepared, overwrite: bool) -> ImageStore:
             raise JobSpecError(f"{spec.out} holds a different job ({diff}); re-run with the same job or --overwrite")
         return store
     try:
-        store = open_store(spec.out, spec.storage_options, mode="w")
+        store = open_store(spec.out, _options(spec), mode="w")
         store.clear_markers()
         store.create_level(0, spec.height, spec.width, spec.tile, spec.shard, spec.compressor, overwrite=True)
         cfg = job.config
@@ -255,6 +256,11 @@ def _tile_stage(store, job: Prepared, todo: list[Tile], pool: WorkerPool, worker
         bar.close()
     summary["render_seconds"] = round(time.perf_counter() - state["t0"], 3)
     return state["rss"]
+
+
+def _options(spec: JobSpec) -> dict:
+    """A private copy: botocore rewrites nested config dicts it is given."""
+    return copy.deepcopy(spec.storage_options)
 
 
 def _one_line(e: BaseException) -> str:

@@ -78,6 +78,9 @@ def start_ray(address: str | None, num_cpus: int | None = None, num_gpus: int | 
     )
     try:
         if address:
+            _token_auth_like_ray_start()
+            if address.split(":")[0] in ("127.0.0.1", "localhost"):
+                kwargs["_node_ip_address"] = "127.0.0.1"  # a loopback cluster: stay on loopback
             ray.init(address=address, **kwargs)
         else:
             os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -93,6 +96,19 @@ def start_ray(address: str | None, num_cpus: int | None = None, num_gpus: int | 
         where = f"the Ray cluster at {address}" if address else "an embedded Ray"
         raise RendererError(f"cannot start {where}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     return True
+
+
+def _token_auth_like_ray_start() -> None:
+    """``ray start`` turns token authentication on when ~/.ray/auth_token exists, but a
+    driver joining with ``ray.init(address=...)`` does not by itself: do the same here."""
+    try:
+        from ray._private.authentication.authentication_token_setup import (
+            maybe_enable_token_auth_if_token_available,
+        )
+    except ImportError:  # a Ray without token authentication
+        return
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
 
 
 def cluster_resources() -> tuple[float, float]:

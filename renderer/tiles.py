@@ -10,6 +10,7 @@ complete whatever was killed when.  Only small metadata is returned.
 
 from __future__ import annotations
 
+import copy
 import os
 import resource
 import socket
@@ -78,7 +79,8 @@ class TileRenderer:
     def __init__(self, G: creps.Generator, ctx: RenderContext, device: str = "cpu") -> None:
         self.G, self.ctx, self.device = G, ctx, device
         self.canvas = ctx.canvas
-        self.store: ImageStore = open_store(ctx.url, ctx.storage_options or None, mode="a")
+        # a copy: botocore rewrites nested config dicts, and ctx must stay equal to the next task's
+        self.store: ImageStore = open_store(ctx.url, copy.deepcopy(ctx.storage_options) or None, mode="a")
         with torch.no_grad():
             z = G.z_from_seed(ctx.seed).to(device)
             self.ws = G.ws(z, ctx.psi)

@@ -1,0 +1,144 @@
+"""Render to a real S3 endpoint (moto_server on 127.0.0.1) through s3fs, and through an outage."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+
+import numpy as np
+import pytest
+import zarr
+from zarr.storage import FsspecStore
+
+import render
+from conftest import free_port
+from jobs.run import run_job
+from jobs.spec import JobSpec
+
+s3fs = pytest.importorskip("s3fs")
+
+
+def _options(endpoint: str) -> dict:
+    return {"key": "testing", "secret": "testing",
+            "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"}}
+
+
+def _bucket(endpoint: str, name: str) -> None:
+    # no region here: moto refuses a us-east-1 LocationConstraint (S3 does too)
+    fs = s3fs.S3FileSystem(key="testing", secret="testing", client_kwargs={"endpoint_url": endpoint})
+    fs.mkdir(name)
+
+
+def _level0(url: str, options: dict) -> np.ndarray:
+    store = FsspecStore.from_url(url, storage_options=options, read_only=True)
+    return np.asarray(zarr.open_group(store, mode="r")["0"][:])
+
+
+def test_render_to_s3_and_read_back(moto_s3, render_ray, render_reference, capsys):
+    _bucket(moto_s3, "renders")
+    url = "s3://renders/img.zarr"
+    rc = render.main(["render", "--checkpoint", "preset:tiny", "--size", "120x90", "--tile", "32", "--workers", "2",
+                      "--threads-per-worker", "1", "--out", url, "--storage-options", json.dumps(_options(moto_s3)),
+                      "--no-exports", "--quiet"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "rendered 12 of 12 tiles" in out
+    np.testing.assert_array_equal(_level0(url, _options(moto_s3)), render_reference(90, 120))
+    fs = s3fs.S3FileSystem(**_options(moto_s3))
+    assert len(fs.ls("renders/img.zarr/tiles")) == 12
+    assert fs.exists("renders/img.zarr/lines/done/all.json")
+
+
+def test_unreachable_endpoint_is_one_clear_error(render_ray, capsys):
+    dead = f"http://127.0.0.1:{free_port()}"
+    rc = render.main(["render", "--checkpoint", "preset:tiny", "--size", "64", "--tile", "32",
+                      "--out", "s3://renders/x.zarr", "--storage-options", json.dumps(_options(dead)),
+                      "--no-exports", "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("error: cannot access 's3://renders/x.zarr'"), err
+
+
+class Outage:
+    """A TCP relay in front of the S3 endpoint that can go down and come back on the same
+    port: the job sees its S3 endpoint restart (connections reset, then refused) while the
+    data behind it survives (moto keeps objects in memory, so moto itself cannot restart)."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target, self.port = target_port, free_port()
+        self.conns: list[socket.socket] = []
+        self.lock = threading.Lock()
+        self.up()
+
+    def up(self) -> None:
+        self.server = socket.socket()
+        self.server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.server.bind(("127.0.0.1", self.port))
+        self.server.listen(64)
+        threading.Thread(target=self._accept, args=(self.server,), daemon=True).start()
+
+    def down(self) -> None:
+        self.server.close()
+        with self.lock:
+            for c in self.conns:
+                try:
+                    c.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                c.close()
+            self.conns.clear()
+
+    def _accept(self, server: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = server.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target))
+            with self.lock:
+                self.conns += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(a: socket.socket, b: socket.socket) -> None:
+        try:
+            while data := a.recv(65536):
+                b.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (a, b):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+
+def test_s3_endpoint_outage_mid_job(moto_s3, render_ray, render_reference):
+    """The endpoint goes away for 3 s while tiles are being written: failed writes are
+    retried (by s3fs, then by the pool with back-off) and the job completes with identical bytes."""
+    _bucket(moto_s3, "flaky")
+    relay = Outage(int(moto_s3.rsplit(":", 1)[1]))
+    options = _options(f"http://127.0.0.1:{relay.port}")
+    options["config_kwargs"] = {"retries": {"max_attempts": 2, "mode": "standard"}, "connect_timeout": 2}
+    spec = JobSpec(checkpoint="preset:tiny", height=160, width=128, tile=16, batch=1, workers=2,
+                   threads_per_worker=1, out="s3://flaky/img.zarr", storage_options=options, exports=False,
+                   max_retries=8)
+    events: list[str] = []
+
+    def outage(summary, pool):
+        if not events and summary["tiles_rendered"] >= 4:
+            events.append("down")
+            relay.down()
+            threading.Timer(3.0, lambda: (relay.up(), events.append("up"))).start()
+
+    t0 = time.monotonic()
+    summary = run_job(spec, progress=False, on_progress=outage)
+    assert events[0] == "down" and summary["status"] == "done", (events, summary)
+    assert summary["tiles_rendered"] == summary["tiles_total"] == 80
+    if "up" not in events:  # the job finished its in-flight work before the outage ended
+        time.sleep(max(0.0, 3.5 - (time.monotonic() - t0)))
+    np.testing.assert_array_equal(_level0(spec.out, _options(moto_s3)), render_reference(160, 128))
+    print(json.dumps({"tasks_retried": summary["tasks_retried"], "seconds": summary["seconds"]}))

@@ -256,6 +256,7 @@ def write_exports(
             futs = [runners.submit(guarded, run_tiff if c == "tiff" else run_dzi, i) for i, c in enumerate(consumers)]
             for f in futs:
                 f.result()
+        stream.thread.join()
         if stream.bar is not None:
             stream.bar.close()
 

@@ -17,6 +17,9 @@ import numpy as np
 
 COMPRESSIONS = {"jpeg": "jpeg", "zstd": "zstd", "deflate": "adobe_deflate", "none": None}
 TIFF_TILES = (256, 512)
+# tifffile gathers this many bytes of tiles per parallel compression batch (its default,
+# 512 MB, would dominate our memory); 128 MB keeps batches large enough to overlap reading.
+BUFFER_BYTES = 128 << 20
 
 
 def tiles(strips: Iterable[tuple[int, np.ndarray]], height: int, width: int, tile: int,
@@ -48,6 +51,7 @@ def write_levels(path: str, levels: Iterable[tuple[int, int, Iterable[tuple[int,
     args: dict[str, Any] = dict(
         tile=(tile, tile), dtype=np.uint8, photometric="rgb", planarconfig="contig",
         compression=codec, maxworkers=workers or os.cpu_count(),
+        buffersize=BUFFER_BYTES,
     )
     if compression == "jpeg":
         args["compressionargs"] = {"level": quality}

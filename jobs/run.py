@@ -180,7 +180,7 @@ def run_job(
             summary["workers"] = workers
             pool = get_pool(spec.checkpoint, spec.init_seed, workers, threads, gpus, max_failures=spec.max_retries)
             retried0, replaced0 = pool.retries, pool.replaced
-            store.update_meta(status="running")
+            store.update_meta(status="running", error=None)
             t_lines = time.perf_counter()
             if lines_needed:
                 summary["line_ranges_computed"] = _line_stage(store, job, pool, workers, log)

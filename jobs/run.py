@@ -245,8 +245,11 @@ def _tile_stage(store, job: Prepared, todo: list[Tile], pool: WorkerPool, worker
         dt = time.perf_counter() - state["t0"]
         bar.set_postfix_str(f"{state['px'] / max(dt, 1e-9) / 1e6:.2f} Mpx/s", refresh=False)
         if time.monotonic() - state["last_meta"] > 5.0:
-            store.update_meta(tiles_done=n_done0 + summary["tiles_rendered"])
             state["last_meta"] = time.monotonic()
+            try:  # progress for watchers (viewer); best effort, the markers are the truth
+                store.update_meta(tiles_done=n_done0 + summary["tiles_rendered"])
+            except Exception:
+                pass
         if on_progress is not None:
             on_progress(summary, pool)
 

@@ -219,7 +219,10 @@ def _line_stage(store: ImageStore, job: Prepared, pool: WorkerPool, workers: int
         for a, b in line_ranges(length, chunk, 2 * workers):
             if (which, a, b) not in done:
                 tasks.append((f"lines {which} {a}:{b}", "lines", (which, a, b)))
+    t0 = time.perf_counter()
+    log(f"line stage: {len(tasks)} ranges of {spec.height} rows + {spec.width} columns on {workers} workers")
     pool.run(ctx, tasks, lambda key, value: None)
+    log(f"line stage done in {time.perf_counter() - t0:.1f} s (stored under {spec.out}/lines)")
     line_store.mark_all_done(store, {"height": spec.height, "width": spec.width, "chunk": chunk})
     return len(tasks)
 

@@ -18,7 +18,7 @@ from . import TrainingError
 
 # Options that may change between runs of the same RUNDIR without --force:
 # they say how long / how often, not what is trained.
-MUTABLE = ("kimg", "snap", "metrics", "metrics_num", "resume", "workers", "tick_kimg")
+MUTABLE = ("kimg", "snap", "metrics", "metrics_num", "resume", "tick_kimg")
 
 
 def default_gamma(resolution: int) -> float:
@@ -58,7 +58,6 @@ class TrainConfig:
     metrics_num: int = 2000
     resume: str = ""
     amp: bool = True  # bf16 autocast on CUDA only
-    workers: int = 0
     generator: dict = field(default_factory=dict)  # resolved GeneratorConfig fields
 
     def __post_init__(self) -> None:

@@ -3,7 +3,7 @@
 from .canvas import Canvas
 from .checkpoint import CheckpointError, checkpoint_hash, load, save
 from .flops import Flops, flops
-from .network import LINE_BLOCK, PIXEL_BLOCK, Generator, to_uint8
+from .network import LINE_BLOCK, PIXEL_BLOCK, Generator, default_pixel_block, to_uint8
 from .presets import PRESETS, GeneratorConfig, preset
 
 __all__ = [
@@ -18,6 +18,7 @@ __all__ = [
     "GeneratorConfig",
     "LINE_BLOCK",
     "PIXEL_BLOCK",
+    "default_pixel_block",
     "PRESETS",
     "preset",
     "to_uint8",

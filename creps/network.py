@@ -38,6 +38,12 @@ from .presets import GeneratorConfig
 
 LINE_BLOCK = 64  # line positions per line-stage matmul, aligned to global index
 PIXEL_BLOCK = 4096  # pixels per pixel-stage block on CPU (fits L2 with 128 ch)
+PIXEL_BLOCK_CUDA = 1 << 18  # on a GPU, blocks big enough to fill the device
+
+
+def default_pixel_block(device: torch.device | str) -> int:
+    """The block size a renderer should use on ``device`` (one value per job)."""
+    return PIXEL_BLOCK_CUDA if torch.device(device).type == "cuda" else PIXEL_BLOCK
 
 
 def normalize_2nd_moment(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
@@ -254,11 +260,12 @@ class Generator(nn.Module):
         ws: torch.Tensor,
         row_lines: torch.Tensor,
         col_lines: torch.Tensor,
-        pixel_block: int | None = PIXEL_BLOCK,
+        pixel_block: int | None | str = "auto",
         weights: dict | None = None,
     ) -> torch.Tensor:
         """Image [B, 3, h, w] from row lines [B, K, h, r, C] and col lines [B, K, w, r, C].
 
+        ``pixel_block="auto"`` picks ``default_pixel_block(device)``;
         ``pixel_block=None`` runs all pixels in one differentiable pass
         (training).  Otherwise the image is cut into blocks of whole rows (or
         row segments when a row is longer than the block) and every block is
@@ -267,6 +274,8 @@ class Generator(nn.Module):
         round the same whatever the block shape.
         """
         weights = self.pixel_weights(ws) if weights is None else weights
+        if pixel_block == "auto":
+            pixel_block = default_pixel_block(row_lines.device)
         if pixel_block is None:
             return self._pixels_one_pass(row_lines, col_lines, weights)
         bsz, _, h, _, _ = row_lines.shape
@@ -338,7 +347,7 @@ class Generator(nn.Module):
         rows: tuple[int, int] | None = None,
         cols: tuple[int, int] | None = None,
         psi: float = 1.0,
-        pixel_block: int | None = PIXEL_BLOCK,
+        pixel_block: int | None | str = "auto",
     ) -> torch.Tensor:
         """Tile [B, 3, r1-r0, c1-c0] of ``canvas``, float32, about [-1, 1]."""
         r0, r1 = rows if rows is not None else (0, canvas.height)

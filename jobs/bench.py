@@ -33,7 +33,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", default="preset:ffhq512", help="model to measure (default: %(default)s)")
     p.add_argument("--threads", type=int, default=0, help="torch threads for peak and pixel stage (0 = all cores)")
     p.add_argument("--tile", type=int, default=512, help="pixel-stage tile side (default: %(default)s)")
-    p.add_argument("--pixel-block", type=int, default=creps.PIXEL_BLOCK, help="pixels per block (default: %(default)s)")
+    p.add_argument("--pixel-block", type=int, default=0, help="pixels per block (default: 0 = the device default)")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats, best kept (default: %(default)s)")
     p.add_argument(
         "--e2e-size",
@@ -104,8 +104,7 @@ def end_to_end(checkpoint: str, width: int, height: int) -> dict:
         t = time.perf_counter()
         summary = run_job(spec, progress=False, log=lambda s: None)
         seconds = time.perf_counter() - t
-    G_cfg = creps.load(checkpoint).cfg if hasattr(creps, "load") else creps.preset(checkpoint.split(":", 1)[1])
-    f = creps.flops(G_cfg, height, width)
+    f = creps.flops(creps.load(checkpoint).cfg, height, width)
     return {
         "e2e_seconds": seconds,
         "e2e_mpx_s": width * height / seconds / 1e6,
@@ -122,12 +121,12 @@ def run(args: argparse.Namespace) -> int:
     peak = matmul_peak(threads, device)
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, device {device}")
     print(f"matmul peak (fp32, {threads} threads): {peak:.1f} GFLOP/s")
-    G = creps.load(args.checkpoint) if hasattr(creps, "load") else _fresh(args.checkpoint)
-    G = G.to(device).eval()
-    px = pixel_stage(G, args.tile, args.pixel_block, args.repeats, device)
+    G = creps.load(args.checkpoint, device=device)
+    block = args.pixel_block or creps.default_pixel_block(device)
+    px = pixel_stage(G, args.tile, block, args.repeats, device)
     print(
         f"pixel stage: {px['pixel_mpx_s']:.3f} Mpx/s, {px['pixel_gflops']:.1f} GFLOP/s "
-        f"= {px['pixel_gflops'] / peak:.0%} of peak (tile {args.tile}, block {args.pixel_block})"
+        f"= {px['pixel_gflops'] / peak:.0%} of peak (tile {args.tile}, block {block})"
     )
     result = {
         "peak_gflops": round(peak, 2),
@@ -156,8 +155,3 @@ def run(args: argparse.Namespace) -> int:
         result.update(e2e_mpx_s=None, e2e_fraction=None, line_flop_share=round(f.line_share, 4))
     print(json.dumps(result))
     return 0
-
-
-def _fresh(spec: str) -> creps.Generator:
-    torch.manual_seed(0)
-    return creps.Generator(creps.preset(spec.split(":", 1)[1]))

@@ -176,3 +176,32 @@ def test_help_is_grouped(capsys):
     out = capsys.readouterr().out
     for header in ("main options", "hyperparameters", "I/O and fine-tuning", "performance"):
         assert header in out
+
+
+def test_zip_glob_and_on_the_fly_sources(tmp_path):
+    import zipfile
+
+    src = make_images(tmp_path / "src", n=8, size=20)
+    with zipfile.ZipFile(tmp_path / "imgs.zip", "w", zipfile.ZIP_STORED) as zf:
+        for p in sorted(src.iterdir()):
+            zf.write(p, f"a/{p.name}")
+    r_zip = build_dataset(str(tmp_path / "imgs.zip"), str(tmp_path / "dz"), 8, mirror=True, log=lambda s: None)
+    r_glob = build_dataset(str(src / "img0[0-7].png"), str(tmp_path / "dg"), 8, log=lambda s: None)
+    assert len(r_zip.names) == 16 and len(r_glob.names) == 8
+    dz, dg = open_dataset(str(tmp_path / "dz")), open_dataset(str(tmp_path / "dg"))
+    assert np.array_equal(dz.images[0], dg.images[0]) and np.array_equal(dz.images[1], dg.images[0][:, ::-1])
+    fly = open_dataset(str(src), resolution=8)  # a raw folder, converted in memory
+    assert np.array_equal(fly.images, np.asarray(dg.images))
+    with pytest.raises(TrainingError, match="give --resolution"):
+        open_dataset(str(src))
+
+
+def test_dry_run_prints_config_and_writes_nothing(dataset, tmp_path, capsys):
+    import train
+
+    assert train.main(["--data", dataset, "--out", str(tmp_path / "run"), "--preset", "tiny", "--batch", "4",
+                       "--dry-run"]) == 0
+    err = capsys.readouterr().err
+    cfg = json.loads(err[err.index("{") : err.rindex("}") + 1])
+    assert cfg["resolution"] == 32 and cfg["generator"]["resolution"] == 32 and cfg["r1_interval"] == 16
+    assert not (tmp_path / "run").exists()

@@ -52,7 +52,7 @@ def states(run: Path) -> dict[str, torch.Tensor]:
     return read_checkpoint(latest_checkpoint(run)).tensors
 
 
-def test_train_resume_equals_uninterrupted_and_renders(dataset, tmp_path):
+def test_train_resume_equals_uninterrupted_and_renders(dataset, tmp_path, render_ray):
     # uninterrupted: 4 steps
     a = Trainer(config(dataset, 0.016), str(tmp_path / "a"), log=lambda s: None)
     a.run(progress=False)
@@ -83,6 +83,20 @@ def test_train_resume_equals_uninterrupted_and_renders(dataset, tmp_path):
     assert img.shape == (1, 3, 16, 32) and torch.isfinite(img).all()
     for k, v in G.state_dict().items():
         assert torch.equal(v, sa[f"G_ema/{k}"]), k
+    # ... and through the render job, which is what `render.py render --checkpoint` runs
+    import numpy as np
+    import zarr
+
+    from jobs.run import run_job
+    from jobs.spec import JobSpec
+
+    out = str(tmp_path / "render.zarr")
+    spec = JobSpec(checkpoint=str(tmp_path / "b" / "G_ema.safetensors"), width=40, height=24, tile=16, out=out,
+                   workers=2, threads_per_worker=1, exports=False)
+    assert run_job(spec, progress=False, log=lambda s: None)["status"] == "done"
+    with torch.no_grad():
+        want = creps.to_uint8(G.render(G.z_from_seed(0), creps.Canvas(24, 40)))[0].numpy()
+    assert np.array_equal(np.asarray(zarr.open_group(out, mode="r")["0"][:]), want)
 
 
 def test_changed_config_refused_and_resume_from_weights(dataset, tmp_path):

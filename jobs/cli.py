@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -146,4 +147,10 @@ def _exports(url: str, storage_options: dict, demo: bool) -> None:
         print(f"exports failed: {e}; run `render.py assemble {url}` to retry", file=sys.stderr)
         return
     print(f"exports: {tiff}, {dzi}")
-    print(f"view it: python render.py view {dzi}")
+    print(f"view it: {_python()} render.py view {dzi}")
+
+
+def _python() -> str:
+    """The interpreter that runs us, as the user would type it (e.g. .venv/bin/python)."""
+    rel = os.path.relpath(sys.executable)
+    return rel if not rel.startswith("..") else sys.executable

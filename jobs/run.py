@@ -21,11 +21,12 @@ from importlib import metadata
 from typing import Any, Callable
 
 import ray
+import torch
 
 import creps
 from renderer import lines as line_store
 from renderer.errors import RendererError
-from renderer.pool import WorkerPool, cluster_resources, get_pool, release_pools, start_ray
+from renderer.pool import LocalPool, WorkerPool, cluster_resources, get_pool, release_pools, start_ray
 from renderer.store import ImageStore, filesystem, open_store
 from renderer.tiles import RenderContext, checkpoint_hash, load_generator, peak_rss_mb
 
@@ -79,11 +80,14 @@ def prepare(spec: JobSpec) -> Prepared:
     return Prepared(spec, cfg, sha, spec_tiles(spec))
 
 
+def in_process(spec: JobSpec) -> bool:
+    """memory:// stores exist only in this process: render them here, without Ray."""
+    return spec.out.startswith("memory://")
+
+
 def open_output(job: Prepared, overwrite: bool) -> ImageStore:
     """Create the store, or reopen it for resume after checking it belongs to this job."""
     spec = job.spec
-    if spec.out.startswith("memory://"):
-        raise JobSpecError("memory:// lives inside one process and Ray workers cannot write it; use a path or URL")
     try:
         fs, root = filesystem(spec.out, _options(spec))
         exists = fs.exists(f"{root}/zarr.json")
@@ -169,16 +173,22 @@ def run_job(
         "workers_replaced": 0, "tasks_retried": 0,
     }
     lines_needed = not line_store.all_done(store)
-    pool: WorkerPool | None = None
+    pool: WorkerPool | LocalPool | None = None
     started_ray = False
     worker_rss = 0.0
     try:
         if todo or lines_needed:
-            ncpu = None if spec.address else max(os.cpu_count() or 1, spec.workers * max(1, spec.threads_per_worker))
-            started_ray = start_ray(spec.address, num_cpus=ncpu)
-            workers, threads, gpus = pool_shape(spec)
+            if in_process(spec):
+                workers = 1
+                cuda = spec.gpus_per_worker > 0 or (spec.gpus_per_worker < 0 and torch.cuda.is_available())
+                threads = spec.threads_per_worker or (os.cpu_count() or 1)
+                pool = LocalPool(spec.checkpoint, spec.init_seed, threads, "cuda" if cuda else "cpu")
+            else:
+                ncpu = None if spec.address else max(os.cpu_count() or 1, spec.workers * max(1, spec.threads_per_worker))
+                started_ray = start_ray(spec.address, num_cpus=ncpu)
+                workers, threads, gpus = pool_shape(spec)
+                pool = get_pool(spec.checkpoint, spec.init_seed, workers, threads, gpus, max_failures=spec.max_retries)
             summary["workers"] = workers
-            pool = get_pool(spec.checkpoint, spec.init_seed, workers, threads, gpus, max_failures=spec.max_retries)
             retried0, replaced0 = pool.retries, pool.replaced
             store.update_meta(status="running", error=None)
             t_lines = time.perf_counter()

@@ -247,6 +247,29 @@ class WorkerPool:
         return None
 
 
+class LocalPool:
+    """The same task interface run in this process, one task at a time.
+
+    For stores only this process can see (``memory://``): Ray workers live in
+    other processes and would write into memory filesystems of their own."""
+
+    def __init__(self, checkpoint: str, init_seed: int, threads: int, device: str) -> None:
+        self.worker = RenderWorker(checkpoint, init_seed, threads, device)
+        self.retries = self.replaced = 0
+
+    def pids(self, timeout: float = 0.0) -> list[int]:
+        return [os.getpid()]
+
+    def shutdown(self) -> None:
+        pass
+
+    def run(
+        self, ctx: RenderContext, tasks: list[tuple[str, str, tuple]], on_result: Callable[[str, Any], None]
+    ) -> None:
+        for key, method, args in tasks:
+            on_result(key, getattr(self.worker, method)(ctx, *args))
+
+
 # ---------------------------------------------------------------- reuse across jobs
 _POOLS: dict[tuple, WorkerPool] = {}
 

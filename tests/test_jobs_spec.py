@@ -131,7 +131,6 @@ def _cli(args, capsys):
         (["--tile", "40"], "tile must be a positive multiple of 16"),
         (["--storage-options", "{not json"], "storage options are not valid JSON"),
         (["--out", "nosuchproto://bucket/x.zarr"], "Protocol not known"),
-        (["--out", "memory://x.zarr"], "memory://"),
     ],
 )
 def test_cli_bad_input_one_line_exit_2(tmp_path, capsys, monkeypatch, extra, message):

@@ -19,7 +19,7 @@ from renderer.store import open_store
 
 
 def _spec(tmp_path, **kw) -> JobSpec:
-    base = dict(checkpoint="preset:tiny", tile=32, out=str(tmp_path / "img.zarr"), workers=2,
+    base = dict(checkpoint="preset:tiny", tile=32, out=str(tmp_path / "img.zarr") if tmp_path else "", workers=2,
                 threads_per_worker=1, exports=False)
     return JobSpec(**{**base, **kw})
 
@@ -127,3 +127,14 @@ def test_peak_memory_bounded_by_tiles_not_canvas(tmp_path):
         print(json.dumps({"side": side, **{k: s[k] for k in ("driver_peak_rss_mb", "worker_peak_rss_mb", "seconds")}}))
     (d4, w4), (d16, w16) = peaks[4096], peaks[16384]
     assert d16 < d4 * 1.2 + 30 and w16 < w4 * 1.2 + 30, peaks
+
+
+def test_memory_store_renders_in_process(render_reference):
+    """memory:// lives in this process only, so the job renders here, without Ray."""
+    spec = _spec(None, height=70, width=90, tile=32, seed=3, out="memory://jobs-test/img.zarr")
+    summary = run_job(spec, progress=False, log=lambda s: None)
+    assert summary["status"] == "done" and summary["workers"] == 1
+    from renderer.store import open_store
+
+    got = open_store("memory://jobs-test/img.zarr", mode="r").read_region(0, 0, 70, 0, 90)
+    assert np.array_equal(got, render_reference(70, 90, seed=3))

@@ -104,3 +104,11 @@ def preset(name: str) -> GeneratorConfig:
         return PRESETS[name]
     except KeyError:
         raise KeyError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}") from None
+
+
+# Module-level names, so ``creps.presets.ffhq512`` reads like the configs it is.
+ffhq512 = PRESETS["ffhq512"]
+church256 = PRESETS["church256"]
+metfaces1024 = PRESETS["metfaces1024"]
+tiny = PRESETS["tiny"]
+small64 = PRESETS["small64"]

@@ -242,11 +242,11 @@ class Generator(nn.Module):
     # -------------------------------------------------------------- pixel stage
     def pixel_weights(self, ws: torch.Tensor) -> dict:
         syn, w = self.synthesis, ws[:, -1]
-        dec = {}
-        for res in self.cfg.block_resolutions[2:]:
-            dec[res] = [layer.effective() for layer in getattr(syn, f"decoder_{res}")]
         return {
-            "dec": [dec[res] for res in self.cfg.block_resolutions[2:]],
+            "dec": [
+                [layer.effective() for layer in getattr(syn, f"decoder_{res}")]
+                for res in self.cfg.block_resolutions[2:]
+            ],
             "last": [layer.effective() for layer in syn.decoder_last],
             "img": syn.decoder_img.effective(),
             "refine": [

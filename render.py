@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv:
-        argv = ["render", "--demo"]
+        argv = ["render"]
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

@@ -1,25 +1,42 @@
 """CREPS generator: the model, its presets, checkpoints and cost model."""
 
 from .canvas import Canvas
-from .checkpoint import CheckpointError, checkpoint_hash, load, save
+from .checkpoint import checkpoint_hash, load, read_config, save
+from .errors import CheckpointError, UserError
 from .flops import Flops, flops
-from .network import LINE_BLOCK, PIXEL_BLOCK, Generator, default_pixel_block, to_uint8
+from .layers import Affine
+from .network import (
+    LINE_BLOCK,
+    PIXEL_BLOCK,
+    BlockWeights,
+    Generator,
+    LineWeights,
+    PixelWeights,
+    default_pixel_block,
+    to_uint8,
+)
 from .presets import PRESETS, GeneratorConfig, preset
 
 __all__ = [
-    "Canvas",
-    "CheckpointError",
-    "checkpoint_hash",
-    "load",
-    "save",
-    "Flops",
-    "flops",
-    "Generator",
-    "GeneratorConfig",
     "LINE_BLOCK",
     "PIXEL_BLOCK",
-    "default_pixel_block",
     "PRESETS",
+    "Affine",
+    "BlockWeights",
+    "Canvas",
+    "CheckpointError",
+    "Flops",
+    "Generator",
+    "GeneratorConfig",
+    "LineWeights",
+    "PixelWeights",
+    "UserError",
+    "checkpoint_hash",
+    "default_pixel_block",
+    "flops",
+    "load",
     "preset",
+    "read_config",
+    "save",
     "to_uint8",
 ]

@@ -7,8 +7,10 @@ code and needs nothing else.  Official ``*.pkl`` snapshots are read by
 ``creps.official`` (restricted unpickler, nothing executed).  ``preset:NAME``
 builds fresh, seeded weights, which is what tests and demos render.
 
-Every failure is a ``CheckpointError`` with one line saying what is wrong,
-raised before any generator is built.
+Every failure is a ``CheckpointError`` (defined in ``creps.errors``, re-exported
+here) with one line saying what is wrong, raised before any generator is built.
+``read_config`` answers "which generator is this?" from the same readers
+without loading a weight, with the same error for the same bad file.
 """
 
 from __future__ import annotations
@@ -18,27 +20,25 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
+from safetensors import safe_open
 
+from .errors import CheckpointError
+from .network import Generator
+from .official import read_official
 from .presets import GeneratorConfig, preset
 
-if TYPE_CHECKING:
-    from .network import Generator
+__all__ = ["FORMAT", "PRESET_PREFIX", "CheckpointError", "checkpoint_hash", "load", "read_config", "save"]
 
 FORMAT = "creps-gigapixel/1"
 PRESET_PREFIX = "preset:"
 
 
-class CheckpointError(Exception):
-    """A checkpoint cannot be read: missing, unknown format, corrupt, wrong shapes, forbidden content."""
-
-
-
-def save(G: "Generator", path: str | os.PathLike[str]) -> Path:
+def save(G: Generator, path: str | os.PathLike[str]) -> Path:
     """Write ``G`` as ``path`` (.safetensors) atomically: temp file + rename,
     so a reader never sees half a checkpoint."""
+    # Looked up per call, not at module level: tests replace it to simulate a full disk.
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -56,15 +56,13 @@ def save(G: "Generator", path: str | os.PathLike[str]) -> Path:
     return path
 
 
-def load(spec: str | os.PathLike[str], init_seed: int = 0, device: str | torch.device = "cpu") -> "Generator":
+def load(spec: str | os.PathLike[str], init_seed: int = 0, device: str | torch.device = "cpu") -> Generator:
     """A Generator in eval mode, gradients off, on ``device``.
 
     ``spec`` is a ``.safetensors`` file of ours, an official CREPS ``.pkl``, or
     ``preset:NAME`` (fresh weights: ``torch.manual_seed(init_seed)`` then
     ``Generator(preset)`` on the CPU, identical on every machine).
     """
-    from .network import Generator
-
     if isinstance(spec, str) and spec.startswith(PRESET_PREFIX):
         cfg = _preset_config(spec)
         with torch.random.fork_rng(devices=[]):
@@ -72,28 +70,53 @@ def load(spec: str | os.PathLike[str], init_seed: int = 0, device: str | torch.d
             G = Generator(cfg)
     else:
         path = _existing(spec)
-        kind = _sniff(path)
-        if kind == "safetensors":
-            cfg, sd = _read_safetensors(path)
+        if _sniff(path) == "safetensors":
+            cfg, sd = _read_safetensors(path, tensors=True)
         else:
-            from .official import read_official
-
-            with open(path, "rb") as f:
-                try:
-                    cfg, sd = read_official(f)
-                except CheckpointError as e:
-                    raise CheckpointError(f"{path}: {e}") from None
+            cfg, sd = _read_official(path, tensors=True)
         G = Generator(cfg)
         _check_state(G, sd, path)
         G.load_state_dict(sd, strict=True)
     return G.eval().requires_grad_(False).to(device)
 
 
+def read_config(spec: str | os.PathLike[str], init_seed: int = 0) -> GeneratorConfig:
+    """The config ``load(spec, init_seed).cfg`` would have, without loading weights.
+
+    For planning and dry runs: an ffhq512 job can be sized and checked without
+    reading 30 M parameters.  It goes through the readers ``load`` uses, so the
+    answer and, for every failure it can see, the ``CheckpointError`` message
+    are the ones ``load`` gives for the same file:
+
+    * ``preset:NAME``: the preset (``init_seed`` only seeds weights; it is
+      accepted so callers can pass what they pass to ``load``);
+    * our ``.safetensors``: the header alone (format and ``creps_config``
+      metadata); no tensor is read;
+    * an official ``.pkl``: the same restricted unpickler, with storages left
+      undecoded (shape-only ``meta`` tensors), then the same shape-based
+      config inference as ``load`` rather than the pickle's recorded init
+      kwargs, so the two cannot disagree.  This still reads the whole file, and
+      holds about its size in memory until unpickling ends; no Generator is
+      built and nothing is copied into tensors.
+
+    Not checked, because that needs the weights or a built Generator: whether
+    the tensors' names and shapes match the config and, in a safetensors
+    file, whether the tensor bytes are intact.  ``load`` can still fail on
+    such a file after ``read_config`` accepted it.
+    """
+    if isinstance(spec, str) and spec.startswith(PRESET_PREFIX):
+        return _preset_config(spec)
+    path = _existing(spec)
+    if _sniff(path) == "safetensors":
+        return _read_safetensors(path, tensors=False)[0]
+    return _read_official(path, tensors=False)[0]
+
+
 def checkpoint_hash(spec: str | os.PathLike[str], init_seed: int = 0) -> str:
     """Identity of a checkpoint for job manifests: sha256 of the file bytes, or
     ``preset:NAME@init<seed>`` for seeded preset weights."""
     if isinstance(spec, str) and spec.startswith(PRESET_PREFIX):
-        _preset_config(spec)
+        _preset_config(spec)  # an unknown preset fails here, as in load
         return f"{spec}@init{init_seed}"
     h = hashlib.sha256()
     with open(_existing(spec), "rb") as f:
@@ -135,9 +158,9 @@ def _sniff(path: Path) -> str:
     raise CheckpointError(f"{path}: unknown checkpoint format (neither safetensors nor an official CREPS pickle)")
 
 
-def _read_safetensors(path: Path) -> tuple[GeneratorConfig, dict[str, torch.Tensor]]:
-    from safetensors import safe_open
-
+def _read_safetensors(path: Path, tensors: bool) -> tuple[GeneratorConfig, dict[str, torch.Tensor]]:
+    """Config and state dict of our format; ``tensors=False`` reads only the
+    header and returns an empty state dict."""
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             meta = f.metadata() or {}
@@ -146,10 +169,10 @@ def _read_safetensors(path: Path) -> tuple[GeneratorConfig, dict[str, torch.Tens
                     f"{path}: safetensors file is not a creps-gigapixel checkpoint "
                     f"(metadata format={meta.get('format')!r}, expected {FORMAT!r} with creps_config)"
                 )
-            sd = {k: f.get_tensor(k) for k in f.keys()}
+            sd = {k: f.get_tensor(k) for k in f.keys()} if tensors else {}  # noqa: SIM118 -- a safe_open, not a dict
     except CheckpointError:
         raise
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 -- safetensors raises its own and OS errors for a bad file
         raise CheckpointError(f"{path}: corrupt or truncated safetensors file ({e})") from None
     try:
         cfg = GeneratorConfig.from_dict(json.loads(meta["creps_config"]))
@@ -158,7 +181,16 @@ def _read_safetensors(path: Path) -> tuple[GeneratorConfig, dict[str, torch.Tens
     return cfg, sd
 
 
-def _check_state(G: "Generator", sd: dict[str, torch.Tensor], path: Path) -> None:
+def _read_official(path: Path, tensors: bool) -> tuple[GeneratorConfig, dict[str, torch.Tensor]]:
+    """``creps.official.read_official`` of a file, its errors prefixed with the path."""
+    with open(path, "rb") as f:
+        try:
+            return read_official(f, tensors=tensors)
+        except CheckpointError as e:
+            raise CheckpointError(f"{path}: {e}") from None
+
+
+def _check_state(G: Generator, sd: dict[str, torch.Tensor], path: Path) -> None:
     """Strict key and shape check against the generator, one line naming the culprits."""
     expected = {k: tuple(v.shape) for k, v in G.state_dict().items()}
     missing = [k for k in expected if k not in sd]

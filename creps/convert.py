@@ -15,7 +15,8 @@ import json
 import sys
 from pathlib import Path
 
-from .checkpoint import CheckpointError, checkpoint_hash, load, save
+from .checkpoint import checkpoint_hash, load, save
+from .errors import CheckpointError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 from .presets import GeneratorConfig
@@ -41,7 +42,7 @@ def line_flops(cfg: GeneratorConfig) -> int:
     macs = 0
     res = cfg.block_resolutions
     macs += cfg.channels(4) * cfg.channels(4)  # b4.fc1
-    for prev, cur in zip(res[:-1], res[1:]):
+    for prev, cur in itertools.pairwise(res):
         ci, co = cfg.channels(prev), cfg.channels(cur)
         macs += ci * co + co * co + co * cfg.biline_channels
     return 2 * macs * cfg.rank

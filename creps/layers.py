@@ -15,6 +15,7 @@ the sqrt(2) gain is moved into the weights and bias of the same layer.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -22,6 +23,19 @@ from torch.nn import functional as F
 
 LRELU_SLOPE = 0.2
 LRELU_GAIN = math.sqrt(2.0)
+
+
+class Affine(NamedTuple):
+    """One folded layer, ``y = x @ weight + bias``.
+
+    A named pair rather than a bare tuple so that the weight containers of the
+    generator say which tensor is which; it still unpacks as ``wt, b``.
+    Shapes are ``[in, out]`` / ``[out]`` for a plain layer and ``[B, in, out]``
+    / ``[B, 1, out]`` for a style-modulated one (one matrix per latent).
+    """
+
+    weight: torch.Tensor
+    bias: torch.Tensor
 
 
 def activate(y: torch.Tensor, lrelu: bool, clamp: float | None) -> torch.Tensor:
@@ -64,10 +78,10 @@ class FullyConnected(nn.Module):
         self.weight_gain = lr_multiplier / math.sqrt(in_features)
         self.bias_gain = lr_multiplier
 
-    def effective(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def effective(self) -> Affine:
         """(wt [in, out], b [out]) with lr and activation gains folded in."""
         g = LRELU_GAIN if self.lrelu else 1.0
-        return (self.weight * (self.weight_gain * g)).t(), self.bias * (self.bias_gain * g)
+        return Affine((self.weight * (self.weight_gain * g)).t(), self.bias * (self.bias_gain * g))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         wt, b = self.effective()
@@ -78,14 +92,16 @@ class ModulatedFC(nn.Module):
     """Style-modulated 1x1 layer: official ``SynthesisLayer`` (demodulated,
     lrelu) or ``ToResLayer`` (``tores=True``: styles / sqrt(in), linear)."""
 
-    def __init__(self, in_channels: int, out_channels: int, w_dim: int, clamp: float | None, tores: bool = False):
+    def __init__(
+        self, in_channels: int, out_channels: int, w_dim: int, clamp: float | None, tores: bool = False
+    ) -> None:
         super().__init__()
         self.in_channels, self.out_channels, self.clamp, self.tores = in_channels, out_channels, clamp, tores
         self.affine = FullyConnected(w_dim, in_channels, bias_init=1.0)
         self.weight = nn.Parameter(torch.randn(out_channels, in_channels))
         self.bias = nn.Parameter(torch.zeros(out_channels))
 
-    def effective(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def effective(self, w: torch.Tensor) -> Affine:
         """Per-sample (wt [B, in, out], b [B, 1, out]) for latents w [B, w_dim]."""
         styles = self.affine(w)
         if self.tores:
@@ -98,7 +114,7 @@ class ModulatedFC(nn.Module):
         if g != 1.0:
             wm = wm * g
         b = (self.bias * g).expand(w.shape[0], 1, self.out_channels)
-        return wm.transpose(1, 2), b
+        return Affine(wm.transpose(1, 2), b)
 
     def forward(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         wt, b = self.effective(w)

@@ -12,7 +12,7 @@ two stages that the renderer runs separately:
   column-line per pixel (rank-r outer product per block), runs the decoders and
   the two refinement blocks.
 
-Exactness (DESIGN.md contract 1): BLAS may pick a different kernel, hence a
+Exactness (docs/exactness.md): BLAS may pick a different kernel, hence a
 different summation order, for a different matrix size.  So lines are computed
 in blocks of ``LINE_BLOCK`` positions aligned to the *global* coordinate index
 and the pixel stage runs in blocks of exactly ``pixel_block`` pixels (the last
@@ -20,20 +20,28 @@ one padded).  Every matmul a pixel takes part in then has the same shape
 whatever tile it belongs to, and a tile is bit-identical to the same crop of
 the full frame.
 
+Both stages take their per-latent matrices folded once (``LineWeights``,
+``PixelWeights``): a job folds them for its latent and reuses them for every
+line range and tile it renders.
+
 Module and parameter names follow the official implementation so that its
 state dicts load one to one (see creps.checkpoint).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import torch
 from torch import nn
 
 from .canvas import Canvas
-from .layers import FullyConnected, ModulatedFC, apply
+from .layers import Affine, FullyConnected, ModulatedFC, apply
 from .presets import GeneratorConfig
 
 LINE_BLOCK = 64  # line positions per line-stage matmul, aligned to global index
@@ -46,11 +54,71 @@ def default_pixel_block(device: torch.device | str) -> int:
     return PIXEL_BLOCK_CUDA if torch.device(device).type == "cuda" else PIXEL_BLOCK
 
 
+# ------------------------------------------------------------- folded weights
+# Frozen and compared by identity (eq=False): they hold tensors, whose ``==`` is
+# elementwise, and one instance is meant to be built per latent and shared.
+@dataclass(frozen=True, eq=False)
+class BlockWeights:
+    """The three style-modulated layers of one block, in the order they run.
+
+    Line blocks (b8 ... bR) and the refinement blocks (block0, block1) share
+    this shape: ``fc0 -> fc1 -> tores``, the first two with leaky ReLU.
+    """
+
+    fc0: Affine
+    fc1: Affine
+    tores: Affine
+
+    def sample(self, b: int) -> BlockWeights:
+        """Sample ``b``'s matrices as plain 2-D ones.
+
+        Per-sample weights are ``[B, in, out]`` (a batched matmul); the pixel
+        stage renders one sample at a time, and 2-D operands let it run one
+        ``addmm`` per layer instead.
+        """
+        return BlockWeights(*(Affine(wt[b], bias[b, 0]) for wt, bias in (self.fc0, self.fc1, self.tores)))
+
+
+@dataclass(frozen=True, eq=False)
+class LineWeights:
+    """Folded matrices of the line stage for one batch of latents.
+
+    ``first_fc1`` is b4's only layer that matters: b4 has no fc0, and its
+    tores output is never used.  ``blocks`` are b8 ... bR; each adds its tores
+    output to the cumulative bi-line.
+    """
+
+    first_fc1: Affine
+    blocks: tuple[BlockWeights, ...]
+
+
+@dataclass(frozen=True, eq=False)
+class PixelWeights:
+    """Folded matrices of the pixel stage for one batch of latents.
+
+    ``decoders`` (decoder_16 ... decoder_R, four layers each), ``last`` and
+    ``img`` do not depend on the latent, so they are plain 2-D layers shared
+    by every sample.  ``refine`` (block0, block1) is modulated by the last w
+    and so is per sample; see ``sample``.
+    """
+
+    decoders: tuple[tuple[Affine, ...], ...]
+    last: tuple[Affine, ...]
+    img: Affine
+    refine: tuple[BlockWeights, ...]
+
+    def sample(self, b: int) -> PixelWeights:
+        """The weights of sample ``b`` alone, every matrix 2-D (see ``BlockWeights.sample``)."""
+        return dataclasses.replace(self, refine=tuple(blk.sample(b) for blk in self.refine))
+
+
 def normalize_2nd_moment(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     return x * (x.square().mean(dim=1, keepdim=True) + eps).rsqrt()
 
 
 class Mapping(nn.Module):
+    w_avg: torch.Tensor  # buffer; declared so type checkers know it is a tensor
+
     def __init__(self, cfg: GeneratorConfig) -> None:
         super().__init__()
         self.cfg = cfg
@@ -74,6 +142,9 @@ class Mapping(nn.Module):
 
 class FourierInput(nn.Module):
     """Official ``SynthesisInput``: fixed random frequencies, learned amplitudes."""
+
+    freqs: torch.Tensor  # buffers; declared so type checkers know they are tensors
+    coords: torch.Tensor
 
     def __init__(self, cfg: GeneratorConfig, channels: int) -> None:
         super().__init__()
@@ -122,6 +193,11 @@ class RefineBlock(nn.Module):
         self.tores = ModulatedFC(out_ch, cfg.img_channels, cfg.w_dim, cfg.fc_clamp, tores=True)
 
 
+def _fold(decoder: nn.Sequential) -> tuple[Affine, ...]:
+    """The layers of a ``_decoder`` (all ``FullyConnected``), folded."""
+    return tuple(cast(FullyConnected, layer).effective() for layer in decoder)
+
+
 def _decoder(c: int) -> nn.Sequential:
     return nn.Sequential(
         FullyConnected(c, 2 * c, lrelu=True),
@@ -132,6 +208,8 @@ def _decoder(c: int) -> nn.Sequential:
 
 
 class Synthesis(nn.Module):
+    b4: LineBlock  # set with the other line blocks below; declared for type checkers
+
     def __init__(self, cfg: GeneratorConfig) -> None:
         super().__init__()
         self.cfg = cfg
@@ -181,22 +259,25 @@ class Generator(nn.Module):
         return torch.from_numpy(z).to(torch.float32)
 
     # --------------------------------------------------------------- line stage
-    def line_weights(self, ws: torch.Tensor) -> list:
-        """Effective per-sample matrices of every line block (compute once per latent)."""
-        syn, out = self.synthesis, []
-        for i, res in enumerate(self.cfg.block_resolutions):
+    def line_weights(self, ws: torch.Tensor) -> LineWeights:
+        """Per-sample matrices of every line block.
+
+        Folding costs a few small matmuls per latent; a job computes this once
+        and passes it to every ``lines`` call instead of refolding per range.
+        """
+        syn = self.synthesis
+        first_fc1 = syn.b4.fc1.effective(ws[:, 1])
+        blocks = []
+        for i, res in enumerate(self.cfg.block_resolutions[1:], start=1):
             blk = getattr(syn, f"b{res}")
-            if blk.first:
-                out.append((blk.fc1.effective(ws[:, 1]),))
-            else:
-                out.append(
-                    (
-                        blk.fc0.effective(ws[:, 2 * i - 1]),
-                        blk.fc1.effective(ws[:, 2 * i]),
-                        blk.tores.effective(ws[:, 2 * i + 1]),
-                    )
+            blocks.append(
+                BlockWeights(
+                    blk.fc0.effective(ws[:, 2 * i - 1]),
+                    blk.fc1.effective(ws[:, 2 * i]),
+                    blk.tores.effective(ws[:, 2 * i + 1]),
                 )
-        return out
+            )
+        return LineWeights(first_fc1, tuple(blocks))
 
     def lines(
         self,
@@ -205,7 +286,7 @@ class Generator(nn.Module):
         which: str,
         start: int = 0,
         stop: int | None = None,
-        weights: list | None = None,
+        weights: LineWeights | None = None,
     ) -> torch.Tensor:
         """Line features [B, K, stop-start, rank, C] for positions [start, stop)
         of the *global* coordinate vector ``coords`` (``which`` = row | col)."""
@@ -224,36 +305,40 @@ class Generator(nn.Module):
             parts.append(feats[:, :, lo:hi])
         return torch.cat(parts, dim=2) if len(parts) > 1 else parts[0].contiguous()
 
-    def _line_block(self, ws: torch.Tensor, t: torch.Tensor, half: int, weights: list) -> torch.Tensor:
+    def _line_block(self, ws: torch.Tensor, t: torch.Tensor, half: int, weights: LineWeights) -> torch.Tensor:
         cfg, syn = self.cfg, self.synthesis
         bsz, L, r = ws.shape[0], t.shape[0], cfg.rank
         clamp = cfg.fc_clamp
         x = syn.b4.input(ws[:, 0], t, half).reshape(bsz, L * r, -1)  # [B, L*rank, C]
-        x = apply(x, *weights[0][0], True, clamp)
-        res, out = None, []
-        for (fc0, fc1, tores) in weights[1:]:
-            x = apply(x, *fc0, True, clamp)
-            x = apply(x, *fc1, True, clamp)
-            y = apply(x, *tores, False, clamp)
+        x = apply(x, *weights.first_fc1, True, clamp)
+        res: torch.Tensor | None = None
+        out = []
+        for blk in weights.blocks:
+            x = apply(x, *blk.fc0, True, clamp)
+            x = apply(x, *blk.fc1, True, clamp)
+            y = apply(x, *blk.tores, False, clamp)
             res = y if res is None else res + y
             out.append(res * math.sqrt(0.5))
         return torch.stack(out, dim=1).reshape(bsz, len(out), L, r, cfg.biline_channels)
 
     # -------------------------------------------------------------- pixel stage
-    def pixel_weights(self, ws: torch.Tensor) -> dict:
+    def pixel_weights(self, ws: torch.Tensor) -> PixelWeights:
+        """Matrices of the pixel stage, folded once per latent like ``line_weights``.
+
+        decoder_8 is skipped: the first bi-line enters the cascade undecoded.
+        """
         syn, w = self.synthesis, ws[:, -1]
-        return {
-            "dec": [
-                [layer.effective() for layer in getattr(syn, f"decoder_{res}")]
-                for res in self.cfg.block_resolutions[2:]
-            ],
-            "last": [layer.effective() for layer in syn.decoder_last],
-            "img": syn.decoder_img.effective(),
-            "refine": [
-                (blk.fc0.effective(w), blk.fc1.effective(w), blk.tores.effective(w))
+        return PixelWeights(
+            decoders=tuple(
+                _fold(getattr(syn, f"decoder_{res}")) for res in self.cfg.block_resolutions[2:]
+            ),
+            last=_fold(syn.decoder_last),
+            img=syn.decoder_img.effective(),
+            refine=tuple(
+                BlockWeights(blk.fc0.effective(w), blk.fc1.effective(w), blk.tores.effective(w))
                 for blk in (syn.block0, syn.block1)
-            ],
-        }
+            ),
+        )
 
     def pixels(
         self,
@@ -261,7 +346,7 @@ class Generator(nn.Module):
         row_lines: torch.Tensor,
         col_lines: torch.Tensor,
         pixel_block: int | None | str = "auto",
-        weights: dict | None = None,
+        weights: PixelWeights | None = None,
     ) -> torch.Tensor:
         """Image [B, 3, h, w] from row lines [B, K, h, r, C] and col lines [B, K, w, r, C].
 
@@ -278,6 +363,8 @@ class Generator(nn.Module):
             pixel_block = default_pixel_block(row_lines.device)
         if pixel_block is None:
             return self._pixels_one_pass(row_lines, col_lines, weights)
+        if not isinstance(pixel_block, int):
+            raise TypeError(f"pixel_block must be 'auto', None or an int, got {pixel_block!r}")
         bsz, _, h, _, _ = row_lines.shape
         w = col_lines.shape[2]
         out = torch.empty(bsz, h, w, self.cfg.img_channels, dtype=torch.float32, device=row_lines.device)
@@ -289,7 +376,7 @@ class Generator(nn.Module):
         seg = min(w, pixel_block)
         nr = pixel_block // seg
         for b in range(bsz):
-            wb = _batch_weights(weights, b)
+            wb = weights.sample(b)
             for i0 in range(0, h, nr):
                 i1 = min(h, i0 + nr)
                 for j0 in range(0, w, seg):
@@ -308,7 +395,7 @@ class Generator(nn.Module):
                     out[b, i0:i1, j0:j1] = rgb[:n].view(i1 - i0, j1 - j0, -1)
         return out.permute(0, 3, 1, 2)
 
-    def _pixels_one_pass(self, R: torch.Tensor, C: torch.Tensor, weights: dict) -> torch.Tensor:
+    def _pixels_one_pass(self, R: torch.Tensor, C: torch.Tensor, weights: PixelWeights) -> torch.Tensor:
         bsz, K, h = R.shape[:3]
         w = C.shape[2]
 
@@ -319,23 +406,27 @@ class Generator(nn.Module):
         rgb = self._pixel_mlp(fuse, K, weights)
         return rgb.reshape(bsz, h, w, -1).permute(0, 3, 1, 2)
 
-    def _pixel_mlp(self, fuse, K: int, wts: dict) -> torch.Tensor:
-        """Decoder cascade + refinement for one block of pixels; fuse(k) gives F_k."""
+    def _pixel_mlp(self, fuse: Callable[[int], torch.Tensor], K: int, wts: PixelWeights) -> torch.Tensor:
+        """Decoder cascade + refinement for one block of pixels.
+
+        ``fuse(k)`` gives the fused bi-line F_k; it is a callable so that each
+        F_k is built only when the cascade reaches it (one live at a time).
+        """
         clamp = self.cfg.fc_clamp
         feat = fuse(0)
         for k in range(1, K):
-            for wt, b in wts["dec"][k - 1]:
+            for wt, b in wts.decoders[k - 1]:
                 feat = apply(feat, wt, b, True, None)
             f = fuse(k)
             feat = feat.add_(f) if not feat.requires_grad else feat + f
-        for wt, b in wts["last"]:
+        for wt, b in wts.last:
             feat = apply(feat, wt, b, True, None)
-        img = apply(feat, *wts["img"], False, None)
+        img = apply(feat, *wts.img, False, None)
         x = feat
-        for fc0, fc1, tores in wts["refine"]:
-            x = apply(x, *fc0, True, clamp)
-            x = apply(x, *fc1, True, clamp)
-            y = apply(x, *tores, False, clamp)
+        for blk in wts.refine:
+            x = apply(x, *blk.fc0, True, clamp)
+            x = apply(x, *blk.fc1, True, clamp)
+            y = apply(x, *blk.tores, False, clamp)
             img = img.add_(y) if not img.requires_grad else img + y
         return img
 
@@ -369,16 +460,6 @@ class Generator(nn.Module):
         R = self.lines(ws, t, "row")
         C = self.lines(ws, t, "col")
         return self.pixels(ws, R, C, pixel_block=None)
-
-
-def _batch_weights(weights: dict, b: int) -> dict:
-    """Sample b's matrices as plain 2-D ones (so the pixel stage runs addmm)."""
-    return {
-        "dec": weights["dec"],
-        "last": weights["last"],
-        "img": weights["img"],
-        "refine": [tuple((wt[b], bias[b, 0]) for wt, bias in blk) for blk in weights["refine"]],
-    }
 
 
 def to_uint8(img: torch.Tensor) -> torch.Tensor:

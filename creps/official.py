@@ -22,6 +22,12 @@ Instead ``RestrictedUnpickler.find_class`` resolves a short allow-list:
 
 Anything else (``os.system``, ``builtins.eval``, ...) raises
 ``CheckpointError`` at the moment the pickle names it, before it could run.
+
+``tensors=False`` (``creps.read_config``) walks the same records with the same
+checks but decodes no storage: each becomes a ``meta``-device tensor of the
+right dtype and length, so shapes, and with them the config, are known while
+no weight is copied.  The unpickler still reads the whole file, and keeps each
+storage's bytes in its memo until it finishes (about the file size in memory).
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ from typing import Any, BinaryIO
 import numpy as np
 import torch
 
-from .checkpoint import CheckpointError
+from .errors import CheckpointError
 from .presets import GeneratorConfig
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # torch.save (non-zip) magic number
@@ -69,7 +75,7 @@ class Stub:
     qualname = "?"
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self.state: dict = {}
+        self.state: dict[str, Any] = {}
 
     def __setstate__(self, state: Any) -> None:
         self.state = state if isinstance(state, dict) else {}
@@ -81,7 +87,7 @@ class Stub:
 class PersistentStub(Stub):
     """What ``_reconstruct_persistent_obj(meta)`` yields: class name + state."""
 
-    def __init__(self, class_name: str, state: dict) -> None:
+    def __init__(self, class_name: str, state: dict[str, Any]) -> None:
         self.qualname, self.state = class_name, state
 
 
@@ -108,7 +114,7 @@ def _reconstruct_persistent_obj(meta: Any) -> PersistentStub:
     return PersistentStub(name, state)
 
 
-class EasyDict(dict):
+class EasyDict(dict[str, Any]):
     """Inert stand-in for ``dnnlib.util.EasyDict`` (a dict with attribute access)."""
 
     def __getattr__(self, name: str) -> Any:
@@ -180,6 +186,16 @@ class _StorageUnpickler(pickle.Unpickler):
 def _load_from_bytes(blob: Any) -> torch.Tensor:
     """Safe ``torch.storage._load_from_bytes``: decode a legacy torch.save of one
     storage (magic, protocol, sys info, pickle, key list, raw data) as a flat tensor."""
+    return _storage_from_bytes(blob, decode=True)
+
+
+def _storage_shape_from_bytes(blob: Any) -> torch.Tensor:
+    """``_load_from_bytes`` without the data: a ``meta`` tensor of the storage's
+    dtype and length, after the same checks (truncated data is still refused)."""
+    return _storage_from_bytes(blob, decode=False)
+
+
+def _storage_from_bytes(blob: Any, decode: bool) -> torch.Tensor:
     if not isinstance(blob, (bytes, bytearray)):
         raise CheckpointError("corrupt storage record in pickle")
     f = io.BytesIO(blob)
@@ -194,7 +210,7 @@ def _load_from_bytes(blob: Any) -> torch.Tensor:
         keys = up.load()
     except CheckpointError:
         raise
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 -- whatever a malformed blob makes pickle raise
         raise CheckpointError(f"corrupt storage record in pickle ({type(e).__name__}: {e})") from None
     flats: dict[str, torch.Tensor] = {}
     for key in keys if isinstance(keys, list) else []:
@@ -203,9 +219,13 @@ def _load_from_bytes(blob: Any) -> torch.Tensor:
         dtype, numel = up.records[key]
         n = int.from_bytes(f.read(8), "little")
         nbytes = n * torch.empty((), dtype=dtype).element_size()
-        data = f.read(nbytes)
-        if n != numel or len(data) != nbytes:
+        if n != numel or len(blob) - f.tell() < nbytes:
             raise CheckpointError("truncated storage data in pickle")
+        if not decode:
+            f.seek(nbytes, io.SEEK_CUR)
+            flats[key] = torch.empty(n, dtype=dtype, device="meta")
+            continue
+        data = f.read(nbytes)
         flats[key] = torch.frombuffer(bytearray(data), dtype=dtype) if n else torch.empty(0, dtype=dtype)
     if not (isinstance(ref, tuple) and len(ref) == 3 and ref[0] == "storage-ref" and ref[1] in flats):
         raise CheckpointError("corrupt storage record in pickle (storage data missing)")
@@ -256,10 +276,19 @@ for _name, _dt in _TORCH_DTYPES.items():
 
 
 class RestrictedUnpickler(pickle.Unpickler):
-    """Unpickler that resolves only the allow-list above; see the module docstring."""
+    """Unpickler that resolves only the allow-list above; see the module docstring.
+
+    ``tensors=False`` yields shape-only (``meta``) tensors; see the module docstring.
+    """
+
+    def __init__(self, f: BinaryIO, tensors: bool = True) -> None:
+        super().__init__(f)
+        self.tensors = tensors
 
     def find_class(self, module: str, name: str) -> Any:
         key = f"{module}.{name}"
+        if key == "torch.storage._load_from_bytes" and not self.tensors:
+            return _storage_shape_from_bytes
         if key in _SAFE:
             return _SAFE[key]
         if _IDENT.fullmatch(name) and (
@@ -274,15 +303,15 @@ class RestrictedUnpickler(pickle.Unpickler):
         raise CheckpointError("refusing to load: unexpected persistent id in a network pickle")
 
 
-def read_pickle(f: BinaryIO) -> Any:
+def read_pickle(f: BinaryIO, tensors: bool = True) -> Any:
     """Unpickle an official network pickle into stubs, tensors and plain values."""
     try:
-        return RestrictedUnpickler(f).load()
+        return RestrictedUnpickler(f, tensors=tensors).load()
     except CheckpointError:
         raise
     except (EOFError, pickle.UnpicklingError) as e:
         raise CheckpointError(f"truncated or corrupt pickle ({type(e).__name__}: {e})") from None
-    except Exception as e:  # a malformed stream can make any rebuild raise
+    except Exception as e:  # noqa: BLE001 -- a malformed stream can make any rebuild raise
         raise CheckpointError(f"corrupt pickle ({type(e).__name__}: {e})") from None
 
 
@@ -292,16 +321,17 @@ def generator_stub(data: Any) -> Stub:
     if not isinstance(data, dict):
         raise CheckpointError("pickle does not hold an official snapshot dict (expected keys G, D, G_ema)")
     for key in ("G_ema", "G"):
-        if isinstance(data.get(key), Stub):
-            return data[key]
+        stub = data.get(key)
+        if isinstance(stub, Stub):
+            return stub
     raise CheckpointError(f"pickle holds no G_ema or G network (keys: {sorted(map(str, data))})")
 
 
-def flat_state(root: Stub) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+def flat_state(root: Stub) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]]]:
     """Dotted-name state dict (parameters, persistent buffers) of a stub tree, in
     ``nn.Module.state_dict`` order, plus each module's plain state by path."""
     out: dict[str, torch.Tensor] = {}
-    states: dict[str, dict] = {}
+    states: dict[str, dict[str, Any]] = {}
 
     def walk(node: Any, path: str) -> None:
         if not isinstance(node, Stub):
@@ -324,12 +354,12 @@ def flat_state(root: Stub) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
     return out, states
 
 
-def _num(states: dict, path: str, attr: str, default: Any) -> Any:
+def _num(states: dict[str, dict[str, Any]], path: str, attr: str, default: Any) -> Any:
     v = states.get(path, {}).get(attr, default)
     return default if v is None else v
 
 
-def infer_config(sd: dict[str, torch.Tensor], states: dict[str, dict]) -> GeneratorConfig:
+def infer_config(sd: dict[str, torch.Tensor], states: dict[str, dict[str, Any]]) -> GeneratorConfig:
     """GeneratorConfig from the shapes (and recorded scalars) of an official G."""
     if "mapping.embed.weight" in sd:
         raise CheckpointError("conditional (c_dim > 0) CREPS generators are not supported")
@@ -370,7 +400,12 @@ def infer_config(sd: dict[str, torch.Tensor], states: dict[str, dict]) -> Genera
         raise CheckpointError(f"official generator has an unsupported shape: {e}") from None
 
 
-def read_official(f: BinaryIO) -> tuple[GeneratorConfig, dict[str, torch.Tensor]]:
-    """(config, state dict) of the G_ema of an official CREPS network pickle."""
-    sd, states = flat_state(generator_stub(read_pickle(f)))
+def read_official(f: BinaryIO, tensors: bool = True) -> tuple[GeneratorConfig, dict[str, torch.Tensor]]:
+    """(config, state dict) of the G_ema of an official CREPS network pickle.
+
+    With ``tensors=False`` the state dict holds ``meta`` tensors (shapes and
+    dtypes only) and the config is the one ``tensors=True`` gives, by the same
+    code.
+    """
+    sd, states = flat_state(generator_stub(read_pickle(f, tensors=tensors)))
     return infer_config(sd, states), sd

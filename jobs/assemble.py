@@ -12,15 +12,17 @@ runs libvips dzsave instead, side by side with the TIFF). Re-running is safe.
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+from creps.errors import run_cli
 from renderer.errors import RendererError
+from renderer.fsio import parse_storage_options
 from renderer.exports import COMPRESSIONS, DZI_ENGINES, TIFF_TILES, check_target, write_dzi, write_exports, write_tiff
 from renderer.pyramid import build_pyramid, pyramid_complete
 from renderer.store import open_store
+
+from . import JobSpecError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,6 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--skip-pyramid", action="store_true",
                    help="do not build pyramid levels (the TIFF still needs them and builds them if missing)")
     g.add_argument("--workers", type=int, default=None, help="threads for reads/writes/encoding")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error (or CREPS_DEBUG=1)")
 
 
 def assemble(
@@ -97,20 +100,16 @@ def assemble(
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        options = json.loads(args.storage_options) if args.storage_options else None
-    except json.JSONDecodeError as e:
-        print(f"error: --storage-options is not valid JSON: {e}", file=sys.stderr)
-        return 2
-    try:
-        times = assemble(
-            args.url, tiff=args.tiff, dzi=args.dzi, storage_options=options, tiff_tile=args.tiff_tile,
-            compression=args.compression, quality=args.quality, szi=not args.no_szi, dzi_engine=args.dzi_engine,
-            skip_pyramid=args.skip_pyramid, workers=args.workers, progress=True,
-        )
-    except RendererError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    return run_cli(lambda: _assemble(args), debug=args.debug, interrupted="interrupted; re-run the same command")
+
+
+def _assemble(args: argparse.Namespace) -> int:
+    options = parse_storage_options(args.storage_options, JobSpecError)
+    times = assemble(
+        args.url, tiff=args.tiff, dzi=args.dzi, storage_options=options, tiff_tile=args.tiff_tile,
+        compression=args.compression, quality=args.quality, szi=not args.no_szi, dzi_engine=args.dzi_engine,
+        skip_pyramid=args.skip_pyramid, workers=args.workers, progress=True,
+    )
     print("assembled: " + ", ".join(f"{k} {v:.1f} s" for k, v in times.items()))
     if args.dzi:
         print(f"view it: python render.py view {args.dzi.removesuffix('.dzi')}.dzi")

@@ -19,12 +19,18 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from renderer.errors import RendererError
+import creps
+from creps.errors import first_line, run_cli
+from renderer.fsio import is_local, local_path
 
 from . import JobSpecError
+from .plan import line_chunk
 from .spec import JobSpec, parse_size, parse_storage_options, parse_view
+
+if TYPE_CHECKING:
+    from .run import Prepared
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -57,7 +63,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dry-run", action="store_true", help="print the resolved job and plan, render nothing")
     g.add_argument("--max-tiles", type=int, metavar="N", help="render at most N missing tiles this run")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
-    g.add_argument("--demo", action="store_true", help="the default demo job (what `render.py` alone runs)")
+    g.add_argument("--debug", action="store_true", help="show the full traceback of an error (or CREPS_DEBUG=1)")
 
 
 FLAG_FIELDS = (
@@ -84,40 +90,35 @@ def spec_from_args(args: argparse.Namespace) -> JobSpec:
 
 
 def run(args: argparse.Namespace) -> int:
+    return run_cli(
+        lambda: _render(args),
+        debug=args.debug,
+        interrupted="interrupted; re-run the same command to resume",
+        failed_hint=" (re-run the same command to resume)",
+    )
+
+
+def _render(args: argparse.Namespace) -> int:
     from .run import prepare, run_job
 
-    try:
-        spec = spec_from_args(args)
-        if args.max_tiles is not None and args.max_tiles < 0:
-            raise JobSpecError(f"--max-tiles must be >= 0, got {args.max_tiles}")
-        if args.dry_run:
-            return _dry_run(prepare(spec))
-        summary = run_job(spec, overwrite=args.overwrite, max_tiles=args.max_tiles, progress=not args.quiet)
-    except JobSpecError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except RendererError as e:
-        print(f"error: {e} (re-run the same command to resume)", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted; re-run the same command to resume", file=sys.stderr)
-        return 130
-    print("summary " + json.dumps(summary))
+    spec = spec_from_args(args)
+    if args.max_tiles is not None and args.max_tiles < 0:
+        raise JobSpecError(f"--max-tiles must be >= 0, got {args.max_tiles}")
+    if args.dry_run:
+        return _dry_run(prepare(spec))
+    summary = run_job(spec, overwrite=args.overwrite, max_tiles=args.max_tiles, progress=not args.quiet)
+    print("summary " + json.dumps(summary.to_dict()))
     print(
-        f"rendered {summary['tiles_rendered']} of {summary['tiles_total']} tiles "
-        f"({summary['tiles_skipped']} already done): {summary['pixels'] / 1e6:.1f} Mpx in "
-        f"{summary['seconds']:.1f} s = {summary['mpx_s']:.2f} Mpx/s -> {summary['out']}"
+        f"rendered {summary.tiles_rendered} of {summary.tiles_total} tiles "
+        f"({summary.tiles_skipped} already done): {summary.pixels / 1e6:.1f} Mpx in "
+        f"{summary.seconds:.1f} s = {summary.mpx_s:.2f} Mpx/s -> {summary.out}"
     )
-    if spec.exports and summary["status"] == "done":
-        _exports(spec.out, spec.storage_options, args.demo)
+    if spec.exports and summary.status == "done":
+        _exports(spec.out, spec.storage_options)
     return 0
 
 
-def _dry_run(job) -> int:
-    import creps
-
-    from .plan import line_chunk
-
+def _dry_run(job: "Prepared") -> int:
     spec = job.spec
     f = creps.flops(job.config, spec.height, spec.width)
     print(spec.describe())
@@ -129,22 +130,20 @@ def _dry_run(job) -> int:
     return 0
 
 
-def _exports(url: str, storage_options: dict, demo: bool) -> None:
-    """Pyramid, TIFF and DZI next to a local store, when jobs.assemble is available."""
-    try:
-        from .assemble import assemble  # type: ignore[attr-defined]
-    except ImportError:
-        return
-    if "://" in url and not url.startswith("file://"):
+def _exports(url: str, storage_options: dict) -> None:
+    """Pyramid, TIFF and DZI next to a local store (remote stores: say how to build them)."""
+    from .assemble import assemble
+
+    if not is_local(url):
         print(f"exports: run `render.py assemble {url}` to build the pyramid and exports for a remote store")
         return
-    base = Path(url[len("file://") :] if url.startswith("file://") else url)
+    base = Path(local_path(url))
     stem = base.with_suffix("")
     tiff, dzi = f"{stem}.tif", f"{stem}.dzi"
     try:
         assemble(str(base), tiff=tiff, dzi=dzi, storage_options=storage_options or None)
     except Exception as e:  # exports are a convenience; the render itself is done
-        print(f"exports failed: {e}; run `render.py assemble {url}` to retry", file=sys.stderr)
+        print(f"exports failed: {first_line(e)}; run `render.py assemble {url}` to retry", file=sys.stderr)
         return
     print(f"exports: {tiff}, {dzi}")
     print(f"view it: {_python()} render.py view {dzi}")

@@ -9,29 +9,12 @@ of the model's ``LINE_BLOCK`` so no line block is computed twice.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-
 from creps import LINE_BLOCK
+from renderer.tasks import Tile
 
 from .spec import JobSpec
 
-
-@dataclass(frozen=True)
-class Tile:
-    """Rows [r0, r1) x columns [c0, c1) of level 0; ``id`` names its marker."""
-
-    id: str
-    r0: int
-    r1: int
-    c0: int
-    c1: int
-
-    @property
-    def pixels(self) -> int:
-        return (self.r1 - self.r0) * (self.c1 - self.c0)
-
-    def as_tuple(self) -> tuple[str, int, int, int, int]:
-        return (self.id, self.r0, self.r1, self.c0, self.c1)
+__all__ = ["Tile", "tile_plan", "spec_tiles", "line_chunk", "line_ranges", "batches", "auto_batch"]
 
 
 def tile_plan(height: int, width: int, tile: int, shard: int = 1) -> list[Tile]:

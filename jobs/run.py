@@ -1,19 +1,18 @@
 """The job driver: validate, prepare the store, line stage, tile stage, summary.
 
 Everything that can be wrong with a job is checked before anything expensive
-starts or anything is written: the spec, the checkpoint (loaded once here to
-read its shape and hash), the canvas, the output URL and, for an existing
-store, that it was made by the same job (else ``--overwrite``).  Then Ray
-starts (embedded, or ``address``), the actors compute the missing line ranges,
-and render the missing tiles.  Resume is re-running the same job: markers in
-the store say what is already there.
+starts or anything is written: the spec, the checkpoint (its config is read
+from the file's header, no weights are loaded), the canvas, the output URL
+and, for an existing store, that it was made by the same job (else
+``--overwrite``).  Then Ray starts (embedded, or ``address``), the actors
+compute the missing line ranges, and render the missing tiles.  Resume is
+re-running the same job: markers in the store say what is already there.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 import os
 import sys
 import time
@@ -24,11 +23,13 @@ import ray
 import torch
 
 import creps
-from renderer import lines as line_store
+from creps.errors import first_line
 from renderer.errors import RendererError
-from renderer.pool import LocalPool, WorkerPool, cluster_resources, get_pool, release_pools, start_ray
-from renderer.store import ImageStore, filesystem, open_store
-from renderer.tiles import RenderContext, checkpoint_hash, load_generator, peak_rss_mb
+from renderer.fsio import filesystem
+from renderer.pool import LocalPool, Pool, cluster_resources, get_pool, release_pools, start_ray
+from renderer.store import ImageStore, LineShape, create_job_store, is_foreign_folder, open_store, store_exists
+from renderer.tasks import LineTask, Result, Task, TileResult, TileTask
+from renderer.tiles import RenderContext, peak_rss_mb
 
 from . import JobSpecError
 from .plan import Tile, auto_batch, batches, line_chunk, line_ranges, spec_tiles
@@ -42,7 +43,41 @@ def software_version() -> str:
         return "creps-gigapixel (source)"
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
+class RunSummary:
+    """What one run of a job did (printed as JSON, kept in the store's ``runs``)."""
+
+    out: str
+    height: int
+    width: int
+    tiles_total: int
+    tiles_skipped: int
+    tiles_rendered: int = 0
+    line_ranges_computed: int = 0
+    line_seconds: float = 0.0
+    render_seconds: float = 0.0
+    workers: int = 0
+    workers_replaced: int = 0
+    tasks_retried: int = 0
+    pixels: int = 0
+    seconds: float = 0.0
+    mpx_s: float = 0.0
+    tiles_left: int = 0
+    status: str = "running"  # running | done | partial
+    driver_peak_rss_mb: float = 0.0
+    worker_peak_rss_mb: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def __getitem__(self, key: str) -> Any:
+        """Mapping-style reads (``summary["status"]``), as scripts written for the JSON line use."""
+        if key not in self.__dataclass_fields__:
+            raise KeyError(key)
+        return getattr(self, key)
+
+
+@dataclasses.dataclass(frozen=True)
 class Prepared:
     """A validated job: resolved spec, model config, checkpoint hash, plan."""
 
@@ -62,19 +97,19 @@ class Prepared:
             seed=s.seed, psi=s.psi, height=s.height, width=s.width, view=s.view, chunk=s.tile,
         )
 
+    def line_shape(self) -> LineShape:
+        cfg = self.config
+        return LineShape(cfg.num_bilines, cfg.rank, cfg.biline_channels, line_chunk(self.spec.tile))
+
 
 def prepare(spec: JobSpec) -> Prepared:
-    """Check the checkpoint and canvas (no output is touched); raise JobSpecError."""
-    try:
-        G = load_generator(spec.checkpoint, spec.init_seed)
-        sha = checkpoint_hash(spec.checkpoint, spec.init_seed)
-    except (RendererError, OSError) as e:
-        raise JobSpecError(str(e)) from None
-    cfg = G.cfg
-    del G
+    """Check the checkpoint and canvas without loading weights or touching the output."""
+    cfg = creps.read_config(spec.checkpoint, init_seed=spec.init_seed)
+    sha = creps.checkpoint_hash(spec.checkpoint, spec.init_seed)
     spec = spec.resolved(cfg.resolution)
+    y0, y1, x0, x1 = spec.view
     try:
-        RenderContext("", {}, "", 0, 0, 1.0, spec.height, spec.width, spec.view, spec.tile).canvas
+        creps.Canvas(spec.height, spec.width, y=(y0, y1), x=(x0, x1))
     except ValueError as e:
         raise JobSpecError(str(e)) from None
     return Prepared(spec, cfg, sha, spec_tiles(spec))
@@ -89,16 +124,16 @@ def open_output(job: Prepared, overwrite: bool) -> ImageStore:
     """Create the store, or reopen it for resume after checking it belongs to this job."""
     spec = job.spec
     try:
-        fs, root = filesystem(spec.out, _options(spec))
-        exists = fs.exists(f"{root}/zarr.json")
-        if not exists and fs.exists(root) and fs.isdir(root) and fs.ls(root):
+        filesystem(spec.out, _options(spec))
+        exists = store_exists(spec.out, _options(spec))
+        if not exists and is_foreign_folder(spec.out, _options(spec)):
             raise JobSpecError(f"{spec.out} exists and is not an image store; choose another --out")
     except RendererError as e:
         raise JobSpecError(str(e)) from None
     except JobSpecError:
         raise
     except Exception as e:  # unreachable endpoint, bad credentials, malformed URL
-        raise JobSpecError(f"cannot access {spec.out!r}: {_one_line(e)}") from None
+        raise JobSpecError(f"cannot access {spec.out!r}: {first_line(e)}") from None
     if exists and not overwrite:
         try:
             store = open_store(spec.out, _options(spec), mode="a")
@@ -111,23 +146,18 @@ def open_output(job: Prepared, overwrite: bool) -> ImageStore:
             diff = ", ".join(f"{k}: {old.get(k)!r} -> {v!r}" for k, v in job.identity.items() if old.get(k) != v)
             raise JobSpecError(f"{spec.out} holds a different job ({diff}); re-run with the same job or --overwrite")
         return store
+    meta = dict(
+        spec=spec.to_dict(), identity=job.identity, checkpoint=spec.checkpoint,
+        checkpoint_sha256=job.checkpoint_sha256, generator=job.config.to_dict(), version=software_version(),
+        tiles_total=len(job.tiles), tiles_done=0, status="created", created=time.time(), runs=[],
+    )
     try:
-        store = open_store(spec.out, _options(spec), mode="w")
-        store.clear_markers()
-        store.create_level(0, spec.height, spec.width, spec.tile, spec.shard, spec.compressor, overwrite=True)
-        cfg = job.config
-        line_store.create_line_arrays(
-            store, cfg.num_bilines, spec.height, spec.width, cfg.rank, cfg.biline_channels, line_chunk(spec.tile)
-        )
-        store.write_ome(name=spec.name)
-        store.update_meta(
-            spec=spec.to_dict(), identity=job.identity, checkpoint=spec.checkpoint,
-            checkpoint_sha256=job.checkpoint_sha256, generator=cfg.to_dict(), version=software_version(),
-            tiles_total=len(job.tiles), tiles_done=0, status="created", created=time.time(), runs=[],
+        return create_job_store(
+            spec.out, _options(spec), height=spec.height, width=spec.width, tile=spec.tile, shard=spec.shard,
+            compressor=spec.compressor, lines=job.line_shape(), name=spec.name, meta=meta,
         )
     except (RendererError, OSError, ValueError) as e:
-        raise JobSpecError(f"cannot write {spec.out!r}: {_one_line(e)}") from None
-    return store
+        raise JobSpecError(f"cannot write {spec.out!r}: {first_line(e)}") from None
 
 
 def pool_shape(spec: JobSpec) -> tuple[int, int, float]:
@@ -148,14 +178,32 @@ def pool_shape(spec: JobSpec) -> tuple[int, int, float]:
     return workers, threads, 0.0
 
 
+class _Tally:
+    """Counters of a run in progress (the frozen RunSummary is made from them)."""
+
+    def __init__(self, base: RunSummary) -> None:
+        self.base = base
+        self.tiles_rendered = 0
+        self.pixels = 0
+        self.worker_rss = 0.0
+        self.fields: dict[str, Any] = {}
+
+    def summary(self, **more: Any) -> RunSummary:
+        values = {
+            "tiles_rendered": self.tiles_rendered, "pixels": self.pixels,
+            "worker_peak_rss_mb": round(self.worker_rss, 1), **self.fields, **more,
+        }
+        return dataclasses.replace(self.base, **values)
+
+
 def run_job(
     spec: JobSpec,
     overwrite: bool = False,
     max_tiles: int | None = None,
     progress: bool = True,
-    on_progress: Callable[[dict, WorkerPool], None] | None = None,
+    on_progress: Callable[[RunSummary, Pool], None] | None = None,
     log: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
-) -> dict:
+) -> RunSummary:
     """Render ``spec`` (resuming what its store already holds); return the run summary."""
     t_start = time.perf_counter()
     job = prepare(spec)
@@ -166,16 +214,13 @@ def run_job(
     todo = [t for t in job.tiles if t.id not in done]
     if max_tiles is not None:
         todo = todo[:max_tiles]
-    summary: dict[str, Any] = {
-        "out": spec.out, "height": spec.height, "width": spec.width, "tiles_total": len(job.tiles),
-        "tiles_skipped": len(job.tiles) - len(todo) if max_tiles is None else len(done),
-        "tiles_rendered": 0, "line_ranges_computed": 0, "line_seconds": 0.0, "workers": 0,
-        "workers_replaced": 0, "tasks_retried": 0,
-    }
-    lines_needed = not line_store.all_done(store)
-    pool: WorkerPool | LocalPool | None = None
+    tally = _Tally(RunSummary(
+        out=spec.out, height=spec.height, width=spec.width, tiles_total=len(job.tiles),
+        tiles_skipped=len(job.tiles) - len(todo) if max_tiles is None else len(done),
+    ))
+    lines_needed = not store.lines_complete()
+    pool: Pool | None = None
     started_ray = False
-    worker_rss = 0.0
     try:
         if todo or lines_needed:
             if in_process(spec):
@@ -188,16 +233,16 @@ def run_job(
                 started_ray = start_ray(spec.address, num_cpus=ncpu)
                 workers, threads, gpus = pool_shape(spec)
                 pool = get_pool(spec.checkpoint, spec.init_seed, workers, threads, gpus, max_failures=spec.max_retries)
-            summary["workers"] = workers
+            tally.fields["workers"] = workers
             retried0, replaced0 = pool.retries, pool.replaced
             store.update_meta(status="running", error=None)
             t_lines = time.perf_counter()
             if lines_needed:
-                summary["line_ranges_computed"] = _line_stage(store, job, pool, workers, log)
-            summary["line_seconds"] = round(time.perf_counter() - t_lines, 3)
-            worker_rss = _tile_stage(store, job, todo, pool, workers, progress, on_progress, summary)
-            summary["workers_replaced"] = pool.replaced - replaced0
-            summary["tasks_retried"] = pool.retries - retried0
+                tally.fields["line_ranges_computed"] = _line_stage(store, job, pool, workers, log)
+            tally.fields["line_seconds"] = round(time.perf_counter() - t_lines, 3)
+            _tile_stage(store, job, todo, pool, workers, progress, on_progress, tally)
+            tally.fields["workers_replaced"] = pool.replaced - replaced0
+            tally.fields["tasks_retried"] = pool.retries - retried0
     except BaseException as e:
         release_pools()  # a failed or interrupted job leaves no half-busy actors behind
         if isinstance(e, RendererError):
@@ -210,75 +255,80 @@ def run_job(
     seconds = time.perf_counter() - t_start
     pixels = sum(t.pixels for t in todo)
     left = len(job.tiles) - len(store.done_tiles())
-    summary.update(
+    summary = tally.summary(
         pixels=pixels, seconds=round(seconds, 3), mpx_s=round(pixels / seconds / 1e6, 3),
-        tiles_left=left, status="done" if left == 0 else "partial",
-        driver_peak_rss_mb=round(peak_rss_mb(), 1), worker_peak_rss_mb=round(worker_rss, 1),
+        tiles_left=left, status="done" if left == 0 else "partial", driver_peak_rss_mb=round(peak_rss_mb(), 1),
     )
-    runs = list(store.meta.get("runs", []))[-20:] + [summary]
-    store.update_meta(status=summary["status"], tiles_done=len(job.tiles) - left, runs=runs, last_run=summary)
+    runs = list(store.meta.get("runs", []))[-20:] + [summary.to_dict()]
+    store.update_meta(status=summary.status, tiles_done=len(job.tiles) - left, runs=runs, last_run=summary.to_dict())
     return summary
 
 
-def _line_stage(store: ImageStore, job: Prepared, pool: WorkerPool, workers: int, log) -> int:
+def _line_stage(store: ImageStore, job: Prepared, pool: Pool, workers: int, log: Callable[[str], None]) -> int:
     spec, ctx = job.spec, job.context()
     chunk = line_chunk(spec.tile)
-    done = line_store.done_ranges(store)
-    tasks = []
+    done = store.line_ranges_done()
+    tasks: list[Task] = []
     for which, length in (("row", spec.height), ("col", spec.width)):
         for a, b in line_ranges(length, chunk, 2 * workers):
             if (which, a, b) not in done:
-                tasks.append((f"lines {which} {a}:{b}", "lines", (which, a, b)))
+                tasks.append(LineTask(which, a, b))
     t0 = time.perf_counter()
     log(f"line stage: {len(tasks)} ranges of {spec.height} rows + {spec.width} columns on {workers} workers")
-    pool.run(ctx, tasks, lambda key, value: None)
+    pool.run(ctx, tasks, lambda task, result: None)
     log(f"line stage done in {time.perf_counter() - t0:.1f} s (stored under {spec.out}/lines)")
-    line_store.mark_all_done(store, {"height": spec.height, "width": spec.width, "chunk": chunk})
+    store.mark_lines_complete({"height": spec.height, "width": spec.width, "chunk": chunk})
     return len(tasks)
 
 
-def _tile_stage(store, job: Prepared, todo: list[Tile], pool: WorkerPool, workers: int, progress: bool,
-                on_progress, summary: dict) -> float:
+def _tile_stage(
+    store: ImageStore,
+    job: Prepared,
+    todo: list[Tile],
+    pool: Pool,
+    workers: int,
+    progress: bool,
+    on_progress: Callable[[RunSummary, Pool], None] | None,
+    tally: _Tally,
+) -> None:
     from tqdm import tqdm
 
     spec = job.spec
     tile_px = spec.tile * spec.tile * spec.shard * spec.shard
     size = spec.batch or auto_batch(len(todo), workers, tile_px)
-    tasks = [(b[0].id, "tiles", ([t.as_tuple() for t in b],)) for b in batches(todo, size)]
-    state = {"rss": 0.0, "px": 0, "last_meta": time.monotonic(), "t0": time.perf_counter()}
-    n_done0 = summary["tiles_skipped"]
+    tasks: list[Task] = [TileTask(tuple(b)) for b in batches(todo, size)]
+    t0 = time.perf_counter()
+    last_meta = time.monotonic()
+    n_done0 = tally.base.tiles_skipped
     bar = tqdm(total=len(todo), unit="tile", disable=not progress, dynamic_ncols=True, file=sys.stderr)
 
-    def on_result(key: str, infos: list[dict]) -> None:
-        for info in infos:
-            state["px"] += (info["rows"][1] - info["rows"][0]) * (info["cols"][1] - info["cols"][0])
-            state["rss"] = max(state["rss"], info.get("peak_rss_mb", 0.0))
-        summary["tiles_rendered"] += len(infos)
-        bar.update(len(infos))
-        dt = time.perf_counter() - state["t0"]
-        bar.set_postfix_str(f"{state['px'] / max(dt, 1e-9) / 1e6:.2f} Mpx/s", refresh=False)
-        if time.monotonic() - state["last_meta"] > 5.0:
-            state["last_meta"] = time.monotonic()
+    def on_result(task: Task, result: Result) -> None:
+        nonlocal last_meta
+        assert isinstance(result, list)
+        tiles: list[TileResult] = result
+        for info in tiles:
+            tally.pixels += info.pixels
+            tally.worker_rss = max(tally.worker_rss, info.peak_rss_mb)
+        tally.tiles_rendered += len(tiles)
+        bar.update(len(tiles))
+        dt = time.perf_counter() - t0
+        bar.set_postfix_str(f"{tally.pixels / max(dt, 1e-9) / 1e6:.2f} Mpx/s", refresh=False)
+        if time.monotonic() - last_meta > 5.0:
+            last_meta = time.monotonic()
             try:  # progress for watchers (viewer); best effort, the markers are the truth
-                store.update_meta(tiles_done=n_done0 + summary["tiles_rendered"])
+                store.update_meta(tiles_done=n_done0 + tally.tiles_rendered)
             except Exception:
                 pass
         if on_progress is not None:
-            on_progress(summary, pool)
+            on_progress(tally.summary(), pool)
 
     try:
         pool.run(job.context(), tasks, on_result)
     finally:
         bar.close()
-    summary["render_seconds"] = round(time.perf_counter() - state["t0"], 3)
-    return state["rss"]
+    tally.fields["render_seconds"] = round(time.perf_counter() - t0, 3)
 
 
 def _options(spec: JobSpec) -> dict:
     """A private copy: botocore rewrites nested config dicts it is given."""
     return copy.deepcopy(spec.storage_options)
-
-
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__

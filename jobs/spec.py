@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from renderer import fsio
+
 from . import JobSpecError
 
 MAX_SIDE = 2**20
@@ -199,13 +201,7 @@ def parse_view(value: Any) -> tuple[float, float, float, float]:
 
 
 def parse_storage_options(text: str) -> dict:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise JobSpecError(f"storage options are not valid JSON ({e.msg} at char {e.pos}): {text!r}") from None
-    if not isinstance(value, dict):
-        raise JobSpecError(f"storage options must be a JSON object, got {text!r}")
-    return value
+    return fsio.parse_storage_options(text, JobSpecError) or {}
 
 
 def _finite(v: Any) -> bool:

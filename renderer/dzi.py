@@ -29,21 +29,62 @@ from .pyramid import downsample
 
 KEEP_PIXELS = 1 << 24  # a level this small is kept whole to make the levels below it
 
-DZI_XML = """<?xml version="1.0" encoding="UTF-8"?>
-<Image xmlns="http://schemas.microsoft.com/deepzoom/2008" Format="{fmt}" Overlap="{overlap}" TileSize="{tile}">
-  <Size Width="{width}" Height="{height}"/>
-</Image>
-"""
+TILE_SIZE = 254  # libvips' dzsave default: 254 + 2 px overlap = 256 px tiles
+OVERLAP = 1
+
+
+# ---------------------------------------------------------------- geometry (the DeepZoom convention)
+def max_level(width: int, height: int) -> int:
+    """Index of the full-resolution DZI level: ceil(log2(max side)) (0 for a 1x1 image)."""
+    return (max(width, height) - 1).bit_length()
 
 
 def dzi_level_count(width: int, height: int) -> int:
-    """ceil(log2(max(W, H))) + 1: DeepZoom halves down to 1x1."""
-    return math.ceil(math.log2(max(width, height))) + 1 if max(width, height) > 1 else 1
+    """DeepZoom halves down to 1x1: max_level + 1 levels."""
+    return max_level(width, height) + 1
+
+
+def level_size(width: int, height: int, level: int) -> tuple[int, int]:
+    """(w, h) of DZI level ``level``: ceil(W / 2**k), k = max_level - level."""
+    k = max_level(width, height) - level
+    return -(-width // 2**k), -(-height // 2**k)
+
+
+def tile_grid(width: int, height: int, level: int, tile: int = TILE_SIZE) -> tuple[int, int]:
+    """(columns, rows) of tiles at a DZI level."""
+    w, h = level_size(width, height, level)
+    return -(-w // tile), -(-h // tile)
 
 
 def spans(size: int, tile: int, overlap: int) -> list[tuple[int, int]]:
     """[start, end) of each tile along one axis, overlap on the inner sides only."""
-    return [(max(0, i * tile - overlap), min(size, (i + 1) * tile + overlap)) for i in range(math.ceil(size / tile))]
+    return [span(i, size, tile, overlap) for i in range(math.ceil(size / tile))]
+
+
+def span(i: int, size: int, tile: int, overlap: int) -> tuple[int, int]:
+    """[start, end) of tile ``i`` along an axis of ``size`` pixels."""
+    return max(0, i * tile - overlap), min(size, (i + 1) * tile + overlap)
+
+
+def tile_bounds(
+    width: int, height: int, level: int, col: int, row: int, tile: int = TILE_SIZE, overlap: int = OVERLAP
+) -> tuple[int, int, int, int]:
+    """(y0, y1, x0, x1) of a tile in its level's pixels, overlap included."""
+    w, h = level_size(width, height, level)
+    y0, y1 = span(row, h, tile, overlap)
+    x0, x1 = span(col, w, tile, overlap)
+    return y0, y1, x0, x1
+
+
+def dzi_xml(width: int, height: int, fmt: str, tile: int = TILE_SIZE, overlap: int = OVERLAP) -> str:
+    """The .dzi descriptor OpenSeadragon reads."""
+    return (
+        '<?xml version="1.0" encoding="UTF-8"?>\n'
+        f'<Image xmlns="http://schemas.microsoft.com/deepzoom/2008" Format="{fmt}" '
+        f'Overlap="{overlap}" TileSize="{tile}">\n'
+        f'  <Size Width="{width}" Height="{height}"/>\n'
+        "</Image>\n"
+    )
 
 
 def row_windows(strips: Iterable[tuple[int, np.ndarray]], yspans: list[tuple[int, int]]) -> Iterator[np.ndarray]:
@@ -124,5 +165,4 @@ class DziWriter:
                 self.add_level(chw.shape[1], chw.shape[2], [(0, chw.transpose(1, 2, 0))])
         self.wait()
         with open(self.base + ".dzi", "w") as f:
-            f.write(DZI_XML.format(fmt="jpg", overlap=self.overlap, tile=self.tile, width=self.width,
-                                   height=self.height))
+            f.write(dzi_xml(self.width, self.height, "jpg", self.tile, self.overlap))

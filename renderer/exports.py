@@ -38,7 +38,8 @@ import numpy as np
 from .dzi import DziWriter
 from .errors import RendererError
 from .pyramid import build_pyramid, pyramid_complete, pyramid_plan
-from .store import ImageStore, _is_local, _local_path, filesystem
+from .fsio import filesystem, is_local, local_path
+from .store import ImageStore
 from .tiff import COMPRESSIONS, TIFF_TILES, write_levels
 
 DZI_ENGINES = ("vips", "zarr")
@@ -47,8 +48,8 @@ DZI_ENGINES = ("vips", "zarr")
 # ---------------------------------------------------------------- targets
 def check_target(url: str, storage_options: dict | None = None) -> None:
     """Fail early (one line) when ``url``'s parent cannot be written."""
-    if _is_local(url):
-        parent = os.path.dirname(os.path.abspath(_local_path(url))) or "."
+    if is_local(url):
+        parent = os.path.dirname(os.path.abspath(local_path(url))) or "."
         probe = parent
         while not os.path.exists(probe):
             probe = os.path.dirname(probe)
@@ -61,8 +62,8 @@ def check_target(url: str, storage_options: dict | None = None) -> None:
 @contextmanager
 def _local_target(url: str, storage_options: dict | None) -> Iterator[str]:
     """A local path to write to; for remote URLs a temp path uploaded on success."""
-    if _is_local(url):
-        path = os.path.abspath(_local_path(url))
+    if is_local(url):
+        path = os.path.abspath(local_path(url))
         os.makedirs(os.path.dirname(path), exist_ok=True)
         yield path
         return
@@ -344,10 +345,6 @@ def write_dzi(
     for a store).
     """
     engine = engine or ("zarr" if isinstance(source, ImageStore) else "vips")
-    if engine not in DZI_ENGINES:
-        raise RendererError(f"unknown DeepZoom engine {engine!r}; use {' or '.join(DZI_ENGINES)}")
-    if engine == "zarr" and not isinstance(source, ImageStore):
-        raise RendererError("the zarr DeepZoom engine needs an image store as source, not a TIFF")
     _check_quality(quality)
     _check_dzi_args(tile_size, overlap, engine)
     if engine == "zarr":

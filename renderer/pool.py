@@ -18,13 +18,19 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
 
+import creps
+from creps.errors import first_line
+
 from .errors import RendererError
-from .tiles import RenderContext, TileRenderer, load_generator, peak_rss_mb
+from .tasks import LineTask, Result, Task, TileTask
+from .tiles import RenderContext, TileRenderer
+
+OnResult = Callable[[Task, Result], None]
 
 REPO_ROOT = str(Path(__file__).resolve().parent.parent)
 
@@ -41,7 +47,7 @@ class RenderWorker:
             torch.set_num_threads(threads)
         if device == "cuda" and not torch.cuda.is_available():
             device = "cpu"
-        self.G = load_generator(checkpoint, init_seed, device)
+        self.G = creps.load(checkpoint, init_seed=init_seed, device=device)
         self.device = device
         self._ctx: RenderContext | None = None
         self._r: TileRenderer | None = None
@@ -54,14 +60,14 @@ class RenderWorker:
     def pid(self) -> int:
         return os.getpid()
 
-    def lines(self, ctx: RenderContext, which: str, start: int, stop: int) -> dict:
-        info = self._renderer(ctx).lines(which, start, stop)
-        info["peak_rss_mb"] = peak_rss_mb()
-        return info
-
-    def tiles(self, ctx: RenderContext, batch: list[tuple[str, int, int, int, int]]) -> list[dict]:
+    def run(self, ctx: RenderContext, task: Task) -> Result:
+        """Do one task of job ``ctx``; the task's type says what."""
         r = self._renderer(ctx)
-        return [r.tile(*t) for t in batch]
+        if isinstance(task, LineTask):
+            return r.lines(task.which, task.start, task.stop)
+        if isinstance(task, TileTask):
+            return [r.tile(t) for t in task.tiles]
+        raise TypeError(f"unknown task {task!r}")
 
 
 # ---------------------------------------------------------------- Ray start-up
@@ -94,21 +100,20 @@ def start_ray(address: str | None, num_cpus: int | None = None, num_gpus: int | 
             )
     except (ConnectionError, RuntimeError, ValueError) as e:
         where = f"the Ray cluster at {address}" if address else "an embedded Ray"
-        raise RendererError(f"cannot start {where}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        raise RendererError(f"cannot start {where}: {first_line(e)}") from None
     return True
 
 
 def _token_auth_like_ray_start() -> None:
-    """``ray start`` turns token authentication on when ~/.ray/auth_token exists, but a
-    driver joining with ``ray.init(address=...)`` does not by itself: do the same here."""
-    try:
-        from ray._private.authentication.authentication_token_setup import (
-            maybe_enable_token_auth_if_token_available,
-        )
-    except ImportError:  # a Ray without token authentication
+    """``ray start`` turns token authentication on when a token exists (``RAY_AUTH_TOKEN``,
+    ``RAY_AUTH_TOKEN_PATH`` or ~/.ray/auth_token), but a driver joining with
+    ``ray.init(address=...)`` does not by itself: do the same here, through the
+    documented ``RAY_AUTH_MODE`` variable, unless the user set it."""
+    if "RAY_AUTH_MODE" in os.environ:
         return
-    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
-    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+    token_file = os.environ.get("RAY_AUTH_TOKEN_PATH") or str(Path.home() / ".ray" / "auth_token")
+    if os.environ.get("RAY_AUTH_TOKEN") or os.path.isfile(token_file):
+        os.environ["RAY_AUTH_MODE"] = "token"
 
 
 def cluster_resources() -> tuple[float, float]:
@@ -117,6 +122,19 @@ def cluster_resources() -> tuple[float, float]:
 
 
 # ---------------------------------------------------------------- the pool
+class Pool(Protocol):
+    """What the job driver needs of a pool: run tasks, report faults, stop."""
+
+    retries: int
+    replaced: int
+
+    def run(self, ctx: RenderContext, tasks: list[Task], on_result: OnResult) -> None: ...
+
+    def pids(self, timeout: float = ...) -> list[int]: ...
+
+    def shutdown(self) -> None: ...
+
+
 @dataclass
 class _Slot:
     actor: Any
@@ -125,10 +143,8 @@ class _Slot:
 
 
 @dataclass
-class _Task:
-    key: str
-    method: str
-    args: tuple
+class _Attempts:
+    task: Task
     attempts: int = 0
     not_before: float = 0.0
     errors: list[str] = field(default_factory=list)
@@ -189,12 +205,10 @@ class WorkerPool:
         slot.in_flight = 0
         self.replaced += 1
 
-    def run(
-        self, ctx: RenderContext, tasks: list[tuple[str, str, tuple]], on_result: Callable[[str, Any], None]
-    ) -> None:
-        """Run ``(key, method, args)`` tasks of job ``ctx`` on the actors; ``on_result(key, value)`` each."""
-        queue = collections.deque(_Task(k, m, a) for k, m, a in tasks)
-        pending: dict[Any, tuple[int, int, _Task]] = {}
+    def run(self, ctx: RenderContext, tasks: list[Task], on_result: OnResult) -> None:
+        """Run the tasks of job ``ctx`` on the actors; ``on_result(task, result)`` for each, in this thread."""
+        queue = collections.deque(_Attempts(t) for t in tasks)
+        pending: dict[Any, tuple[int, int, _Attempts]] = {}
         while queue or pending:
             now = time.monotonic()
             for i, slot in enumerate(self.slots):
@@ -202,7 +216,7 @@ class WorkerPool:
                     task = self._next_ready(queue, now)
                     if task is None:
                         break
-                    ref = getattr(slot.actor, task.method).remote(ctx, *task.args)
+                    ref = slot.actor.run.remote(ctx, task.task)
                     pending[ref] = (i, slot.generation, task)
                     slot.in_flight += 1
             if not pending:
@@ -218,26 +232,26 @@ class WorkerPool:
                     value = ray.get(ref)
                 except RayActorError as e:
                     if gen == slot.generation:  # first news of this actor's death: replace it
-                        self._replace(i, f"{task.key}: {_first_line(e)}")
-                    self._retry(queue, task, _first_line(e), backoff=False)
+                        self._replace(i, f"{task.task.key}: {_root_cause(e)}")
+                    self._retry(queue, task, _root_cause(e), backoff=False)
                 except (RayTaskError, RayError, GetTimeoutError) as e:
-                    self._retry(queue, task, _first_line(e), backoff=True)
+                    self._retry(queue, task, _root_cause(e), backoff=True)
                 else:
-                    on_result(task.key, value)
+                    on_result(task.task, value)
 
-    def _retry(self, queue: collections.deque, task: _Task, error: str, backoff: bool) -> None:
+    def _retry(self, queue: collections.deque, task: _Attempts, error: str, backoff: bool) -> None:
         task.attempts += 1
         self.retries += 1
         task.errors.append(error)
         if task.attempts > self.max_failures:
             raise RendererError(
-                f"task {task.key} failed {task.attempts} times; giving up. Last error: {task.errors[-1]}"
+                f"task {task.task.key} failed {task.attempts} times; giving up. Last error: {task.errors[-1]}"
             )
         task.not_before = time.monotonic() + (min(8.0, 0.5 * 2 ** (task.attempts - 1)) if backoff else 0.0)
         queue.appendleft(task)
 
     @staticmethod
-    def _next_ready(queue: collections.deque, now: float) -> _Task | None:
+    def _next_ready(queue: collections.deque, now: float) -> _Attempts | None:
         for _ in range(len(queue)):
             task = queue[0]
             if task.not_before <= now:
@@ -263,11 +277,9 @@ class LocalPool:
     def shutdown(self) -> None:
         pass
 
-    def run(
-        self, ctx: RenderContext, tasks: list[tuple[str, str, tuple]], on_result: Callable[[str, Any], None]
-    ) -> None:
-        for key, method, args in tasks:
-            on_result(key, getattr(self.worker, method)(ctx, *args))
+    def run(self, ctx: RenderContext, tasks: list[Task], on_result: OnResult) -> None:
+        for task in tasks:
+            on_result(task, self.worker.run(ctx, task))
 
 
 # ---------------------------------------------------------------- reuse across jobs
@@ -294,9 +306,15 @@ def release_pools() -> None:
         _POOLS.popitem()[1].shutdown()
 
 
-def _first_line(e: BaseException) -> str:
-    """The root cause's message of a Ray error, on one line."""
+def _root_cause(e: BaseException) -> str:
+    """One line naming what went wrong inside a Ray task or actor.
+
+    Ray wraps the worker's exception; its ``cause`` is the original one.
+    Without a cause the text is a formatted traceback, whose *last* line is
+    the exception itself.
+    """
     cause = getattr(e, "cause", None)
-    text = f"{type(cause).__name__}: {cause}" if isinstance(cause, BaseException) else str(e)
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    if isinstance(cause, BaseException):
+        return f"{type(cause).__name__}: {first_line(cause)}"
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
     return lines[-1] if lines else type(e).__name__

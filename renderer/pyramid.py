@@ -24,7 +24,7 @@ level 0 with about two strips per level in memory. Reads are prefetched and
 writes run on a thread pool (zarr also decodes chunks on its own threads).
 
 Resume: after each chunk row is written the completed prefix of every level
-is recorded in ``<store>/pyramid.json``. A re-run reads it, restarts level 1
+is recorded in the store's pyramid progress record (``ImageStore.pyramid_progress``). A re-run reads it, restarts level 1
 at its first missing row and re-seeds each deeper level from the few stored
 rows of the level above that it still needs, so it finishes without redoing
 finished work; rewriting a chunk row is idempotent (same bytes).
@@ -32,7 +32,6 @@ finished work; rewriting a chunk row is idempotent (same bytes).
 
 from __future__ import annotations
 
-import json
 import os
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -41,9 +40,8 @@ from typing import Any, Callable
 import numpy as np
 
 from .errors import RendererError
-from .store import ImageStore, _is_local
+from .store import ImageStore
 
-PROGRESS_FILE = "pyramid.json"
 RULE = "level k+1 = (a+b+c+d+2)//4 over 2x2 blocks of level k; odd edges replicate the last row/column"
 
 
@@ -88,24 +86,6 @@ def reference_pyramid(image: np.ndarray, min_size: int) -> list[np.ndarray]:
 
 
 # ---------------------------------------------------------------- progress
-def _progress_path(store: ImageStore) -> str:
-    return f"{store.root}/{PROGRESS_FILE}"
-
-
-def _read_progress(store: ImageStore) -> dict:
-    try:
-        return json.loads(store.fs.cat_file(_progress_path(store)))
-    except (FileNotFoundError, ValueError):
-        return {}
-
-
-def _write_progress(store: ImageStore, progress: dict) -> None:
-    path = _progress_path(store)
-    if _is_local(store.url):
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    store.fs.pipe_file(path, json.dumps(progress).encode())
-
-
 def _plan(store: ImageStore, min_size: int | None) -> tuple[int, list[tuple[int, int]]]:
     base = store.level(0)
     if base.ndim != 3 or base.shape[0] != 3 or base.dtype != np.uint8:
@@ -123,7 +103,7 @@ def pyramid_plan(store: ImageStore, min_size: int | None = None) -> list[tuple[i
 def pyramid_complete(store: ImageStore, min_size: int | None = None) -> bool:
     """True when every level of the plan is written (per pyramid.json) and present."""
     chunk, shapes = _plan(store, min_size)
-    prog = _read_progress(store)
+    prog = (store.pyramid_progress() or {})
     if prog.get("shapes") != [list(s) for s in shapes] or prog.get("chunk") != chunk:
         return False
     rows = prog.get("rows", {})
@@ -209,7 +189,7 @@ class _Writer:
             self.progress["rows"][str(k)] = max(self.progress["rows"].get(str(k), 0), end)
             changed, block = True, False
         if changed:
-            _write_progress(self.store, self.progress)
+            self.store.write_pyramid_progress(self.progress)
 
     def drain(self) -> None:
         while self.inflight:
@@ -230,7 +210,7 @@ def _resume_rows(prog: dict, shapes: list[tuple[int, int]], chunk: int) -> list[
 
 def _prepare_levels(store: ImageStore, shapes: list[tuple[int, int]], chunk: int, force: bool) -> dict:
     """Create or check arrays 1..n-1, drop stale deeper ones; return the progress record."""
-    prog = _read_progress(store)
+    prog = (store.pyramid_progress() or {})
     same_plan = prog.get("shapes") == [list(s) for s in shapes] and prog.get("chunk") == chunk
     if force or not same_plan:
         prog = {"shapes": [list(s) for s in shapes], "chunk": chunk, "rule": RULE, "rows": {}}
@@ -244,10 +224,8 @@ def _prepare_levels(store: ImageStore, shapes: list[tuple[int, int]], chunk: int
         if not ok:
             store.create_level(k, h, w, chunk=chunk, overwrite=True)
             prog["rows"][str(k)] = 0
-    for key in list(store.group.array_keys()):  # deeper levels of an older plan
-        if key.isdigit() and int(key) >= len(shapes):
-            del store.group[key]
-    _write_progress(store, prog)
+    store.delete_levels_from(len(shapes))  # deeper levels of an older plan
+    store.write_pyramid_progress(prog)
     return prog
 
 

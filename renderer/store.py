@@ -1,47 +1,57 @@
 """The image store: an OME-Zarr 0.5 (Zarr v3) image group on any fsspec URL.
 
-Layout (see docs/architecture.md):
-  <url>/zarr.json        group; attributes ``ome`` (NGFF 0.5) and ``creps_gigapixel``
-  <url>/0                level 0, (3, H, W) uint8, chunks (3, T, T), dims c/y/x
-  <url>/1 .. n           pyramid levels (renderer.pyramid)
-  <url>/lines/...        row/column line features of the job (renderer.lines)
-  <url>/tiles/<id>.json  one completion marker per finished tile, written after its data
+This module is the one owner of the on-store layout; every other module asks
+an ``ImageStore`` for what it needs and never builds a path inside a store:
+
+  <url>/zarr.json                    group; attributes ``ome`` (NGFF 0.5) and ``creps_gigapixel``
+  <url>/0                            level 0, (3, H, W) uint8, chunks (3, T, T), dims c/y/x
+  <url>/1 .. n                       pyramid levels (renderer.pyramid)
+  <url>/lines/row, lines/col         line features of the job (renderer.lines)
+  <url>/lines/done/<which>_<a>_<b>.json, lines/done/all.json   line-range completion markers
+  <url>/tiles/<id>.json              one completion marker per finished tile, written after its data
+  <url>/pyramid.json                 how far each pyramid level got (renderer.pyramid)
 
 Markers are plain files next to the arrays, so "which tiles are done" is one
 listing, on any filesystem, with no locking: each tile is written by exactly
-one worker and its marker only after its chunks.
+one worker and its marker only after its chunks.  The non-zarr entries
+(``tiles/``, ``pyramid.json``, ``lines/done``) are never reached through a
+zarr listing here (levels are probed by name), so zarr never meets them.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from typing import Any
 
-import warnings
-
-import fsspec
 import numpy as np
 import zarr
 from zarr.storage import FsspecStore, LocalStore
 
+from creps.errors import first_line
+
+from . import fsio
 from .errors import RendererError
 
 ATTRS_KEY = "creps_gigapixel"
-# Our marker and line folders are not zarr nodes; zarr warns when it lists them.
-warnings.filterwarnings("ignore", message=r"Object at .* is not recognized as a component of a Zarr hierarchy")
 MARKER_DIR = "tiles"
+LINES_GROUP = "lines"
+LINES_DONE_DIR = "lines/done"
+LINES_ALL_DONE = "all"
+PYRAMID_PROGRESS = "pyramid.json"
 CHANNEL_COLORS = ("FF0000", "00FF00", "0000FF")
 CHANNEL_LABELS = ("red", "green", "blue")
+LINE_KINDS = ("row", "col")
 
 
-def _is_local(url: str) -> bool:
-    return "://" not in url or url.startswith("file://")
+@dataclass(frozen=True)
+class LineShape:
+    """Shape of a job's line features: K blocks x rank x channels per line, stored in chunks."""
 
-
-def _local_path(url: str) -> str:
-    return url[len("file://") :] if url.startswith("file://") else url
+    blocks: int
+    rank: int
+    channels: int
+    chunk: int
 
 
 @dataclass
@@ -53,21 +63,42 @@ class ImageStore:
     root: str
     group: zarr.Group
 
-    # ------------------------------------------------------------ arrays
+    def _path(self, rel: str) -> str:
+        return f"{self.root}/{rel}"
+
+    # ------------------------------------------------------------ levels
     def has_level(self, level: int) -> bool:
-        return str(level) in self.group.array_keys()
+        return self._array(str(level)) is not None
+
+    def _array(self, key: str) -> zarr.Array | None:
+        """The array at ``key`` or None; a lookup by name, never a listing of the group."""
+        try:
+            node = self.group[key]
+        except KeyError:
+            return None
+        return node if isinstance(node, zarr.Array) else None
 
     def level(self, level: int = 0) -> zarr.Array:
-        try:
-            return self.group[str(level)]  # type: ignore[return-value]
-        except KeyError:
-            raise RendererError(f"{self.url} has no level {level}; render it first") from None
+        arr = self._array(str(level))
+        if arr is None:
+            raise RendererError(f"{self.url} has no level {level}; render it first")
+        return arr
 
     def level_count(self) -> int:
         n = 0
         while self.has_level(n):
             n += 1
         return n
+
+    def delete_levels_from(self, first: int) -> None:
+        """Remove levels ``first``, ``first``+1, ... (a deeper pyramid of an older plan)."""
+        try:  # one fsspec listing (gaps are possible); zarr's own listing would trip on our non-zarr entries
+            names = {os.path.basename(str(n).rstrip("/")) for n in self.fs.ls(self.root, detail=False, refresh=True)}
+        except TypeError:
+            names = {os.path.basename(str(n).rstrip("/")) for n in self.fs.ls(self.root, detail=False)}
+        for name in sorted(n for n in names if n.isdigit() and int(n) >= first):
+            if self.has_level(int(name)):
+                del self.group[name]
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -128,34 +159,84 @@ class ImageStore:
 
     def write_ome(self, name: str = "creps") -> None:
         """(Re)write NGFF 0.5 ``multiscales`` + ``omero`` for the levels present."""
-        self.group.attrs["ome"] = ome_metadata(
-            [self.level(i).shape for i in range(self.level_count())], name=name
-        )
+        self.group.attrs["ome"] = ome_metadata([self.level(i).shape for i in range(self.level_count())], name=name)
 
-    # ------------------------------------------------------------ markers
-    def _marker_path(self, tile_id: str) -> str:
-        return f"{self.root}/{MARKER_DIR}/{tile_id}.json"
+    def ome_level_paths(self) -> set[str] | None:
+        """Dataset paths listed in the OME ``multiscales`` metadata; None without usable metadata."""
+        ome = self.group.attrs.get("ome")
+        if not isinstance(ome, dict) or not ome.get("multiscales"):
+            return None
+        try:
+            return {d["path"] for d in ome["multiscales"][0]["datasets"]}
+        except (KeyError, TypeError, IndexError):
+            return None
 
+    # ------------------------------------------------------------ tile markers
     def mark_done(self, tile_id: str, info: dict) -> None:
-        path = self._marker_path(tile_id)
-        if _is_local(self.url):
-            self.fs.makedirs(os.path.dirname(path), exist_ok=True)
-        self.fs.pipe_file(path, json.dumps(info).encode())
+        """Record a finished tile; call only after its data is written."""
+        fsio.write_json(self.fs, self._path(f"{MARKER_DIR}/{tile_id}.json"), info)
 
     def done_tiles(self) -> set[str]:
-        path = f"{self.root}/{MARKER_DIR}"
-        try:
-            names = self.fs.ls(path, detail=False, refresh=True)
-        except FileNotFoundError:
-            return set()
-        except TypeError:  # filesystems without ``refresh``
-            names = self.fs.ls(path, detail=False)
-        return {os.path.basename(n)[: -len(".json")] for n in names if n.endswith(".json")}
+        return fsio.list_names(self.fs, self._path(MARKER_DIR))
 
     def clear_markers(self) -> None:
-        path = f"{self.root}/{MARKER_DIR}"
-        if self.fs.exists(path):
-            self.fs.rm(path, recursive=True)
+        fsio.remove_tree(self.fs, self._path(MARKER_DIR))
+
+    # ------------------------------------------------------------ line features
+    def create_line_arrays(self, height: int, width: int, shape: LineShape) -> None:
+        """Create (or replace) the empty row/column line arrays of a job, and clear their markers."""
+        fsio.remove_tree(self.fs, self._path(LINES_DONE_DIR))
+        grp = self.group.require_group(LINES_GROUP)
+        for which, length in (("row", height), ("col", width)):
+            grp.create_array(
+                which,
+                shape=(shape.blocks, length, shape.rank, shape.channels),
+                chunks=(shape.blocks, min(shape.chunk, length), shape.rank, shape.channels),
+                dtype="float32",
+                fill_value=0.0,
+                compressors=None,  # line features are noise to a compressor; keep reads cheap
+                dimension_names=["block", which, "rank", "channel"],
+                overwrite=True,
+            )
+
+    def line_array(self, which: str) -> zarr.Array:
+        if which not in LINE_KINDS:
+            raise ValueError(f"which must be 'row' or 'col', got {which!r}")
+        arr = self._array(f"{LINES_GROUP}/{which}")
+        if arr is None:
+            raise RendererError(f"{self.url} has no {which} line features; re-run the render job")
+        return arr
+
+    def has_line_arrays(self) -> bool:
+        return all(self._array(f"{LINES_GROUP}/{w}") is not None for w in LINE_KINDS)
+
+    def mark_lines(self, which: str, start: int, stop: int) -> None:
+        """Record a stored line range; call only after its data is written."""
+        record = {"which": which, "start": start, "stop": stop}
+        fsio.write_json(self.fs, self._path(f"{LINES_DONE_DIR}/{which}_{start}_{stop}.json"), record)
+
+    def line_ranges_done(self) -> set[tuple[str, int, int]]:
+        out = set()
+        for name in fsio.list_names(self.fs, self._path(LINES_DONE_DIR)):
+            parts = name.split("_")
+            if len(parts) == 3 and parts[0] in LINE_KINDS and parts[1].isdigit() and parts[2].isdigit():
+                out.add((parts[0], int(parts[1]), int(parts[2])))
+        return out
+
+    def mark_lines_complete(self, info: dict) -> None:
+        fsio.write_json(self.fs, self._path(f"{LINES_DONE_DIR}/{LINES_ALL_DONE}.json"), info)
+
+    def lines_complete(self) -> bool:
+        return LINES_ALL_DONE in fsio.list_names(self.fs, self._path(LINES_DONE_DIR))
+
+    # ------------------------------------------------------------ pyramid progress
+    def pyramid_progress(self) -> dict | None:
+        """renderer.pyramid's progress record; None when no pyramid pass has started."""
+        record = fsio.read_json(self.fs, self._path(PYRAMID_PROGRESS))
+        return record if isinstance(record, dict) else None
+
+    def write_pyramid_progress(self, record: dict) -> None:
+        fsio.write_json(self.fs, self._path(PYRAMID_PROGRESS), record)
 
 
 def ome_metadata(shapes: list[tuple[int, ...]], name: str = "creps") -> dict:
@@ -194,37 +275,64 @@ def ome_metadata(shapes: list[tuple[int, ...]], name: str = "creps") -> dict:
     }
 
 
-def filesystem(url: str, storage_options: dict | None = None) -> tuple[Any, str]:
-    """(fsspec filesystem, path inside it) for a URL or plain path."""
-    try:
-        fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
-    except (ValueError, ImportError, TypeError) as e:
-        raise RendererError(f"cannot open {url!r}: {e}") from None
-    return fs, root.rstrip("/")
+def store_exists(url: str, storage_options: dict | None = None) -> bool:
+    """True when ``url`` holds a zarr group (the marker of an image store)."""
+    fs, root = fsio.filesystem(url, storage_options)
+    return bool(fs.exists(f"{root}/zarr.json"))
 
 
-def open_store(
-    url: str,
-    storage_options: dict | None = None,
-    mode: str = "a",
-) -> ImageStore:
+def is_foreign_folder(url: str, storage_options: dict | None = None) -> bool:
+    """True when ``url`` is a non-empty folder that is not an image store (never overwrite it)."""
+    fs, root = fsio.filesystem(url, storage_options)
+    if fs.exists(f"{root}/zarr.json"):
+        return False
+    return bool(fs.exists(root) and fs.isdir(root) and fs.ls(root))
+
+
+def open_store(url: str, storage_options: dict | None = None, mode: str = "a") -> ImageStore:
     """Open (mode 'r' / 'a') or create (mode 'w': wipe) the image group at ``url``."""
-    fs, root = filesystem(url, storage_options)
+    fs, root = fsio.filesystem(url, storage_options)
     if mode == "r" and not fs.exists(f"{root}/zarr.json"):
         raise RendererError(f"no image store at {url!r} (missing zarr.json); render one first")
     try:
-        if _is_local(url):
-            path = _local_path(url)
+        if fsio.is_local(url):
+            path = fsio.local_path(url)
             if mode != "r":
                 os.makedirs(path, exist_ok=True)
             zstore: Any = LocalStore(path, read_only=mode == "r")
         else:
             zstore = FsspecStore.from_url(url, storage_options=storage_options or None, read_only=mode == "r")
-        group = zarr.open_group(zstore, mode=mode, zarr_format=3)
-    except RendererError:
-        raise
-    except (OSError, ValueError, PermissionError) as e:
-        raise RendererError(f"cannot open store {url!r}: {e}") from None
+        group = zarr.open_group(zstore, mode=mode, zarr_format=3)  # type: ignore[arg-type]
+    except (OSError, ValueError) as e:
+        raise RendererError(f"cannot open store {url!r}: {first_line(e)}") from None
     if mode == "w":
         fs.invalidate_cache()
     return ImageStore(url=url, fs=fs, root=root, group=group)
+
+
+def create_job_store(
+    url: str,
+    storage_options: dict | None,
+    *,
+    height: int,
+    width: int,
+    tile: int,
+    shard: int,
+    compressor: str,
+    lines: LineShape,
+    name: str,
+    meta: dict,
+) -> ImageStore:
+    """A fresh store for a render job: level 0, empty line arrays, OME and job metadata.
+
+    Any earlier content of the group (levels, markers, lines, pyramid progress)
+    is wiped first, so nothing of another job can be mistaken for this one's.
+    """
+    store = open_store(url, storage_options, mode="w")
+    store.clear_markers()
+    fsio.remove_tree(store.fs, store._path(PYRAMID_PROGRESS))
+    store.create_level(0, height, width, tile, shard, compressor, overwrite=True)
+    store.create_line_arrays(height, width, lines)
+    store.write_ome(name=name)
+    store.update_meta(**meta)
+    return store

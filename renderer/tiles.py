@@ -11,12 +11,12 @@ complete whatever was killed when.  Only small metadata is returned.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import resource
 import socket
 import time
 import zlib
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -24,11 +24,11 @@ import torch
 import creps
 
 from . import lines as line_store
-from .errors import RendererError
 from .store import ImageStore, open_store
+from .tasks import LineResult, Tile, TileResult
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class RenderContext:
     """Everything a worker needs about a job (plain values, cheap to ship to Ray)."""
 
@@ -49,24 +49,7 @@ class RenderContext:
         return creps.Canvas(self.height, self.width, y=(y0, y1), x=(x0, x1))
 
 
-# ---------------------------------------------------------------- checkpoints
-def load_generator(checkpoint: str, init_seed: int = 0, device: str = "cpu") -> creps.Generator:
-    """A generator in eval mode from a checkpoint file or ``preset:NAME`` (see creps.load)."""
-    try:
-        return creps.load(checkpoint, init_seed=init_seed, device=device)
-    except (creps.CheckpointError, OSError, ValueError, RuntimeError) as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise RendererError(f"cannot load checkpoint {checkpoint!r}: {msg}") from None
-
-
-def checkpoint_hash(checkpoint: str, init_seed: int = 0) -> str:
-    """Identity of the weights: sha256 of the file, or ``preset:NAME@init<seed>``."""
-    try:
-        return creps.checkpoint_hash(checkpoint, init_seed=init_seed)
-    except (creps.CheckpointError, OSError) as e:
-        raise RendererError(f"cannot read checkpoint {checkpoint!r}: {e}") from None
-
-
+# ---------------------------------------------------------------- helpers
 def peak_rss_mb() -> float:
     """This process's peak resident set size (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
@@ -87,14 +70,14 @@ class TileRenderer:
             self._line_weights = G.line_weights(self.ws)
             self._pixel_weights = G.pixel_weights(self.ws)
 
-    def lines(self, which: str, start: int, stop: int) -> dict:
+    def lines(self, which: str, start: int, stop: int) -> LineResult:
         """Compute and store line features of positions [start, stop) (``which`` = row | col)."""
         t0 = time.perf_counter()
         coords = self.canvas.row_coords() if which == "row" else self.canvas.col_coords()
         with torch.no_grad():
             feats = self.G.lines(self.ws, coords.to(self.device), which, start, stop, weights=self._line_weights)
         line_store.write_lines(self.store, which, start, feats)
-        return {"which": which, "start": start, "stop": stop, "seconds": time.perf_counter() - t0}
+        return LineResult(which, start, stop, time.perf_counter() - t0, peak_rss_mb())
 
     def render_tile(self, r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
         """uint8 (3, r1-r0, c1-c0) of the canvas, chunk by chunk, from the stored lines."""
@@ -111,20 +94,19 @@ class TileRenderer:
                     out[:, a : a + step, b : b + step] = creps.to_uint8(img)[0].cpu().numpy()
         return out
 
-    def tile(self, tile_id: str, r0: int, r1: int, c0: int, c1: int) -> dict:
-        """Render one tile, write it, then its marker; return its metadata."""
+    def tile(self, tile: Tile) -> TileResult:
+        """Render one tile, write it, then its marker."""
         t0 = time.perf_counter()
-        data = self.render_tile(r0, r1, c0, c1)
-        self.store.write_region(0, r0, c0, data)
-        info = {
-            "id": tile_id,
-            "rows": [r0, r1],
-            "cols": [c0, c1],
-            "crc32": zlib.crc32(data.tobytes()),
-            "seconds": round(time.perf_counter() - t0, 4),
-            "pid": os.getpid(),
-            "host": socket.gethostname(),
-        }
-        self.store.mark_done(tile_id, info)
-        info["peak_rss_mb"] = peak_rss_mb()
-        return info
+        data = self.render_tile(tile.r0, tile.r1, tile.c0, tile.c1)
+        self.store.write_region(0, tile.r0, tile.c0, data)
+        result = TileResult(
+            id=tile.id,
+            rows=(tile.r0, tile.r1),
+            cols=(tile.c0, tile.c1),
+            crc32=zlib.crc32(data.tobytes()),
+            seconds=round(time.perf_counter() - t0, 4),
+            pid=os.getpid(),
+            host=socket.gethostname(),
+        )
+        self.store.mark_done(tile.id, result.marker())
+        return dataclasses.replace(result, peak_rss_mb=peak_rss_mb())

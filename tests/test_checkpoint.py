@@ -1,18 +1,24 @@
-"""Our checkpoint format (safetensors + JSON config), preset specs, and bad files."""
+"""Our checkpoint format (safetensors + JSON config), preset specs, bad files, and
+reading a checkpoint's config without its weights (``creps.read_config``)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import pickle
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+# The builder of official-structured pickles (pytest puts tests/ on sys.path).
+from test_official_pickle import official_pickle
+
 import creps
 from creps.checkpoint import FORMAT
-from creps.official import infer_config
+from creps.official import infer_config, read_official
 
 OFFICIAL = {"ffhq512": (30_867_785, 204), "church256": (30_530_825, 184), "metfaces1024": (31_034_377, 224)}
 
@@ -23,7 +29,7 @@ def tiny() -> creps.Generator:
     G = creps.Generator(creps.preset("tiny")).eval().requires_grad_(False)
     with torch.no_grad():
         for name, t in G.state_dict().items():
-            if name.endswith("bias") or name.endswith("w_avg"):
+            if name.endswith(("bias", "w_avg")):
                 t.add_(torch.randn_like(t) * 0.1)
     return G
 
@@ -37,7 +43,7 @@ def _rewrite(src, dst, edit) -> None:
     """Copy a checkpoint of ours with its tensors edited, metadata kept."""
     with safe_open(str(src), framework="pt") as f:
         meta = f.metadata()
-        sd = {k: f.get_tensor(k) for k in f.keys()}
+        sd = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 -- safe_open is not iterable
     edit(sd)
     save_file(sd, str(dst), metadata=meta)
 
@@ -161,3 +167,93 @@ def test_safetensors_of_someone_else(tmp_path):
     _error(path, "not a creps-gigapixel checkpoint")
     save_file({"weight": torch.zeros(2)}, str(path), metadata={"format": FORMAT, "creps_config": '{"resolution": 7}'})
     _error(path, "bad creps_config metadata")
+
+
+# ------------------------------------------------------------------ read_config
+@pytest.fixture()
+def official_pkl(tmp_path, tiny) -> Path:
+    path = tmp_path / "network-snapshot.pkl"
+    path.write_bytes(official_pickle(tiny, tmp_path / "marker"))
+    return path
+
+
+def _same_error(spec) -> str:
+    """read_config refuses ``spec`` with exactly the one-line error load gives."""
+    with pytest.raises(creps.CheckpointError) as loaded:
+        creps.load(spec)
+    with pytest.raises(creps.CheckpointError) as read:
+        creps.read_config(spec)
+    assert str(read.value) == str(loaded.value)
+    assert "\n" not in str(read.value)
+    return str(read.value)
+
+
+def test_read_config_equals_load(saved, official_pkl):
+    assert creps.read_config("preset:tiny", init_seed=5) == creps.load("preset:tiny", init_seed=5).cfg
+    assert creps.read_config("preset:ffhq512") == creps.preset("ffhq512")
+    for spec in (saved, str(saved), official_pkl, str(official_pkl)):
+        assert creps.read_config(spec) == creps.load(spec).cfg
+
+
+def test_read_config_builds_no_generator_and_decodes_no_storage(monkeypatch, saved, official_pkl, tiny):
+    def forbidden(*args, **kwargs):
+        raise AssertionError("read_config must not build a generator or decode weights")
+
+    monkeypatch.setattr("creps.checkpoint.Generator", forbidden)
+    monkeypatch.setattr(torch, "frombuffer", forbidden)  # how official storages are decoded
+    assert creps.read_config(saved) == tiny.cfg
+    assert creps.read_config(official_pkl) == tiny.cfg
+    assert creps.read_config("preset:tiny") == tiny.cfg
+
+
+def test_official_reader_without_tensors_gives_shapes_only(official_pkl):
+    with open(official_pkl, "rb") as f:
+        cfg, sd = read_official(f)
+    with open(official_pkl, "rb") as f:
+        cfg_meta, sd_meta = read_official(f, tensors=False)
+    assert cfg_meta == cfg
+    assert list(sd_meta) == list(sd)
+    assert all(t.is_meta for t in sd_meta.values())
+    assert all(sd_meta[k].shape == sd[k].shape and sd_meta[k].dtype == sd[k].dtype for k in sd)
+
+
+def test_read_config_refuses_what_load_refuses(tmp_path, saved, official_pkl):
+    assert "unknown preset 'nope'" in _same_error("preset:nope")
+    assert "checkpoint not found" in _same_error(tmp_path / "nope.safetensors")
+    for name, content in [("text", b"hello\n"), ("empty", b""), ("zip", b"PK\x03\x04" + b"\0" * 40)]:
+        path = tmp_path / f"{name}.bin"
+        path.write_bytes(content)
+        _same_error(path)
+    data = saved.read_bytes()
+    for cut in (len(data) // 2, 12, len(data) - 1):
+        path = tmp_path / f"cut{cut}.safetensors"
+        path.write_bytes(data[:cut])
+        assert "truncated" in _same_error(path)
+    other = tmp_path / "other.safetensors"
+    save_file({"weight": torch.zeros(2)}, str(other))
+    assert "not a creps-gigapixel checkpoint" in _same_error(other)
+    save_file({"weight": torch.zeros(2)}, str(other), metadata={"format": FORMAT, "creps_config": '{"resolution": 7}'})
+    assert "bad creps_config metadata" in _same_error(other)
+
+
+def test_read_config_refuses_bad_pickles_like_load(tmp_path, official_pkl):
+    data = official_pkl.read_bytes()
+    for i in range(1, 8):  # cuts anywhere: between records and inside storage blobs
+        path = tmp_path / f"cut{i}.pkl"
+        path.write_bytes(data[: len(data) * i // 8])
+        msg = _same_error(path)
+        assert "truncated" in msg or "corrupt" in msg
+    path = tmp_path / "evil.pkl"
+    path.write_bytes(pickle.dumps({"G_ema": print}))
+    assert "refusing to load: the pickle calls builtins.print" in _same_error(path)
+    path.write_bytes(pickle.dumps({"something": 1}))
+    assert "no G_ema or G" in _same_error(path)
+
+
+def test_read_config_does_not_check_tensor_shapes(tmp_path, saved):
+    """Documented limit: the strict key/shape check needs a generator, so only load makes it."""
+    bad = tmp_path / "bad.safetensors"
+    _rewrite(saved, bad, lambda sd: sd.__setitem__("mapping.fc0.weight", torch.zeros(3, 3)))
+    assert creps.read_config(bad) == creps.preset("tiny")
+    with pytest.raises(creps.CheckpointError, match="wrong shapes"):
+        creps.load(bad)

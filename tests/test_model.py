@@ -1,7 +1,8 @@
-"""The generator: official shapes, exact tiles (contract 1), determinism, truncation."""
+"""The generator: official shapes, exact tiles (docs/exactness.md), determinism, truncation."""
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
@@ -103,6 +104,30 @@ def test_shared_line_features_equal_per_tile_lines(tiny: Generator) -> None:
         assert torch.equal(shared, own)
         # A tile's own lines equal the slice of the job's lines.
         assert torch.equal(tiny.lines(ws, cv.row_coords(), "row", r0, r1), rows_all[:, :, r0:r1])
+
+
+@torch.no_grad()
+def test_folded_weights_are_typed_and_reusable(tiny: Generator) -> None:
+    ws = tiny.ws(tiny.z_from_seed(1, batch=2))
+    lw, pw = tiny.line_weights(ws), tiny.pixel_weights(ws)
+    assert isinstance(lw, creps.LineWeights) and isinstance(pw, creps.PixelWeights)
+    c4 = tiny.cfg.channels(4)
+    assert lw.first_fc1.weight.shape == (2, c4, c4) and lw.first_fc1.bias.shape == (2, 1, c4)
+    assert len(lw.blocks) == tiny.cfg.num_bilines
+    assert all(blk.tores.weight.shape[-1] == tiny.cfg.biline_channels for blk in lw.blocks)
+    assert len(pw.decoders) == tiny.cfg.num_bilines - 1 and all(len(d) == 4 for d in pw.decoders)
+    assert isinstance(pw.img, creps.Affine) and pw.img.weight.dim() == 2
+    one = pw.sample(1)
+    layers = [a for blk in one.refine for a in (blk.fc0, blk.fc1, blk.tores)]
+    assert len(layers) == 6 and all(a.weight.dim() == 2 and a.bias.dim() == 1 for a in layers)
+    assert torch.equal(one.refine[0].fc0.weight, pw.refine[0].fc0.weight[1])
+    assert one.decoders is pw.decoders and one.last is pw.last and one.img is pw.img
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        lw.blocks = ()  # type: ignore[misc]
+    cv = Canvas(30, 50)
+    R = tiny.lines(ws, cv.row_coords(), "row", weights=lw)
+    C = tiny.lines(ws, cv.col_coords(), "col", weights=lw)
+    assert torch.equal(tiny.pixels(ws, R, C, weights=pw), tiny.render(ws, cv))
 
 
 @torch.no_grad()

@@ -28,7 +28,7 @@ import pytest
 import torch
 
 import creps
-from creps import convert
+from creps import convert, official
 from creps.layers import FullyConnected, ModulatedFC
 from creps.network import FourierInput, LineBlock, Mapping, RefineBlock, Synthesis
 
@@ -93,13 +93,13 @@ class Persistent(torch.nn.Module):
         self._official_class = class_name
 
     def __reduce__(self):
-        meta = dict(
-            type="class",
-            version=6,
-            module_src=self.module_src,
-            class_name=self._official_class,
-            state=dict(self.__dict__),
-        )
+        meta = {
+            "type": "class",
+            "version": 6,
+            "module_src": self.module_src,
+            "class_name": self._official_class,
+            "state": dict(self.__dict__),
+        }
         return (Persistent.reconstruct, (meta,), None)
 
 
@@ -160,15 +160,15 @@ def official_pickle(G: creps.Generator, marker: Path, protocol: int = 4) -> byte
         aug = Persistent("AugmentPipe")
         aug.register_buffer("Hz_geom", torch.randn(12))
         aug.register_buffer("unused", torch.zeros(2), persistent=False)
-        snapshot = dict(
-            G=official_tree(noisy, ns),
-            D=D,
-            G_ema=official_tree(G, ns),
-            augment_pipe=aug,
-            training_set_kwargs=ns.EasyDict(
+        snapshot = {
+            "G": official_tree(noisy, ns),
+            "D": D,
+            "G_ema": official_tree(G, ns),
+            "augment_pipe": aug,
+            "training_set_kwargs": ns.EasyDict(
                 path="ffhq.zip", resolution=np.int64(G.cfg.resolution), xflip=False, ratio=np.float32(0.5)
             ),
-        )
+        }
         return pickle.dumps(snapshot, protocol=protocol)
 
 
@@ -178,7 +178,7 @@ def source_G() -> creps.Generator:
     G = creps.Generator(creps.preset("tiny")).eval().requires_grad_(False)
     with torch.no_grad():  # make every tensor matter (official init has zero biases)
         for name, t in G.state_dict().items():
-            if name.endswith("bias") or name.endswith("w_avg"):
+            if name.endswith(("bias", "w_avg")):
                 t.add_(torch.randn_like(t) * 0.1)
     return G
 
@@ -270,6 +270,17 @@ def test_truncated_pickle(tmp_path, source_G):
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(creps.CheckpointError, match="truncated|corrupt"):
         creps.load(path)
+
+
+@pytest.mark.parametrize("tensors", [True, False], ids=["decoded", "shapes-only"])
+def test_truncated_storage_blob(tensors):
+    """A storage blob shorter than its record says is refused whether or not it is decoded."""
+    _, (blob,) = torch.arange(10.0).__reduce_ex__(4)[1][0].__reduce__()  # as a pickled tensor carries it
+    read = official._load_from_bytes if tensors else official._storage_shape_from_bytes
+    whole = read(blob)
+    assert whole.shape == (10,) and whole.is_meta != tensors
+    with pytest.raises(creps.CheckpointError, match="truncated storage data in pickle"):
+        read(blob[:-4])
 
 
 def test_pickle_without_generator(tmp_path):

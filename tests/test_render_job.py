@@ -14,7 +14,6 @@ import creps
 from jobs import JobSpecError
 from jobs.run import run_job
 from jobs.spec import JobSpec
-from renderer import lines as line_store
 from renderer.store import open_store
 
 
@@ -45,15 +44,15 @@ def test_store_layout_metadata_and_lines(tmp_path, render_ray):
     ome = store.group.attrs["ome"]
     assert ome["version"] == "0.5" and ome["multiscales"][0]["datasets"][0]["path"] == "0"
     # the line stage ran once for the job and its arrays are exactly G.lines of the full vectors
-    assert line_store.all_done(store)
+    assert store.lines_complete()
     G = creps.load("preset:tiny")
     canvas = creps.Canvas(80, 120)
     with torch.no_grad():
         ws = G.ws(G.z_from_seed(2), 1.0)
         rows = G.lines(ws, canvas.row_coords(), "row")[0].numpy()
         cols = G.lines(ws, canvas.col_coords(), "col")[0].numpy()
-    np.testing.assert_array_equal(line_store.line_array(store, "row")[:], rows)
-    np.testing.assert_array_equal(line_store.line_array(store, "col")[:], cols)
+    np.testing.assert_array_equal(store.line_array("row")[:], rows)
+    np.testing.assert_array_equal(store.line_array("col")[:], cols)
 
 
 def test_ome_zarr_valid(tmp_path, render_ray):

@@ -10,8 +10,8 @@ import torch
 
 from training.augment import AdaController, augment
 from training.config import TrainConfig
-from training.losses import d_loss, g_loss, r1_loss, r1_penalty
 from training.loop import ema_beta, ema_update, step_generator
+from training.losses import d_loss, g_loss, r1_loss, r1_penalty
 from training.networks import Discriminator, minibatch_std
 
 
@@ -103,3 +103,124 @@ def test_data_order_is_a_function_of_seed_and_position():
     assert sorted(whole[:10]) == list(range(10)) and sorted(whole[10:20]) == list(range(10))
     fresh = ImageDataset(ds.images, ds.names, seed=5)
     assert np.array_equal(fresh.order(13, 9), whole[13:22])
+
+
+def test_default_gamma_table_and_formula():
+    from training.config import default_gamma
+
+    assert [default_gamma(r) for r in (32, 64, 128, 256, 512, 1024)] == [0.05, 0.1, 0.5, 2.0, 10.0, 32.0]
+    # outside the table: 0.0002 * r^2, not an interpolation of it
+    assert default_gamma(16) == pytest.approx(0.0512) and default_gamma(2048) == pytest.approx(838.8608)
+
+
+# ------------------------------------------------------------------ the CLI boundary
+@pytest.fixture
+def no_debug_env(monkeypatch):
+    monkeypatch.delenv("CREPS_DEBUG", raising=False)
+
+
+def parse_train(argv: list[str]):
+    import train
+
+    return train.build_parser().parse_args(train.with_default_command(argv))
+
+
+def test_train_is_the_default_subcommand():
+    import train
+
+    assert train.with_default_command(["--data", "D", "--out", "R"]) == ["train", "--data", "D", "--out", "R"]
+    assert train.with_default_command(["--debug", "--data", "D"]) == ["--debug", "train", "--data", "D"]
+    assert train.with_default_command([]) == ["train"]
+    for argv in (["train", "--data", "D"], ["dataset", "a", "b"], ["--debug", "metrics", "c"], ["--help"]):
+        assert train.with_default_command(argv) == argv
+    a, b = parse_train(["--data", "D", "--out", "R", "--batch", "8"]), parse_train(["train", "--data", "D", "--out", "R", "--batch", "8"])
+    assert vars(a) == vars(b) and a.command == "train" and a.debug is False
+
+
+def test_config_from_args_matches_flag_defaults_and_renames():
+    assert TrainConfig.from_args(parse_train(["--data", "D", "--out", "R"])) == TrainConfig(data="D")
+    cfg = TrainConfig.from_args(parse_train([
+        "--data", "D", "--out", "R", "--target", "0.5", "--glr", "0.001", "--dlr", "0.003", "--d-cbase", "64",
+        "--d-cmax", "32", "--tick", "2", "--no-amp", "--kimg", "1.5M", "--metrics", "fid,kid", "--ema-kimg", "3",
+    ]))
+    assert (cfg.ada_target, cfg.lr_g, cfg.lr_d, cfg.d_channel_base, cfg.d_channel_max, cfg.tick_kimg, cfg.amp,
+            cfg.kimg, cfg.metrics, cfg.ema_kimg) == (0.5, 0.001, 0.003, 64, 32, 2.0, False, 1500.0, ("fid", "kid"), 3.0)
+
+
+def test_train_error_is_a_user_error():
+    from creps.errors import UserError
+    from training import TrainError, TrainingError
+
+    assert issubclass(TrainError, UserError) and TrainError.exit_code == 2 and TrainingError is TrainError
+
+
+@pytest.mark.parametrize("prefix", [[], ["train"]])
+def test_cli_bad_input_is_one_error_line_exit_2(prefix, tmp_path, capsys, no_debug_env):
+    import train
+
+    rc = train.main([*prefix, "--data", str(tmp_path / "nonexistent"), "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("error: ") and "not a built dataset" in err[0]
+    assert train.main([*prefix, "--data", "x", "--out", str(tmp_path / "run"), "--batch", "1"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --batch must be >= 2 (minibatch-std needs pairs), got 1"
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_checkpoint_error_reaches_the_boundary_unchanged(tmp_path, capsys, no_debug_env):
+    from PIL import Image
+
+    import train
+    from training.dataset import build_dataset
+
+    (tmp_path / "src").mkdir()
+    for i in range(8):
+        Image.new("RGB", (8, 8), (30 * i, 0, 0)).save(tmp_path / "src" / f"{i}.png")
+    build_dataset(str(tmp_path / "src"), str(tmp_path / "ds"), 8, log=lambda s: None)
+    (tmp_path / "junk.pkl").write_bytes(b"garbage")
+    rc = train.main(["--data", str(tmp_path / "ds"), "--out", str(tmp_path / "run"), "--preset", "tiny", "--batch", "4",
+                     "--resume", str(tmp_path / "junk.pkl"), "--dry-run", "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("error: ") and "junk.pkl: unknown checkpoint format" in err[0]
+
+
+@pytest.mark.parametrize("before, after", [(["--debug"], []), ([], ["--debug"]), (["train"], ["--debug"])])
+def test_cli_debug_reraises_with_traceback(before, after, tmp_path, monkeypatch, no_debug_env):
+    """--debug as a global flag (before the implicit subcommand) or among the subcommand's options; or CREPS_DEBUG=1."""
+    import train
+    from training import TrainError
+
+    bad = ["--data", str(tmp_path / "nonexistent"), "--out", str(tmp_path / "run")]
+    with pytest.raises(TrainError, match="not a built dataset"):
+        train.main([*before, *bad, *after])
+    monkeypatch.setenv("CREPS_DEBUG", "1")
+    with pytest.raises(TrainError):
+        train.main(bad)
+
+
+def test_cli_interrupt_is_one_line_exit_130(monkeypatch, capsys, no_debug_env):
+    import train
+    from training import cli_train
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli_train, "run", interrupted)
+    assert train.main(["--data", "D", "--out", "R"]) == 130
+    assert capsys.readouterr().err.strip() == "interrupted; re-run the same command to resume"
+
+
+def test_cli_help_lists_subcommands_and_their_options(capsys):
+    import train
+
+    with pytest.raises(SystemExit) as e:
+        train.main(["--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and all(f"    {name}" in out for name in ("train", "dataset", "metrics"))
+    assert "--debug" in out and "--data PATH" in out  # the default subcommand's options follow the list
+    for sub, options in {"train": ("--kimg", "--glr", "--no-amp", "--debug"),
+                         "dataset": ("--resolution", "--crops", "--min-images", "--debug"),
+                         "metrics": ("--num", "--psi", "--metrics", "--debug")}.items():
+        with pytest.raises(SystemExit):
+            train.main([sub, "--help"])
+        out = capsys.readouterr().out
+        assert out.startswith(f"usage: train.py {sub}") and all(o in out for o in options)

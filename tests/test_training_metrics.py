@@ -26,7 +26,9 @@ def test_kid_unbiased_mmd():
     rng = np.random.default_rng(1)
     a = rng.standard_normal((200, 4))
     # one subset of everything = the unbiased MMD^2 with k(x, y) = (x.y/d + 1)^3
-    k = lambda x, y: (x @ y.T / 4 + 1) ** 3  # noqa: E731
+    def k(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        return (x @ y.T / 4 + 1) ** 3
+
     b = rng.standard_normal((200, 4)) + 0.5
     n = 200
     kxx, kyy, kxy = k(a, a), k(b, b), k(a, b)

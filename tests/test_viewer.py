@@ -225,7 +225,8 @@ def test_pyramid_levels_are_read_when_listed(tmp_path, image):
 
 def test_levels_of_a_built_pyramid_are_served(tmp_path, image):
     """With renderer.pyramid's levels, DZI level max-i is zarr level i, pixel for pixel."""
-    from renderer.pyramid import PROGRESS_FILE, build_pyramid
+    from renderer.pyramid import build_pyramid
+    from renderer.store import PYRAMID_PROGRESS
 
     url = make_store(tmp_path / "bp.zarr", image)
     s = open_store(url)
@@ -238,7 +239,7 @@ def test_levels_of_a_built_pyramid_are_served(tmp_path, image):
         y0, y1, x0, x1 = tile_bounds(W, H, top - i, 0, 0)
         np.testing.assert_array_equal(decode(src.tile(top - i, 0, 0)), s.read_region(i, y0, y1, x0, x1))
     # A level that the progress file says is unfinished (a resumed build) is not read.
-    path = tmp_path / "bp.zarr" / PROGRESS_FILE
+    path = tmp_path / "bp.zarr" / PYRAMID_PROGRESS
     record = json.loads(path.read_text())
     record["rows"]["2"] = 0
     path.write_text(json.dumps(record))

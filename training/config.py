@@ -1,20 +1,26 @@
 """The resolved training configuration: one frozen dataclass, stored beside the run.
 
 Defaults follow the StyleGAN2/CREPS recipes scaled to the preset: R1 gamma
-from the resolution (the seed's 0.5 @ 128, 10 @ 512, 32 @ 1024), EMA half-life
-``batch * 10 / 32`` kimg with a 5 % ramp-up, Adam (0, 0.99), lazy R1 every 16
-steps, a discriminator half as wide as the generator.
+from the resolution (``default_gamma``), EMA half-life ``batch * 10 / 32`` kimg
+with a 5 % ramp-up, Adam (0, 0.99), lazy R1 every 16 steps, a discriminator
+half as wide as the generator.
+
+The command line builds a config in one place, ``TrainConfig.from_args``: every
+``train.py train`` flag that sets a field stores its value under the field's
+name (``--glr`` -> ``lr_g``), so no field is copied by hand.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 from dataclasses import dataclass, field
+from typing import Any
 
 from creps import GeneratorConfig, preset
 
-from . import TrainingError
+from .errors import TrainError
 
 # Options that may change between runs of the same RUNDIR without --force:
 # they say how long / how often, not what is trained.
@@ -22,7 +28,16 @@ MUTABLE = ("kimg", "snap", "metrics", "metrics_num", "resume", "tick_kimg")
 
 
 def default_gamma(resolution: int) -> float:
-    """R1 gamma the seed used per resolution, interpolated in log2 for others."""
+    """The R1 weight used when ``--gamma`` is not given.
+
+    32..1024 come from a table (0.05, 0.1, 0.5, 2, 10, 32: about 4x per
+    doubling).  Any other resolution gets ``0.0002 * r**2``, the r^2 rule of
+    StyleGAN2-ADA's automatic config without its division by the batch size.
+    Nothing is interpolated, and the formula does not continue the table (it
+    gives 4-8x the table's values, e.g. 210 at 1024): it is mild below 32
+    (0.013 at 8, 0.05 at 16) but very strong above 1024 (839 at 2048), so give
+    ``--gamma`` there.
+    """
     table = {32: 0.05, 64: 0.1, 128: 0.5, 256: 2.0, 512: 10.0, 1024: 32.0}
     return table.get(resolution, 0.0002 * resolution**2)
 
@@ -58,18 +73,18 @@ class TrainConfig:
     metrics_num: int = 2000
     resume: str = ""
     amp: bool = True  # bf16 autocast on CUDA only
-    generator: dict = field(default_factory=dict)  # resolved GeneratorConfig fields
+    generator: dict[str, Any] = field(default_factory=dict)  # resolved GeneratorConfig fields
 
     def __post_init__(self) -> None:
         if self.batch < 2:
-            raise TrainingError(f"--batch must be >= 2 (minibatch-std needs pairs), got {self.batch}")
+            raise TrainError(f"--batch must be >= 2 (minibatch-std needs pairs), got {self.batch}")
         if self.kimg <= 0:
-            raise TrainingError(f"--kimg must be positive, got {self.kimg}")
+            raise TrainError(f"--kimg must be positive, got {self.kimg}")
         if self.aug not in ("ada", "noaug"):
-            raise TrainingError(f"--aug must be 'ada' or 'noaug', got {self.aug!r}")
+            raise TrainError(f"--aug must be 'ada' or 'noaug', got {self.aug!r}")
         unknown = sorted(set(self.metrics) - {"fid", "kid"})
         if unknown:
-            raise TrainingError(f"unknown metrics {unknown}; choose from fid, kid")
+            raise TrainError(f"unknown metrics {unknown}; choose from fid, kid")
 
     # ---------------------------------------------------------------- derived
     @property
@@ -89,22 +104,22 @@ class TrainConfig:
     def total_steps(self) -> int:
         return max(1, round(self.kimg * 1000 / self.batch))
 
-    def resolve(self, dataset_resolution: int) -> "TrainConfig":
+    def resolve(self, dataset_resolution: int) -> TrainConfig:
         """Fill in resolution, generator config and D width from the preset and the data."""
         try:
             base = preset(self.preset)
         except KeyError as e:
-            raise TrainingError(str(e.args[0])) from None
+            raise TrainError(str(e.args[0])) from None
         res = self.resolution or dataset_resolution
         if res != dataset_resolution:
-            raise TrainingError(
+            raise TrainError(
                 f"--resolution {res} but the dataset is {dataset_resolution}x{dataset_resolution}; "
                 f"rebuild it with `train.py dataset SRC DEST --resolution {res}`"
             )
         try:
             gen = dataclasses.replace(base, resolution=res)
         except ValueError as e:
-            raise TrainingError(str(e)) from None
+            raise TrainError(str(e)) from None
         return dataclasses.replace(
             self,
             resolution=res,
@@ -114,7 +129,19 @@ class TrainConfig:
         )
 
     # ------------------------------------------------------------------ io
-    def to_dict(self) -> dict:
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> TrainConfig:
+        """The config of a parsed ``train.py train`` command line.
+
+        The parser stores each config flag under its field's name, so this is
+        the only place the two meet; attributes that are not fields (``out``,
+        ``device``, ``debug``, ...) are ignored and absent fields keep their
+        defaults, which are the flags' defaults too (a test checks both).
+        """
+        given = vars(args)
+        return cls(**{f.name: given[f.name] for f in dataclasses.fields(cls) if f.name in given})
+
+    def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["betas"], d["metrics"] = list(self.betas), list(self.metrics)
         return d
@@ -123,7 +150,7 @@ class TrainConfig:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         d = {k: v for k, v in d.items() if k in known}
         if "betas" in d:
@@ -132,7 +159,7 @@ class TrainConfig:
             d["metrics"] = tuple(d["metrics"])
         return cls(**d)
 
-    def differences(self, other: "TrainConfig") -> list[str]:
+    def differences(self, other: TrainConfig) -> list[str]:
         """Fields (other than MUTABLE ones) whose values differ."""
         a, b = self.to_dict(), other.to_dict()
         return sorted(k for k in a if k not in MUTABLE and a[k] != b.get(k))

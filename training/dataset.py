@@ -16,6 +16,7 @@ counted, the first few named, and skipped; a dataset with fewer than
 
 from __future__ import annotations
 
+import functools
 import glob as globlib
 import io
 import json
@@ -31,7 +32,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import TrainingError
+from .errors import TrainError
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp")
 MIN_IMAGES = 8
@@ -73,15 +74,15 @@ def _list_source(src: str) -> tuple[list[tuple[str, Callable[[], bytes]]], list[
         zf = zipfile.ZipFile(p)
         for info in sorted(zf.infolist(), key=lambda i: i.filename):
             if not info.is_dir():
-                add(info.filename, lambda n=info.filename: zf.read(n))
+                add(info.filename, functools.partial(zf.read, info.filename))
     elif p.is_file():
         add(p.name, p.read_bytes)
     elif any(c in src for c in "*?["):
-        for f in sorted(globlib.glob(src, recursive=True)):
-            if os.path.isfile(f):
-                add(f, Path(f).read_bytes)
+        for name in sorted(globlib.glob(src, recursive=True)):
+            if os.path.isfile(name):
+                add(name, Path(name).read_bytes)
     else:
-        raise TrainingError(f"dataset source {src} does not exist (give a folder, a .zip or a glob)")
+        raise TrainError(f"dataset source {src} does not exist (give a folder, a .zip or a glob)")
     return entries, others
 
 
@@ -109,7 +110,7 @@ def iter_images(
             with Image.open(io.BytesIO(read())) as im:
                 im.load()
                 img = im.convert("RGB")
-        except Exception:  # PIL raises many types for corrupt data; all mean "skip it"
+        except Exception:  # noqa: BLE001 -- PIL raises many types for corrupt data; all mean "skip it"
             report.unreadable.append(name)
             continue
         yield name, _square(img, None, resolution)
@@ -123,12 +124,12 @@ def iter_images(
 
 def _check_resolution(resolution: int) -> None:
     if resolution < 8 or resolution & (resolution - 1):
-        raise TrainingError(f"--resolution must be a power of two >= 8, got {resolution}")
+        raise TrainError(f"--resolution must be a power of two >= 8, got {resolution}")
 
 
 def _check_count(report: Report, src: str, min_images: int) -> None:
     if len(report.names) < min_images:
-        raise TrainingError(
+        raise TrainError(
             f"dataset {src} has {len(report.names)} usable images, need at least {min_images} ({report.summary()})"
         )
 
@@ -148,7 +149,7 @@ def build_dataset(
     _check_resolution(resolution)
     out = Path(dest)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise TrainingError(f"{dest} already exists; choose a new DEST (nothing was overwritten)")
+        raise TrainError(f"{dest} already exists; choose a new DEST (nothing was overwritten)")
     _list_source(src)  # fail on a missing source before creating anything
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -229,10 +230,10 @@ def open_dataset(path: str, resolution: int = 0, seed: int = 0, min_images: int 
             shape = tuple(index["shape"])
             images = np.memmap(p / DATA, dtype=np.uint8, mode="r", shape=shape)
         except (OSError, ValueError, KeyError) as e:
-            raise TrainingError(f"dataset {path} is damaged ({e}); rebuild it with `train.py dataset`") from None
+            raise TrainError(f"dataset {path} is damaged ({e}); rebuild it with `train.py dataset`") from None
         return ImageDataset(images, index["names"], seed)
     if not resolution:
-        raise TrainingError(f"{path} is not a built dataset; give --resolution to convert it on the fly")
+        raise TrainError(f"{path} is not a built dataset; give --resolution to convert it on the fly")
     _check_resolution(resolution)
     report = Report()
     arrays = [arr for _, arr in iter_images(path, resolution, report=report)]

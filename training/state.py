@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import TrainingError
+from .errors import TrainError
 
 FORMAT = "creps-train/1"
 PATTERN = re.compile(r"^ckpt-(\d{8})\.safetensors$")
@@ -83,9 +83,9 @@ def save_checkpoint(path: Path, modules: dict[str, nn.Module], opts: dict[str, t
     for name, m in modules.items():
         tensors.update(_module_tensors(name, m))
     for name, opt in opts.items():
-        t, m = _opt_tensors(name, opt)
+        t, groups = _opt_tensors(name, opt)
         tensors.update(t)
-        meta[name] = m
+        meta[name] = groups
     tensors["rng/torch"] = torch.get_rng_state()
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -99,23 +99,24 @@ def save_checkpoint(path: Path, modules: dict[str, nn.Module], opts: dict[str, t
 
 
 def read_checkpoint(path: str | os.PathLike) -> Snapshot:
-    """A training checkpoint's tensors and metadata, or TrainingError naming the file."""
+    """A training checkpoint's tensors and metadata, or TrainError naming the file."""
     from safetensors import safe_open
 
     p = Path(path)
     if not p.is_file():
-        raise TrainingError(f"checkpoint not found: {p}")
+        raise TrainError(f"checkpoint not found: {p}")
     try:
         with safe_open(str(p), framework="pt") as f:
             md = f.metadata() or {}
             if md.get("format") != FORMAT:
-                raise TrainingError(f"{p} is not a training checkpoint (format {md.get('format')!r})")
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+                raise TrainError(f"{p} is not a training checkpoint (format {md.get('format')!r})")
+            names = list(f.keys())  # a safe_open handle, not a dict
+            tensors = {k: f.get_tensor(k) for k in names}
         meta = json.loads(md["creps_train"])
-    except TrainingError:
+    except TrainError:
         raise
-    except Exception as e:  # safetensors raises several types on truncated/garbled files
-        raise TrainingError(f"checkpoint {p} is corrupt ({type(e).__name__}: {e}); delete or move it to resume from an earlier one") from None
+    except Exception as e:  # noqa: BLE001 -- safetensors raises several types on truncated/garbled files
+        raise TrainError(f"checkpoint {p} is corrupt ({type(e).__name__}: {e}); delete or move it to resume from an earlier one") from None
     return Snapshot(tensors, meta)
 
 
@@ -125,7 +126,7 @@ def is_training_checkpoint(path: str | os.PathLike) -> bool:
 
         with safe_open(str(path), framework="pt") as f:
             return (f.metadata() or {}).get("format") == FORMAT
-    except Exception:
+    except Exception:  # noqa: BLE001 -- unreadable for any reason = not one of ours; read_checkpoint says why
         return False
 
 

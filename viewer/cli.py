@@ -15,9 +15,10 @@ and --allow-remote says so explicitly (the viewer has no authentication).
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 import webbrowser
+
+from creps.errors import run_cli
+from renderer.fsio import parse_storage_options
 
 from .errors import ViewerError
 from .server import check_bind, make_server, open_source
@@ -37,22 +38,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tile-format", choices=sorted(FORMATS), default="jpeg", help="on-the-fly tile format [jpeg]")
     p.add_argument("--quality", type=int, default=90, help="JPEG quality of on-the-fly tiles [90]")
     p.add_argument("--open", action="store_true", help="open the page in the default browser")
+    p.add_argument("--debug", action="store_true", help="show the full traceback of an error (or CREPS_DEBUG=1)")
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        options = parse_options(args.storage_options)
-        if not 0 <= args.port <= 65535:
-            raise ViewerError(f"--port {args.port} is not a TCP port (0..65535)")
-        if not 1 <= args.quality <= 100:
-            raise ViewerError(f"--quality {args.quality} must be in 1..100")
-        # Check the bind address before touching the (maybe remote) source.
-        check_bind(args.host, args.allow_remote)
-        source = open_source(args.source, options, fmt=args.tile_format, quality=args.quality)
-        server = make_server(source, args.host, args.port, allow_remote=args.allow_remote)
-    except ViewerError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_cli(lambda: _view(args), debug=args.debug)
+
+
+def _view(args: argparse.Namespace) -> int:
+    options = parse_storage_options(args.storage_options, ViewerError)
+    if not 0 <= args.port <= 65535:
+        raise ViewerError(f"--port {args.port} is not a TCP port (0..65535)")
+    if not 1 <= args.quality <= 100:
+        raise ViewerError(f"--quality {args.quality} must be in 1..100")
+    # Check the bind address before touching the (maybe remote) source.
+    check_bind(args.host, args.allow_remote)
+    source = open_source(args.source, options, fmt=args.tile_format, quality=args.quality)
+    server = make_server(source, args.host, args.port, allow_remote=args.allow_remote)
     url = server.url
     print(f"viewing {args.source} at {url}  (Ctrl-C to stop)", flush=True)
     if args.open:
@@ -64,16 +66,3 @@ def run(args: argparse.Namespace) -> int:
     finally:
         server.server_close()
     return 0
-
-
-def parse_options(text: str | None) -> dict | None:
-    if text is None:
-        return None
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ViewerError(f"--storage-options is not valid JSON: {e}") from None
-    if not isinstance(value, dict):
-        raise ViewerError("--storage-options must be a JSON object")
-    return value
-

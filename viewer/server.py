@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from renderer.errors import RendererError
-from renderer.store import filesystem
+from renderer.fsio import filesystem, is_local
 
 from .errors import ViewerError
 from .tiles import FORMATS, StoreTiles
@@ -122,7 +122,7 @@ class DziFiles:
             self.fs, path = filesystem(url, storage_options)
         except RendererError as e:
             raise ViewerError(str(e)) from None
-        self.local = "://" not in url or url.startswith("file://")
+        self.local = is_local(url)
         self.dir, self.name = path.rsplit("/", 1) if "/" in path else (".", path)
         self.stem = self.name[: -len(".dzi")]
         try:

@@ -28,7 +28,6 @@ progress shows blank tiles that fill in as it goes.
 from __future__ import annotations
 
 import io
-import json
 import threading
 import time
 from collections import OrderedDict
@@ -38,56 +37,18 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from renderer.dzi import OVERLAP, TILE_SIZE, dzi_xml, level_size, max_level, tile_bounds, tile_grid
 from renderer.errors import RendererError
-from renderer.pyramid import PROGRESS_FILE
 from renderer.store import ImageStore, open_store
 
 from .errors import ViewerError
 
-TILE_SIZE = 254
-OVERLAP = 1
+__all__ = [
+    "OVERLAP", "TILE_SIZE", "StoreTiles", "block_mean", "dzi_xml", "encode", "level_size", "max_level",
+    "tile_bounds", "tile_grid", "usable_levels",
+]
 MAX_SOURCE_SIDE = 4096  # source pixels read per tile side at most (then strided)
 FORMATS = {"jpeg": "image/jpeg", "png": "image/png"}
-
-
-# ---------------------------------------------------------------- geometry
-def max_level(width: int, height: int) -> int:
-    """Index of the full-resolution DZI level: ceil(log2(max side))."""
-    return (max(width, height) - 1).bit_length()
-
-
-def level_size(width: int, height: int, level: int) -> tuple[int, int]:
-    """(w, h) of DZI level ``level``."""
-    k = max_level(width, height) - level
-    return -(-width // 2**k), -(-height // 2**k)
-
-
-def tile_grid(width: int, height: int, level: int, tile: int = TILE_SIZE) -> tuple[int, int]:
-    """(columns, rows) of tiles at a DZI level."""
-    w, h = level_size(width, height, level)
-    return -(-w // tile), -(-h // tile)
-
-
-def tile_bounds(
-    width: int, height: int, level: int, col: int, row: int, tile: int = TILE_SIZE, overlap: int = OVERLAP
-) -> tuple[int, int, int, int]:
-    """(y0, y1, x0, x1) of a tile in its level's pixels, overlap included."""
-    w, h = level_size(width, height, level)
-    x0 = col * tile - (overlap if col > 0 else 0)
-    y0 = row * tile - (overlap if row > 0 else 0)
-    x1 = min(col * tile + tile + overlap, w)
-    y1 = min(row * tile + tile + overlap, h)
-    return y0, y1, x0, x1
-
-
-def dzi_xml(width: int, height: int, fmt: str, tile: int = TILE_SIZE, overlap: int = OVERLAP) -> str:
-    return (
-        '<?xml version="1.0" encoding="UTF-8"?>\n'
-        f'<Image xmlns="http://schemas.microsoft.com/deepzoom/2008" Format="{fmt}" '
-        f'Overlap="{overlap}" TileSize="{tile}">\n'
-        f'  <Size Width="{width}" Height="{height}"/>\n'
-        "</Image>\n"
-    )
 
 
 def block_mean(img: np.ndarray, b: int) -> np.ndarray:
@@ -265,14 +226,11 @@ def usable_levels(store: ImageStore) -> list[tuple[int, int]]:
     (within a pixel of H / 2**i) is used.
     """
     _, h0, w0 = store.level(0).shape
-    rows_done = pyramid_rows(store)
-    listed: set[str] | None = None
-    ome = store.group.attrs.get("ome")
-    if isinstance(ome, dict) and ome.get("multiscales"):
-        try:
-            listed = {d["path"] for d in ome["multiscales"][0]["datasets"]}
-        except (KeyError, TypeError, IndexError):
-            listed = None
+    progress = store.pyramid_progress()
+    rows_done = progress.get("rows", {}) if progress is not None else None
+    if rows_done is not None and not isinstance(rows_done, dict):
+        rows_done = {}
+    listed = store.ome_level_paths()
     levels = [(h0, w0)]
     i = 1
     while store.has_level(i) and (listed is None or str(i) in listed):
@@ -284,16 +242,6 @@ def usable_levels(store: ImageStore) -> list[tuple[int, int]]:
         levels.append((h, w))
         i += 1
     return levels
-
-
-def pyramid_rows(store: ImageStore) -> dict | None:
-    """Rows written per pyramid level from renderer.pyramid's progress file; None if there is none."""
-    try:
-        record = json.loads(store.fs.cat_file(f"{store.root}/{PROGRESS_FILE}"))
-    except (FileNotFoundError, ValueError, OSError):
-        return None
-    rows = record.get("rows") if isinstance(record, dict) else None
-    return rows if isinstance(rows, dict) else {}
 
 
 def _find(meta: dict, *keys: str) -> Any:
@@ -308,12 +256,12 @@ def _find(meta: dict, *keys: str) -> Any:
 
 def job_summary(meta: dict) -> dict[str, Any]:
     """The few job fields the page headlines; any may be None."""
-    sha = _find(meta, "checkpoint_sha256", "sha256")
+    sha = _find(meta, "checkpoint_sha256")
     return {
-        "checkpoint": _find(meta, "checkpoint", "checkpoint_path", "preset"),
+        "checkpoint": _find(meta, "checkpoint"),
         "checkpoint_sha256": sha if isinstance(sha, str) else None,
         "seed": _find(meta, "seed"),
-        "psi": _find(meta, "psi", "truncation_psi"),
+        "psi": _find(meta, "psi"),
         "status": meta.get("status") if isinstance(meta.get("status"), str) else None,
         "error": meta.get("error") if isinstance(meta.get("error"), str) else None,
     }

@@ -1,0 +1,118 @@
+"""fsspec helpers every store-touching module shares: URLs, small JSON records, listings.
+
+One implementation each, because the copies had drifted (one listing guarded
+against a missing folder, another did not).  Small records (markers, progress
+files, leases) are written whole: on a local filesystem through a temporary
+name and ``os.replace`` (a reader sees the old record or the new one, never
+half), on object stores with one PUT, which is atomic by itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Any
+
+import fsspec
+
+from .errors import RendererError
+
+
+def is_local(url: str) -> bool:
+    """True for plain paths and file:// URLs (where folders must exist before files)."""
+    return "://" not in url or url.startswith("file://")
+
+
+def local_path(url: str) -> str:
+    """The filesystem path of a local URL (file:// stripped)."""
+    return url[len("file://") :] if url.startswith("file://") else url
+
+
+def filesystem(url: str, storage_options: dict | None = None) -> tuple[Any, str]:
+    """(fsspec filesystem, path inside it without a trailing slash) for a URL or plain path."""
+    try:
+        fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    except (ValueError, ImportError, TypeError) as e:
+        raise RendererError(f"cannot open {url!r}: {e}") from None
+    return fs, root.rstrip("/")
+
+
+def fs_is_local(fs: Any) -> bool:
+    return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+
+
+def write_bytes(fs: Any, path: str, data: bytes) -> None:
+    """Write a whole small file so no reader ever sees a part of it."""
+    if fs_is_local(fs):
+        atomic_local_write(path, data)
+    else:
+        fs.pipe_file(path, data)
+
+
+def atomic_local_write(path: str, data: bytes) -> None:
+    """Temp file in the same folder + ``os.replace``; the folder is created if needed."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def write_json(fs: Any, path: str, record: Any) -> None:
+    write_bytes(fs, path, json.dumps(record).encode())
+
+
+def read_json(fs: Any, path: str) -> Any | None:
+    """The JSON record at ``path``; None when it is missing or unreadable (not yet written)."""
+    try:
+        return json.loads(fs.cat_file(path))
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def list_names(fs: Any, folder: str, suffix: str = ".json") -> set[str]:
+    """Names (suffix stripped) of the files in ``folder`` ending in ``suffix``; empty if no folder.
+
+    Listings bypass fsspec's listing cache: markers are written by other
+    processes, and a stale listing would make finished work look missing.
+    """
+    try:
+        try:
+            names = fs.ls(folder, detail=False, refresh=True)
+        except TypeError:  # filesystems without ``refresh``
+            names = fs.ls(folder, detail=False)
+    except FileNotFoundError:
+        return set()
+    base = (os.path.basename(str(n).rstrip("/")) for n in names)
+    return {n[: -len(suffix)] for n in base if n.endswith(suffix) and not n.startswith(".")}
+
+
+def remove_tree(fs: Any, path: str) -> None:
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+
+def parse_storage_options(text: str | None, error: type[Exception] = RendererError) -> dict | None:
+    """fsspec storage options from a JSON object on the command line (None stays None).
+
+    ``error`` is the caller's bad-input exception type, so each CLI reports it
+    with its own exit code.
+    """
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise error(f"storage options are not valid JSON ({e.msg} at char {e.pos}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise error(f"storage options must be a JSON object, got {text!r}")
+    return value

@@ -15,8 +15,9 @@ only dispatches, so `--help` on every subcommand is the reference.
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
+
+from creps import cli
 
 # subcommand -> (module, one-line help). Modules expose add_arguments(parser) and run(args) -> int.
 SUBCOMMANDS = {
@@ -29,43 +30,15 @@ SUBCOMMANDS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="render.py",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (module, help_text) in SUBCOMMANDS.items():
-        try:
-            mod = importlib.import_module(module)
-        except ImportError as e:  # a subcommand whose module is missing stays listed, and says why
-            p = sub.add_parser(name, help=f"{help_text} [unavailable: {e}]")
-            p.set_defaults(_module=None, _error=str(e))
-            continue
-        p = sub.add_parser(
-            name,
-            help=help_text,
-            description=(mod.__doc__ or help_text),
-            formatter_class=argparse.RawDescriptionHelpFormatter,
-        )
-        mod.add_arguments(p)
-        p.set_defaults(_module=mod)
-    return parser
+    return cli.build_parser("render.py", __doc__, SUBCOMMANDS, tolerate_missing=True)[0]
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv:
-        argv = ["render"]
+    if not [a for a in argv if a != "--debug"]:
+        argv = [*argv, "render"]  # `render.py` alone: the default job
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help()
-        return 2
-    if args._module is None:
-        print(f"error: {args.command} is unavailable: {args._error}", file=sys.stderr)
-        return 2
-    return int(args._module.run(args) or 0)
+    return cli.dispatch(parser, parser.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -17,11 +17,9 @@ dispatches, so `--help` on every subcommand is the reference.
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
-from types import ModuleType
 
-from creps.errors import run_cli
+from creps import cli
 
 # subcommand -> (module, one-line help). Modules expose add_arguments(parser) and run(args) -> int.
 SUBCOMMANDS = {
@@ -31,30 +29,12 @@ SUBCOMMANDS = {
 }
 DEFAULT = "train"
 GLOBAL_FLAGS = ("--debug",)
-INTERRUPTED = "interrupted; re-run the same command to resume"
-DEBUG_HELP = "on an error, show the full traceback instead of one line (also: CREPS_DEBUG=1)"
-
-
-def _add_debug(p: argparse.ArgumentParser, default: object) -> None:
-    p.add_argument("--debug", action="store_true", default=default, help=DEBUG_HELP)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser; its help ends with the default subcommand's options, which most runs use."""
-    parser = argparse.ArgumentParser(prog="train.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    _add_debug(parser, False)
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (module, help_text) in SUBCOMMANDS.items():
-        mod = importlib.import_module(module)
-        p = sub.add_parser(name, help=help_text, description=(mod.__doc__ or help_text),
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
-        mod.add_arguments(p)
-        # SUPPRESS: `--debug` before the subcommand must not be reset by the subparser's default
-        _add_debug(p, argparse.SUPPRESS)
-        p.set_defaults(_module=mod)
-        if name == DEFAULT:
-            parser.epilog = f"options of `{DEFAULT}`, the default subcommand:\n\n{p.format_help()}"
+    parser, subparsers = cli.build_parser("train.py", __doc__, SUBCOMMANDS)
+    parser.epilog = f"options of `{DEFAULT}`, the default subcommand:\n\n{subparsers[DEFAULT].format_help()}"
     return parser
 
 
@@ -70,9 +50,8 @@ def with_default_command(argv: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(with_default_command(list(sys.argv[1:] if argv is None else argv)))
-    module: ModuleType = args._module
-    return run_cli(lambda: module.run(args), debug=args.debug, interrupted=INTERRUPTED)
+    parser = build_parser()
+    return cli.dispatch(parser, parser.parse_args(with_default_command(list(sys.argv[1:] if argv is None else argv))))
 
 
 if __name__ == "__main__":

@@ -99,17 +99,19 @@ def read_config(spec: str | os.PathLike[str], init_seed: int = 0) -> GeneratorCo
       holds about its size in memory until unpickling ends; no Generator is
       built and nothing is copied into tensors.
 
-    Not checked, because that needs the weights or a built Generator: whether
-    the tensors' names and shapes match the config and, in a safetensors
-    file, whether the tensor bytes are intact.  ``load`` can still fail on
-    such a file after ``read_config`` accepted it.
+    The tensors' names and shapes are checked against a Generator built on
+    the ``meta`` device (no storage), with ``load``'s message.  Not checked:
+    whether a safetensors file's tensor bytes are intact; ``load`` can still
+    fail on such a file after ``read_config`` accepted it.
     """
     if isinstance(spec, str) and spec.startswith(PRESET_PREFIX):
         return _preset_config(spec)
     path = _existing(spec)
-    if _sniff(path) == "safetensors":
-        return _read_safetensors(path, tensors=False)[0]
-    return _read_official(path, tensors=False)[0]
+    read = _read_safetensors if _sniff(path) == "safetensors" else _read_official
+    cfg, shapes = read(path, tensors=False)
+    with torch.device("meta"):  # a Generator without storage: its state dict gives the expected shapes
+        _check_state(Generator(cfg), shapes, path)
+    return cfg
 
 
 def checkpoint_hash(spec: str | os.PathLike[str], init_seed: int = 0) -> str:
@@ -160,7 +162,7 @@ def _sniff(path: Path) -> str:
 
 def _read_safetensors(path: Path, tensors: bool) -> tuple[GeneratorConfig, dict[str, torch.Tensor]]:
     """Config and state dict of our format; ``tensors=False`` reads only the
-    header and returns an empty state dict."""
+    header and returns shape-only ``meta`` tensors."""
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             meta = f.metadata() or {}
@@ -169,10 +171,13 @@ def _read_safetensors(path: Path, tensors: bool) -> tuple[GeneratorConfig, dict[
                     f"{path}: safetensors file is not a creps-gigapixel checkpoint "
                     f"(metadata format={meta.get('format')!r}, expected {FORMAT!r} with creps_config)"
                 )
-            sd = {k: f.get_tensor(k) for k in f.keys()} if tensors else {}  # noqa: SIM118 -- a safe_open, not a dict
+            if tensors:
+                sd = {k: f.get_tensor(k) for k in f.keys()}
+            else:  # shapes from the header, as data-less tensors on the meta device
+                sd = {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}
     except CheckpointError:
         raise
-    except Exception as e:  # noqa: BLE001 -- safetensors raises its own and OS errors for a bad file
+    except Exception as e:  # safetensors raises its own error type, and OS errors
         raise CheckpointError(f"{path}: corrupt or truncated safetensors file ({e})") from None
     try:
         cfg = GeneratorConfig.from_dict(json.loads(meta["creps_config"]))

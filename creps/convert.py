@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 from .checkpoint import checkpoint_hash, load, save
-from .errors import CheckpointError
+from .cli import command
+from .errors import UserError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,19 +25,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force", action="store_true", help="overwrite OUTPUT if it exists")
 
 
+@command()
 def run(args: argparse.Namespace) -> int:
     out = Path(args.output)
     if out.exists() and not args.force:
-        print(f"error: {out} exists (pass --force to overwrite)", file=sys.stderr)
-        return 1
+        raise UserError(f"{out} exists (pass --force to overwrite)")
     if out.suffix != ".safetensors":
-        print(f"error: output must end in .safetensors, got {out.name}", file=sys.stderr)
-        return 1
-    try:
-        G = load(args.input)
-    except CheckpointError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        raise UserError(f"output must end in .safetensors, got {out.name}")
+    G = load(args.input)
     save(G, out)
     params = sum(p.numel() for p in G.parameters())
     print(json.dumps(G.cfg.to_dict(), indent=2))

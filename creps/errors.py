@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 
 class UserError(Exception):
@@ -42,9 +42,7 @@ def debug_enabled(flag: bool = False) -> bool:
     return flag or os.environ.get("CREPS_DEBUG", "") not in ("", "0")
 
 
-def run_cli(
-    fn: Callable[[], int], debug: bool = False, interrupted: str = "interrupted", failed_hint: str = ""
-) -> int:
+def run_cli(fn: Callable[[], int], debug: bool = False, interrupted: str = "interrupted", failed_hint: str = "") -> int:
     """Run a subcommand body; a UserError becomes one stderr line and its exit code.
 
     ``failed_hint`` is appended to errors of work that stopped part-way

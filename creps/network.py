@@ -329,9 +329,7 @@ class Generator(nn.Module):
         """
         syn, w = self.synthesis, ws[:, -1]
         return PixelWeights(
-            decoders=tuple(
-                _fold(getattr(syn, f"decoder_{res}")) for res in self.cfg.block_resolutions[2:]
-            ),
+            decoders=tuple(_fold(getattr(syn, f"decoder_{res}")) for res in self.cfg.block_resolutions[2:]),
             last=_fold(syn.decoder_last),
             img=syn.decoder_img.effective(),
             refine=tuple(
@@ -345,7 +343,7 @@ class Generator(nn.Module):
         ws: torch.Tensor,
         row_lines: torch.Tensor,
         col_lines: torch.Tensor,
-        pixel_block: int | None | str = "auto",
+        pixel_block: int | str | None = "auto",
         weights: PixelWeights | None = None,
     ) -> torch.Tensor:
         """Image [B, 3, h, w] from row lines [B, K, h, r, C] and col lines [B, K, w, r, C].
@@ -438,7 +436,7 @@ class Generator(nn.Module):
         rows: tuple[int, int] | None = None,
         cols: tuple[int, int] | None = None,
         psi: float = 1.0,
-        pixel_block: int | None | str = "auto",
+        pixel_block: int | str | None = "auto",
     ) -> torch.Tensor:
         """Tile [B, 3, r1-r0, c1-c0] of ``canvas``, float32, about [-1, 1]."""
         r0, r1 = rows if rows is not None else (0, canvas.height)

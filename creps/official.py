@@ -140,7 +140,7 @@ def _rebuild_tensor(storage: Any, offset: int, size: Any, stride: Any, *_ignored
     if len(size) != len(stride):
         raise CheckpointError("corrupt tensor record in pickle (size and stride lengths differ)")
     if all(size):
-        last = offset + sum((s - 1) * st for s, st in zip(size, stride))
+        last = offset + sum((s - 1) * st for s, st in zip(size, stride, strict=True))
         if last >= storage.numel():
             raise CheckpointError("corrupt tensor record in pickle (view exceeds its storage)")
     return torch.as_strided(storage, size, stride, offset)
@@ -210,7 +210,7 @@ def _storage_from_bytes(blob: Any, decode: bool) -> torch.Tensor:
         keys = up.load()
     except CheckpointError:
         raise
-    except Exception as e:  # noqa: BLE001 -- whatever a malformed blob makes pickle raise
+    except Exception as e:  # whatever a malformed blob makes pickle raise
         raise CheckpointError(f"corrupt storage record in pickle ({type(e).__name__}: {e})") from None
     flats: dict[str, torch.Tensor] = {}
     for key in keys if isinstance(keys, list) else []:
@@ -311,7 +311,7 @@ def read_pickle(f: BinaryIO, tensors: bool = True) -> Any:
         raise
     except (EOFError, pickle.UnpicklingError) as e:
         raise CheckpointError(f"truncated or corrupt pickle ({type(e).__name__}: {e})") from None
-    except Exception as e:  # noqa: BLE001 -- a malformed stream can make any rebuild raise
+    except Exception as e:  # a malformed stream can make any rebuild raise
         raise CheckpointError(f"corrupt pickle ({type(e).__name__}: {e})") from None
 
 

@@ -15,10 +15,10 @@ import argparse
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from creps.errors import run_cli
+from creps.cli import command
 from renderer.errors import RendererError
-from renderer.fsio import parse_storage_options
 from renderer.exports import COMPRESSIONS, DZI_ENGINES, TIFF_TILES, check_target, write_dzi, write_exports, write_tiff
+from renderer.fsio import parse_storage_options
 from renderer.pyramid import build_pyramid, pyramid_complete
 from renderer.store import open_store
 
@@ -27,8 +27,12 @@ from . import JobSpecError
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("url", help="image store (OME-Zarr group) URL or path")
-    parser.add_argument("--storage-options", default=None, metavar="JSON",
-                        help="fsspec options for the store and remote outputs, as JSON")
+    parser.add_argument(
+        "--storage-options",
+        default=None,
+        metavar="JSON",
+        help="fsspec options for the store and remote outputs, as JSON",
+    )
     g = parser.add_argument_group("pyramidal TIFF")
     g.add_argument("--tiff", default=None, metavar="OUT.tif", help="write a pyramidal BigTIFF here")
     g.add_argument("--tiff-tile", type=int, default=256, choices=TIFF_TILES, help="TIFF tile side")
@@ -37,13 +41,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("DeepZoom")
     g.add_argument("--dzi", default=None, metavar="OUT", help="write OUT.dzi + OUT_files/ (+ OUT.szi)")
     g.add_argument("--no-szi", action="store_true", help="skip the .szi zip")
-    g.add_argument("--dzi-engine", default="zarr", choices=DZI_ENGINES,
-                   help="zarr: cut tiles from the pyramid levels (fast, same files as dzsave); vips: libvips dzsave")
+    g.add_argument(
+        "--dzi-engine",
+        default="zarr",
+        choices=DZI_ENGINES,
+        help="zarr: cut tiles from the pyramid levels (fast, same files as dzsave); vips: libvips dzsave",
+    )
     g = parser.add_argument_group("pyramid")
-    g.add_argument("--skip-pyramid", action="store_true",
-                   help="do not build pyramid levels (the TIFF still needs them and builds them if missing)")
+    g.add_argument(
+        "--skip-pyramid",
+        action="store_true",
+        help="do not build pyramid levels (the TIFF still needs them and builds them if missing)",
+    )
     g.add_argument("--workers", type=int, default=None, help="threads for reads/writes/encoding")
-    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error (or CREPS_DEBUG=1)")
 
 
 def assemble(
@@ -82,16 +92,46 @@ def assemble(
 
     t = time.perf_counter()
     if dzi_engine == "zarr":  # one read of every level feeds both exports
-        write_exports(store, tiff=tiff, dzi=dzi, tiff_tile=tiff_tile, compression=compression, quality=quality,
-                      szi=szi, storage_options=storage_options, workers=workers, progress=progress)
+        write_exports(
+            store,
+            tiff=tiff,
+            dzi=dzi,
+            tiff_tile=tiff_tile,
+            compression=compression,
+            quality=quality,
+            szi=szi,
+            storage_options=storage_options,
+            workers=workers,
+            progress=progress,
+        )
     else:
         jobs = []
         if tiff:
-            jobs.append(lambda: write_tiff(store, tiff, tile=tiff_tile, compression=compression, quality=quality,
-                                           storage_options=storage_options, workers=workers, progress=progress))
+            jobs.append(
+                lambda: write_tiff(
+                    store,
+                    tiff,
+                    tile=tiff_tile,
+                    compression=compression,
+                    quality=quality,
+                    storage_options=storage_options,
+                    workers=workers,
+                    progress=progress,
+                )
+            )
         if dzi:
-            jobs.append(lambda: write_dzi(store, dzi, quality=quality, szi=szi, storage_options=storage_options,
-                                          progress=progress, engine="vips", workers=workers))
+            jobs.append(
+                lambda: write_dzi(
+                    store,
+                    dzi,
+                    quality=quality,
+                    szi=szi,
+                    storage_options=storage_options,
+                    progress=progress,
+                    engine="vips",
+                    workers=workers,
+                )
+            )
         with ThreadPoolExecutor(max(1, len(jobs))) as pool:
             for fut in [pool.submit(f) for f in jobs]:
                 fut.result()
@@ -99,16 +139,22 @@ def assemble(
     return times
 
 
+@command(interrupted="interrupted; re-run the same command")
 def run(args: argparse.Namespace) -> int:
-    return run_cli(lambda: _assemble(args), debug=args.debug, interrupted="interrupted; re-run the same command")
-
-
-def _assemble(args: argparse.Namespace) -> int:
     options = parse_storage_options(args.storage_options, JobSpecError)
     times = assemble(
-        args.url, tiff=args.tiff, dzi=args.dzi, storage_options=options, tiff_tile=args.tiff_tile,
-        compression=args.compression, quality=args.quality, szi=not args.no_szi, dzi_engine=args.dzi_engine,
-        skip_pyramid=args.skip_pyramid, workers=args.workers, progress=True,
+        args.url,
+        tiff=args.tiff,
+        dzi=args.dzi,
+        storage_options=options,
+        tiff_tile=args.tiff_tile,
+        compression=args.compression,
+        quality=args.quality,
+        szi=not args.no_szi,
+        dzi_engine=args.dzi_engine,
+        skip_pyramid=args.skip_pyramid,
+        workers=args.workers,
+        progress=True,
     )
     print("assembled: " + ", ".join(f"{k} {v:.1f} s" for k, v in times.items()))
     if args.dzi:

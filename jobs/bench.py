@@ -23,17 +23,24 @@ import os
 import platform
 import tempfile
 import time
+from typing import Any
 
 import torch
 
 import creps
+from creps.cli import command
 
 from .spec import JobSpec
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", default="preset:ffhq512", help="model to measure (default: %(default)s)")
-    p.add_argument("--threads", type=int, default=0, help="threads for the peak matmul, and single-threaded pixel-stage workers on CPU (0 = all cores)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="threads for the peak matmul, and single-threaded pixel-stage workers on CPU (0 = all cores)",
+    )
     p.add_argument("--tile", type=int, default=512, help="pixel-stage tile side (default: %(default)s)")
     p.add_argument("--pixel-block", type=int, default=0, help="pixels per block (default: 0 = the device default)")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats, best kept (default: %(default)s)")
@@ -94,7 +101,7 @@ def pixel_stage(G: creps.Generator, tile: int, pixel_block: int, repeats: int, d
     }
 
 
-def _cpu_worker(checkpoint: str, tile: int, pixel_block: int, repeats: int, barrier, results) -> None:
+def _cpu_worker(checkpoint: str, tile: int, pixel_block: int, repeats: int, barrier: Any, results: Any) -> None:
     torch.set_num_threads(1)
     G = creps.load(checkpoint)
     barrier.wait()
@@ -140,8 +147,12 @@ def end_to_end(checkpoint: str, cfg: creps.GeneratorConfig, width: int, height: 
 
     with tempfile.TemporaryDirectory(prefix="creps-bench-") as tmp:
         spec = JobSpec(
-            checkpoint=checkpoint, width=width, height=height, name="bench",
-            out=os.path.join(tmp, "bench.zarr"), exports=False,
+            checkpoint=checkpoint,
+            width=width,
+            height=height,
+            name="bench",
+            out=os.path.join(tmp, "bench.zarr"),
+            exports=False,
         )
         t = time.perf_counter()
         summary = run_job(spec, progress=False, log=lambda s: None)
@@ -152,11 +163,12 @@ def end_to_end(checkpoint: str, cfg: creps.GeneratorConfig, width: int, height: 
         "e2e_mpx_s": width * height / seconds / 1e6,
         "e2e_gflops": f.total / seconds / 1e9,
         "line_flop_share": f.line_share,
-        "e2e_line_seconds": summary.get("line_seconds"),
-        "e2e_workers": summary.get("workers"),
+        "e2e_line_seconds": summary.line_seconds,
+        "e2e_workers": summary.workers,
     }
 
 
+@command()
 def run(args: argparse.Namespace) -> int:
     device = args.device
     threads = args.threads or (os.cpu_count() or 1)

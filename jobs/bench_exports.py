@@ -31,7 +31,11 @@ def synthetic_strip(r0: int, r1: int, width: int, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed + r0)
     out = np.empty((3, r1 - r0, width), np.uint8)
     for c in range(3):
-        v = 128 + 60 * np.sin(x / (300 + 40 * c) + y / (500 - 30 * c)) + 40 * np.sin((x + y * (c + 1)) / 37.0) * np.cos(y / 91.0)
+        v = (
+            128
+            + 60 * np.sin(x / (300 + 40 * c) + y / (500 - 30 * c))
+            + 40 * np.sin((x + y * (c + 1)) / 37.0) * np.cos(y / 91.0)
+        )
         v += rng.integers(-6, 7, size=v.shape)
         out[c] = np.clip(v, 0, 255)
     return out
@@ -72,8 +76,12 @@ def run_ours(folder: str, size: int, engine: str = "zarr") -> dict:
     from jobs.assemble import assemble
 
     t = time.perf_counter()
-    times = assemble(os.path.join(folder, f"src{size}.zarr"), tiff=os.path.join(folder, "ours.tif"),
-                     dzi=os.path.join(folder, "ours"), dzi_engine=engine)
+    times = assemble(
+        os.path.join(folder, f"src{size}.zarr"),
+        tiff=os.path.join(folder, "ours.tif"),
+        dzi=os.path.join(folder, "ours"),
+        dzi_engine=engine,
+    )
     return {"total_s": time.perf_counter() - t, **{f"{k}_s": v for k, v in times.items()}}
 
 
@@ -82,12 +90,21 @@ def run_vips(folder: str, size: int) -> dict:
 
     raw = os.path.join(folder, f"src{size}.raw")
     t = time.perf_counter()
-    pyvips.Image.rawload(raw, size, size, 3).dzsave(os.path.join(folder, "vips"), tile_size=254, overlap=1,
-                                                    suffix=".jpg[Q=90]")
+    pyvips.Image.rawload(raw, size, size, 3).dzsave(
+        os.path.join(folder, "vips"), tile_size=254, overlap=1, suffix=".jpg[Q=90]"
+    )
     t1 = time.perf_counter()
-    pyvips.Image.rawload(raw, size, size, 3).tiffsave(os.path.join(folder, "vips.tif"), tile=True, tile_width=256,
-                                                      tile_height=256, pyramid=True, subifd=True, bigtiff=True,
-                                                      compression="jpeg", Q=90)
+    pyvips.Image.rawload(raw, size, size, 3).tiffsave(
+        os.path.join(folder, "vips.tif"),
+        tile=True,
+        tile_width=256,
+        tile_height=256,
+        pyramid=True,
+        subifd=True,
+        bigtiff=True,
+        compression="jpeg",
+        Q=90,
+    )
     t2 = time.perf_counter()
     return {"total_s": t2 - t, "dzsave_s": t1 - t, "tiffsave_s": t2 - t1}
 
@@ -110,8 +127,12 @@ def bench(size: int = 16384, folder: str = "/tmp/creps-bench-exports", sides: tu
     results: dict = {}
     for side in sides:
         _clean(folder, size)
-        out = subprocess.run([sys.executable, "-m", "jobs.bench_exports", "--child", side, "--size", str(size),
-                              "--dir", folder], check=True, capture_output=True, text=True)
+        out = subprocess.run(
+            [sys.executable, "-m", "jobs.bench_exports", "--child", side, "--size", str(size), "--dir", folder],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
         results[side] = json.loads(out.stdout.strip().splitlines()[-1])
         print(side, " ".join(f"{k}={v:.2f}" for k, v in results[side].items()), flush=True)
     results.update(size=size, cpus=os.cpu_count())

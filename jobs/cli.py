@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import creps
-from creps.errors import first_line, run_cli
+from creps.cli import command
+from creps.errors import first_line
 from renderer.fsio import is_local, local_path
 
 from . import JobSpecError
@@ -51,8 +52,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--shard", type=int, metavar="N", help="tiles per shard side (default 1: no sharding)")
     g.add_argument("--compressor", choices=["zstd", "none"], help="chunk compressor (default zstd)")
     g.add_argument("--overwrite", action="store_true", help="replace an existing store made by another job")
-    g.add_argument("--no-exports", dest="exports", action="store_false", default=None,
-                   help="skip the pyramidal TIFF and DeepZoom exports")
+    g.add_argument(
+        "--no-exports",
+        dest="exports",
+        action="store_false",
+        default=None,
+        help="skip the pyramidal TIFF and DeepZoom exports",
+    )
     g = p.add_argument_group("performance")
     g.add_argument("--workers", type=int, metavar="N", help="actors (default: one per GPU, else one per core)")
     g.add_argument("--gpus-per-worker", type=float, metavar="G", help="GPUs per actor (default 1 with CUDA, else 0)")
@@ -63,12 +69,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dry-run", action="store_true", help="print the resolved job and plan, render nothing")
     g.add_argument("--max-tiles", type=int, metavar="N", help="render at most N missing tiles this run")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
-    g.add_argument("--debug", action="store_true", help="show the full traceback of an error (or CREPS_DEBUG=1)")
 
 
 FLAG_FIELDS = (
-    "checkpoint", "init_seed", "seed", "psi", "scale", "out", "name", "tile", "shard", "compressor",
-    "workers", "gpus_per_worker", "threads_per_worker", "batch", "address", "exports",
+    "checkpoint",
+    "init_seed",
+    "seed",
+    "psi",
+    "scale",
+    "out",
+    "name",
+    "tile",
+    "shard",
+    "compressor",
+    "workers",
+    "gpus_per_worker",
+    "threads_per_worker",
+    "batch",
+    "address",
+    "exports",
 )
 
 
@@ -89,16 +108,8 @@ def spec_from_args(args: argparse.Namespace) -> JobSpec:
     return JobSpec.from_dict(over)
 
 
+@command(failed_hint=" (re-run the same command to resume)")
 def run(args: argparse.Namespace) -> int:
-    return run_cli(
-        lambda: _render(args),
-        debug=args.debug,
-        interrupted="interrupted; re-run the same command to resume",
-        failed_hint=" (re-run the same command to resume)",
-    )
-
-
-def _render(args: argparse.Namespace) -> int:
     from .run import prepare, run_job
 
     spec = spec_from_args(args)
@@ -118,7 +129,7 @@ def _render(args: argparse.Namespace) -> int:
     return 0
 
 
-def _dry_run(job: "Prepared") -> int:
+def _dry_run(job: Prepared) -> int:
     spec = job.spec
     f = creps.flops(job.config, spec.height, spec.width)
     print(spec.describe())

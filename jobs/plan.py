@@ -9,12 +9,13 @@ of the model's ``LINE_BLOCK`` so no line block is computed twice.
 from __future__ import annotations
 
 import math
+
 from creps import LINE_BLOCK
 from renderer.tasks import Tile
 
 from .spec import JobSpec
 
-__all__ = ["Tile", "tile_plan", "spec_tiles", "line_chunk", "line_ranges", "batches", "auto_batch"]
+__all__ = ["Tile", "auto_batch", "batches", "line_chunk", "line_ranges", "spec_tiles", "tile_plan"]
 
 
 def tile_plan(height: int, width: int, tile: int, shard: int = 1) -> list[Tile]:

@@ -16,17 +16,17 @@ import dataclasses
 import os
 import sys
 import time
+from collections.abc import Callable
 from importlib import metadata
-from typing import Any, Callable
+from typing import Any
 
-import ray
 import torch
 
 import creps
 from creps.errors import first_line
 from renderer.errors import RendererError
 from renderer.fsio import filesystem
-from renderer.pool import LocalPool, Pool, cluster_resources, get_pool, release_pools, start_ray
+from renderer.pool import LocalPool, Pool, cluster_resources, get_pool, release_pools, start_ray, stop_ray
 from renderer.store import ImageStore, LineShape, create_job_store, is_foreign_folder, open_store, store_exists
 from renderer.tasks import LineTask, Result, Task, TileResult, TileTask
 from renderer.tiles import RenderContext, peak_rss_mb
@@ -93,8 +93,16 @@ class Prepared:
     def context(self) -> RenderContext:
         s = self.spec
         return RenderContext(
-            url=s.out, storage_options=_options(s), checkpoint=s.checkpoint, init_seed=s.init_seed,
-            seed=s.seed, psi=s.psi, height=s.height, width=s.width, view=s.view, chunk=s.tile,
+            url=s.out,
+            storage_options=_options(s),
+            checkpoint=s.checkpoint,
+            init_seed=s.init_seed,
+            seed=s.seed,
+            psi=s.psi,
+            height=s.height,
+            width=s.width,
+            view=s.view,
+            chunk=s.tile,
         )
 
     def line_shape(self) -> LineShape:
@@ -147,14 +155,30 @@ def open_output(job: Prepared, overwrite: bool) -> ImageStore:
             raise JobSpecError(f"{spec.out} holds a different job ({diff}); re-run with the same job or --overwrite")
         return store
     meta = dict(
-        spec=spec.to_dict(), identity=job.identity, checkpoint=spec.checkpoint,
-        checkpoint_sha256=job.checkpoint_sha256, generator=job.config.to_dict(), version=software_version(),
-        tiles_total=len(job.tiles), tiles_done=0, status="created", created=time.time(), runs=[],
+        spec=spec.to_dict(),
+        identity=job.identity,
+        checkpoint=spec.checkpoint,
+        checkpoint_sha256=job.checkpoint_sha256,
+        generator=job.config.to_dict(),
+        version=software_version(),
+        tiles_total=len(job.tiles),
+        tiles_done=0,
+        status="created",
+        created=time.time(),
+        runs=[],
     )
     try:
         return create_job_store(
-            spec.out, _options(spec), height=spec.height, width=spec.width, tile=spec.tile, shard=spec.shard,
-            compressor=spec.compressor, lines=job.line_shape(), name=spec.name, meta=meta,
+            spec.out,
+            _options(spec),
+            height=spec.height,
+            width=spec.width,
+            tile=spec.tile,
+            shard=spec.shard,
+            compressor=spec.compressor,
+            lines=job.line_shape(),
+            name=spec.name,
+            meta=meta,
         )
     except (RendererError, OSError, ValueError) as e:
         raise JobSpecError(f"cannot write {spec.out!r}: {first_line(e)}") from None
@@ -190,8 +214,11 @@ class _Tally:
 
     def summary(self, **more: Any) -> RunSummary:
         values = {
-            "tiles_rendered": self.tiles_rendered, "pixels": self.pixels,
-            "worker_peak_rss_mb": round(self.worker_rss, 1), **self.fields, **more,
+            "tiles_rendered": self.tiles_rendered,
+            "pixels": self.pixels,
+            "worker_peak_rss_mb": round(self.worker_rss, 1),
+            **self.fields,
+            **more,
         }
         return dataclasses.replace(self.base, **values)
 
@@ -214,10 +241,15 @@ def run_job(
     todo = [t for t in job.tiles if t.id not in done]
     if max_tiles is not None:
         todo = todo[:max_tiles]
-    tally = _Tally(RunSummary(
-        out=spec.out, height=spec.height, width=spec.width, tiles_total=len(job.tiles),
-        tiles_skipped=len(job.tiles) - len(todo) if max_tiles is None else len(done),
-    ))
+    tally = _Tally(
+        RunSummary(
+            out=spec.out,
+            height=spec.height,
+            width=spec.width,
+            tiles_total=len(job.tiles),
+            tiles_skipped=len(job.tiles) - len(todo) if max_tiles is None else len(done),
+        )
+    )
     lines_needed = not store.lines_complete()
     pool: Pool | None = None
     started_ray = False
@@ -229,7 +261,9 @@ def run_job(
                 threads = spec.threads_per_worker or (os.cpu_count() or 1)
                 pool = LocalPool(spec.checkpoint, spec.init_seed, threads, "cuda" if cuda else "cpu")
             else:
-                ncpu = None if spec.address else max(os.cpu_count() or 1, spec.workers * max(1, spec.threads_per_worker))
+                ncpu = (
+                    None if spec.address else max(os.cpu_count() or 1, spec.workers * max(1, spec.threads_per_worker))
+                )
                 started_ray = start_ray(spec.address, num_cpus=ncpu)
                 workers, threads, gpus = pool_shape(spec)
                 pool = get_pool(spec.checkpoint, spec.init_seed, workers, threads, gpus, max_failures=spec.max_retries)
@@ -251,15 +285,19 @@ def run_job(
     finally:
         if started_ray:  # our own Ray: leave nothing behind; else keep the actors for the next job
             release_pools()
-            ray.shutdown()
+            stop_ray()
     seconds = time.perf_counter() - t_start
     pixels = sum(t.pixels for t in todo)
     left = len(job.tiles) - len(store.done_tiles())
     summary = tally.summary(
-        pixels=pixels, seconds=round(seconds, 3), mpx_s=round(pixels / seconds / 1e6, 3),
-        tiles_left=left, status="done" if left == 0 else "partial", driver_peak_rss_mb=round(peak_rss_mb(), 1),
+        pixels=pixels,
+        seconds=round(seconds, 3),
+        mpx_s=round(pixels / seconds / 1e6, 3),
+        tiles_left=left,
+        status="done" if left == 0 else "partial",
+        driver_peak_rss_mb=round(peak_rss_mb(), 1),
     )
-    runs = list(store.meta.get("runs", []))[-20:] + [summary.to_dict()]
+    runs = [*list(store.meta.get("runs", []))[-20:], summary.to_dict()]
     store.update_meta(status=summary.status, tiles_done=len(job.tiles) - left, runs=runs, last_run=summary.to_dict())
     return summary
 

@@ -12,10 +12,11 @@ import dataclasses
 import json
 import math
 import os
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 from renderer import fsio
 
@@ -86,7 +87,7 @@ class JobSpec:
             raise JobSpecError(f"scale must be a positive number, got {self.scale!r}")
         if len(self.view) != 4 or not all(_finite(v) for v in self.view):
             raise JobSpecError(f"view must be four finite numbers Y0,Y1,X0,X1, got {self.view!r}")
-        if self.view[0] == self.view[1] and self.height > 1 or self.view[2] == self.view[3] and self.width > 1:
+        if (self.view[0] == self.view[1] and self.height > 1) or (self.view[2] == self.view[3] and self.width > 1):
             raise JobSpecError(f"view window {self.view} is empty (Y0 == Y1 or X0 == X1)")
         if not isinstance(self.tile, int) or isinstance(self.tile, bool) or self.tile <= 0 or self.tile % TILE_MULTIPLE:
             raise JobSpecError(f"tile must be a positive multiple of {TILE_MULTIPLE}, got {self.tile!r}")
@@ -110,13 +111,15 @@ class JobSpec:
         if self.address is not None and not (isinstance(self.address, str) and self.address):
             raise JobSpecError(f"address must be host:port or 'auto', got {self.address!r}")
 
-    def resolved(self, resolution: int) -> "JobSpec":
+    def resolved(self, resolution: int) -> JobSpec:
         """Fill height/width from ``scale`` and the checkpoint's training resolution."""
         if self.scale is None:
             return self
         n = int(resolution * self.scale)
         if not 1 <= n <= MAX_SIDE:
-            raise JobSpecError(f"scale {self.scale} gives a {n}x{n} canvas at resolution {resolution}; sides must be 1..2^20")
+            raise JobSpecError(
+                f"scale {self.scale} gives a {n}x{n} canvas at resolution {resolution}; sides must be 1..2^20"
+            )
         return dataclasses.replace(self, height=n, width=n, scale=None)
 
     # ------------------------------------------------------------ identity / serialisation
@@ -132,7 +135,7 @@ class JobSpec:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "JobSpec":
+    def from_dict(cls, d: dict[str, Any]) -> JobSpec:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -150,7 +153,7 @@ class JobSpec:
             raise JobSpecError(f"bad job: {e}") from None
 
     @classmethod
-    def from_toml(cls, path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> "JobSpec":
+    def from_toml(cls, path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> JobSpec:
         """Load a TOML job (a flat table, or a [job] table); ``overrides`` (CLI flags) win."""
         try:
             with open(path, "rb") as f:
@@ -197,7 +200,7 @@ def parse_view(value: Any) -> tuple[float, float, float, float]:
         raise JobSpecError(f"view must be Y0,Y1,X0,X1, got {value!r}") from None
     if len(vals) != 4 or not all(_finite(v) for v in vals):
         raise JobSpecError(f"view must be four finite numbers Y0,Y1,X0,X1, got {value!r}")
-    return vals  # type: ignore[return-value]
+    return vals[0], vals[1], vals[2], vals[3]
 
 
 def parse_storage_options(text: str) -> dict:

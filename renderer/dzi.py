@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -105,8 +105,17 @@ def row_windows(strips: Iterable[tuple[int, np.ndarray]], yspans: list[tuple[int
 class DziWriter:
     """Cuts the levels it is given (largest first) into ``<base>_files``; ``finish`` adds the rest."""
 
-    def __init__(self, base: str, width: int, height: int, quality: int = 90, tile: int = 254,
-                 overlap: int = 1, pool: ThreadPoolExecutor | None = None, max_pending: int = 256) -> None:
+    def __init__(
+        self,
+        base: str,
+        width: int,
+        height: int,
+        quality: int = 90,
+        tile: int = 254,
+        overlap: int = 1,
+        pool: ThreadPoolExecutor | None = None,
+        max_pending: int = 256,
+    ) -> None:
         self.base, self.width, self.height = base, width, height
         self.quality, self.tile, self.overlap = quality, tile, overlap
         self.subsampling = (1, 1) if quality >= 90 else (2, 2)

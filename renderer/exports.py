@@ -29,16 +29,17 @@ import shutil
 import tempfile
 import threading
 import zipfile
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
 from .dzi import DziWriter
 from .errors import RendererError
-from .pyramid import build_pyramid, pyramid_complete, pyramid_plan
 from .fsio import filesystem, is_local, local_path
+from .pyramid import build_pyramid, pyramid_complete, pyramid_plan
 from .store import ImageStore
 from .tiff import COMPRESSIONS, TIFF_TILES, write_levels
 
@@ -100,8 +101,15 @@ class LevelStream:
     ``fail`` and the reader stops; a failing reader passes its error on.
     """
 
-    def __init__(self, store: ImageStore, consumers: int, bar: Any = None, depth: int = 2,
-                 build: bool = False, workers: int | None = None) -> None:
+    def __init__(
+        self,
+        store: ImageStore,
+        consumers: int,
+        bar: Any = None,
+        depth: int = 2,
+        build: bool = False,
+        workers: int | None = None,
+    ) -> None:
         self.store, self.build, self.workers = store, build, workers
         self.shapes = pyramid_plan(store)
         self.queues: list[queue.Queue] = [queue.Queue(depth) for _ in range(consumers)]
@@ -227,13 +235,26 @@ def write_exports(
         shapes = pyramid_plan(store)
         n = len(shapes)
         total = sum(h * w for h, w in shapes)
-        stream = LevelStream(store, len(consumers), bar=_bar(progress, total, "pyramid+exports" if build else "exports"),
-                             build=build, workers=workers)
+        stream = LevelStream(
+            store,
+            len(consumers),
+            bar=_bar(progress, total, "pyramid+exports" if build else "exports"),
+            build=build,
+            workers=workers,
+        )
 
         def run_tiff(i: int) -> None:
+            assert tiff_path is not None
             levels = ((h, w, stream.strips(i, k)) for k, (h, w) in enumerate(shapes))
-            write_levels(tiff_path, levels, n, tile=tiff_tile, compression=compression,  # type: ignore[arg-type]
-                         quality=quality, workers=workers)
+            write_levels(
+                tiff_path,
+                levels,
+                n,
+                tile=tiff_tile,
+                compression=compression,
+                quality=quality,
+                workers=workers,
+            )
 
         def run_dzi(i: int) -> None:
             assert dzi_base is not None
@@ -274,8 +295,16 @@ def write_tiff(
     progress: bool = False,
 ) -> str:
     """Write the pyramidal BigTIFF of ``store`` to ``url`` (local path or fsspec URL); return url."""
-    write_exports(store, tiff=url, tiff_tile=tile, compression=compression, quality=quality,
-                  storage_options=storage_options, workers=workers, progress=progress)
+    write_exports(
+        store,
+        tiff=url,
+        tiff_tile=tile,
+        compression=compression,
+        quality=quality,
+        storage_options=storage_options,
+        workers=workers,
+        progress=progress,
+    )
     return url
 
 
@@ -303,7 +332,7 @@ def _raw_planes(store: ImageStore, path: str, progress: bool) -> None:
                 nxt = pool.submit(lambda r: np.asarray(arr[:, r : r + step, :]), r0 + step)
             for c in range(3):
                 f.seek(c * h * w + r0 * w)
-                f.write(memoryview(np.ascontiguousarray(strip[c])).cast("B"))
+                f.write(np.ascontiguousarray(strip[c]).tobytes())
             if bar is not None:
                 bar.update(strip.shape[1] * w)
     if bar is not None:
@@ -350,14 +379,24 @@ def write_dzi(
     if engine == "zarr":
         if not isinstance(source, ImageStore):
             raise RendererError("the zarr DeepZoom engine needs an image store as source, not a TIFF")
-        write_exports(source, dzi=url, quality=quality, szi=szi, dzi_tile=tile_size, overlap=overlap,
-                      storage_options=storage_options, workers=workers, progress=progress)
+        write_exports(
+            source,
+            dzi=url,
+            quality=quality,
+            szi=szi,
+            dzi_tile=tile_size,
+            overlap=overlap,
+            storage_options=storage_options,
+            workers=workers,
+            progress=progress,
+        )
         return url
     url = url[: -len(".dzi")] if url.endswith(".dzi") else url
     check_target(url, storage_options)
-    with _local_target(url, storage_options) as base, tempfile.TemporaryDirectory(
-        prefix="creps-dz-", dir=os.path.dirname(base)
-    ) as tmp:
+    with (
+        _local_target(url, storage_options) as base,
+        tempfile.TemporaryDirectory(prefix="creps-dz-", dir=os.path.dirname(base)) as tmp,
+    ):
         shutil.rmtree(base + "_files", ignore_errors=True)
         image = _dz_source(source, tmp, progress)
         image.dzsave(base, tile_size=tile_size, overlap=overlap, suffix=f".jpg[Q={quality}]", depth="onepixel")

@@ -16,10 +16,14 @@ import collections
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
+from .ray_env import token_auth_like_ray_start
+
+token_auth_like_ray_start()  # Ray reads RAY_AUTH_MODE once, when it is imported: before `import ray`
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
 
@@ -84,7 +88,6 @@ def start_ray(address: str | None, num_cpus: int | None = None, num_gpus: int | 
     )
     try:
         if address:
-            _token_auth_like_ray_start()
             if address.split(":")[0] in ("127.0.0.1", "localhost"):
                 kwargs["_node_ip_address"] = "127.0.0.1"  # a loopback cluster: stay on loopback
             ray.init(address=address, **kwargs)
@@ -104,16 +107,9 @@ def start_ray(address: str | None, num_cpus: int | None = None, num_gpus: int | 
     return True
 
 
-def _token_auth_like_ray_start() -> None:
-    """``ray start`` turns token authentication on when a token exists (``RAY_AUTH_TOKEN``,
-    ``RAY_AUTH_TOKEN_PATH`` or ~/.ray/auth_token), but a driver joining with
-    ``ray.init(address=...)`` does not by itself: do the same here, through the
-    documented ``RAY_AUTH_MODE`` variable, unless the user set it."""
-    if "RAY_AUTH_MODE" in os.environ:
-        return
-    token_file = os.environ.get("RAY_AUTH_TOKEN_PATH") or str(Path.home() / ".ray" / "auth_token")
-    if os.environ.get("RAY_AUTH_TOKEN") or os.path.isfile(token_file):
-        os.environ["RAY_AUTH_MODE"] = "token"
+def stop_ray() -> None:
+    """Disconnect (and, for an embedded Ray, stop it)."""
+    ray.shutdown()
 
 
 def cluster_resources() -> tuple[float, float]:

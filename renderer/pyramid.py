@@ -32,10 +32,12 @@ finished work; rewriting a chunk row is idempotent (same bytes).
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -103,7 +105,7 @@ def pyramid_plan(store: ImageStore, min_size: int | None = None) -> list[tuple[i
 def pyramid_complete(store: ImageStore, min_size: int | None = None) -> bool:
     """True when every level of the plan is written (per pyramid.json) and present."""
     chunk, shapes = _plan(store, min_size)
-    prog = (store.pyramid_progress() or {})
+    prog = store.pyramid_progress() or {}
     if prog.get("shapes") != [list(s) for s in shapes] or prog.get("chunk") != chunk:
         return False
     rows = prog.get("rows", {})
@@ -123,8 +125,15 @@ class _Level:
     number of input rows seen (resume starts both part-way).
     """
 
-    def __init__(self, k: int, shape: tuple[int, int], in_height: int, chunk: int,
-                 write: Callable[[int, int, np.ndarray], None], start: int) -> None:
+    def __init__(
+        self,
+        k: int,
+        shape: tuple[int, int],
+        in_height: int,
+        chunk: int,
+        write: Callable[[int, int, np.ndarray], None],
+        start: int,
+    ) -> None:
         self.k, self.height, self.width = k, shape[0], shape[1]
         self.in_height, self.chunk, self.write = in_height, chunk, write
         self.start = start
@@ -210,7 +219,7 @@ def _resume_rows(prog: dict, shapes: list[tuple[int, int]], chunk: int) -> list[
 
 def _prepare_levels(store: ImageStore, shapes: list[tuple[int, int]], chunk: int, force: bool) -> dict:
     """Create or check arrays 1..n-1, drop stale deeper ones; return the progress record."""
-    prog = (store.pyramid_progress() or {})
+    prog = store.pyramid_progress() or {}
     same_plan = prog.get("shapes") == [list(s) for s in shapes] and prog.get("chunk") == chunk
     if force or not same_plan:
         prog = {"shapes": [list(s) for s in shapes], "chunk": chunk, "rule": RULE, "rows": {}}
@@ -253,10 +262,8 @@ def build_pyramid(
     workers = workers or max(2, os.cpu_count() or 2)
     with ThreadPoolExecutor(workers) as pool:
         writer = _Writer(store, pool, prog, max_pending=2 * workers)
-        levels = [
-            _Level(k, shapes[k], shapes[k - 1][0], chunk, writer, done[k]) for k in range(1, len(shapes))
-        ]
-        for a, b in zip(levels, levels[1:]):
+        levels = [_Level(k, shapes[k], shapes[k - 1][0], chunk, writer, done[k]) for k in range(1, len(shapes))]
+        for a, b in itertools.pairwise(levels):
             a.next = b
         # deepest first: each level gets the stored rows above it that it still needs
         for lev in reversed(levels[1:]):
@@ -269,9 +276,17 @@ def build_pyramid(
     return len(shapes)
 
 
-def _feed(store: ImageStore, pool: ThreadPoolExecutor, level: int, r0: int, r1: int,
-          push: Callable[[np.ndarray], None], chunk: int, progress: bool = False,
-          tap: Callable[[int, np.ndarray], None] | None = None) -> None:
+def _feed(
+    store: ImageStore,
+    pool: ThreadPoolExecutor,
+    level: int,
+    r0: int,
+    r1: int,
+    push: Callable[[np.ndarray], None],
+    chunk: int,
+    progress: bool = False,
+    tap: Callable[[int, np.ndarray], None] | None = None,
+) -> None:
     """Read rows [r0, r1) of a stored level in chunk-row strips (one prefetched) and push them."""
     if r1 <= r0:
         return
@@ -279,7 +294,7 @@ def _feed(store: ImageStore, pool: ThreadPoolExecutor, level: int, r0: int, r1: 
     shards = getattr(arr, "shards", None)
     step = int(shards[1]) if shards else chunk  # whole stored chunks (or shards) per read
     bounds = [r0, *range((r0 // step + 1) * step, r1, step), r1]
-    reads = list(zip(bounds, bounds[1:]))
+    reads = list(itertools.pairwise(bounds))
 
     def read(a: int, b: int) -> np.ndarray:
         return np.asarray(arr[:, a:b, :])

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 import zarr
+from zarr.codecs import ZstdCodec
 from zarr.storage import FsspecStore, LocalStore
 
 from creps.errors import first_line
@@ -119,7 +120,7 @@ class ImageStore:
         """Create the (3, H, W) uint8 array of one level (shard = tiles per shard side)."""
         compressors: Any
         if compressor == "zstd":
-            compressors = zarr.codecs.ZstdCodec(level=3)
+            compressors = ZstdCodec(level=3)
         elif compressor == "none":
             compressors = None
         else:
@@ -150,7 +151,8 @@ class ImageStore:
     @property
     def meta(self) -> dict:
         """Our own attributes (job spec, checkpoint hash, version, timing)."""
-        return dict(self.group.attrs.get(ATTRS_KEY, {}))
+        meta = self.group.attrs.get(ATTRS_KEY)
+        return dict(meta) if isinstance(meta, dict) else {}
 
     def update_meta(self, **values: Any) -> None:
         meta = self.meta
@@ -268,7 +270,7 @@ def ome_metadata(shapes: list[tuple[int, ...]], name: str = "creps") -> dict:
                     "active": True,
                     "window": {"start": 0, "end": 255, "min": 0, "max": 255},
                 }
-                for color, label in zip(CHANNEL_COLORS, CHANNEL_LABELS)
+                for color, label in zip(CHANNEL_COLORS, CHANNEL_LABELS, strict=False)
             ],
             "rdefs": {"model": "color"},
         },

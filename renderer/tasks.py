@@ -8,7 +8,7 @@ into the store and only these records return.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any, Union
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,7 @@ class TileTask:
         return self.tiles[0].id
 
 
-Task = Union[LineTask, TileTask]
+Task = LineTask | TileTask
 
 
 @dataclass(frozen=True)
@@ -90,4 +90,4 @@ class TileResult:
         return d
 
 
-Result = Union[LineResult, list[TileResult]]
+Result = LineResult | list[TileResult]

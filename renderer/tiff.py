@@ -11,7 +11,8 @@ libvips' tiffsave.
 from __future__ import annotations
 
 import os
-from typing import Any, Iterable, Iterator
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -22,8 +23,9 @@ TIFF_TILES = (256, 512)
 BUFFER_BYTES = 128 << 20
 
 
-def tiles(strips: Iterable[tuple[int, np.ndarray]], height: int, width: int, tile: int,
-          bar: Any = None) -> Iterator[np.ndarray]:
+def tiles(
+    strips: Iterable[tuple[int, np.ndarray]], height: int, width: int, tile: int, bar: Any = None
+) -> Iterator[np.ndarray]:
     """A level's tiles in TIFF order (row-major) from consecutive (r0, (h, w, 3) strip) pieces."""
     buf: np.ndarray | None = None  # rows left over when tile rows and strips do not align
     base = 0
@@ -41,16 +43,27 @@ def tiles(strips: Iterable[tuple[int, np.ndarray]], height: int, width: int, til
         buf, base = (strip[t0 - r0 :], t0) if t0 < end else (None, end)
 
 
-def write_levels(path: str, levels: Iterable[tuple[int, int, Iterable[tuple[int, np.ndarray]]]], count: int,
-                 tile: int = 256, compression: str = "jpeg", quality: int = 90, workers: int | None = None,
-                 bar: Any = None) -> None:
+def write_levels(
+    path: str,
+    levels: Iterable[tuple[int, int, Iterable[tuple[int, np.ndarray]]]],
+    count: int,
+    tile: int = 256,
+    compression: str = "jpeg",
+    quality: int = 90,
+    workers: int | None = None,
+    bar: Any = None,
+) -> None:
     """Write ``count`` levels, each (height, width, strips), largest first, to a BigTIFF at ``path``."""
     import tifffile
 
     codec = COMPRESSIONS[compression]
     args: dict[str, Any] = dict(
-        tile=(tile, tile), dtype=np.uint8, photometric="rgb", planarconfig="contig",
-        compression=codec, maxworkers=workers or os.cpu_count(),
+        tile=(tile, tile),
+        dtype=np.uint8,
+        photometric="rgb",
+        planarconfig="contig",
+        compression=codec,
+        maxworkers=workers or os.cpu_count(),
         buffersize=BUFFER_BYTES,
     )
     if compression == "jpeg":
@@ -61,7 +74,13 @@ def write_levels(path: str, levels: Iterable[tuple[int, int, Iterable[tuple[int,
         for k, (h, w, strips) in enumerate(levels):
             data = tiles(strips, h, w, tile, bar)
             if k == 0:
-                tif.write(data, shape=(h, w, 3), subifds=count - 1, software="creps-gigapixel",
-                          metadata={"axes": "YXS", "Name": "creps-gigapixel", "SignificantBits": 8}, **args)
+                tif.write(
+                    data,
+                    shape=(h, w, 3),
+                    subifds=count - 1,
+                    software="creps-gigapixel",
+                    metadata={"axes": "YXS", "Name": "creps-gigapixel", "SignificantBits": 8},
+                    **args,
+                )
             else:
                 tif.write(data, shape=(h, w, 3), subfiletype=1, metadata=None, **args)

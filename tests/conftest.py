@@ -16,7 +16,7 @@ VENV_BIN = Path(sys.executable).parent
 
 
 # ----------------------------------------------------------------------------
-# Render jobs (issue 3): free ports, embedded Ray, moto S3, tiny reference renders
+# Render jobs: free ports, embedded Ray, moto S3, tiny reference renders
 # ----------------------------------------------------------------------------
 def free_port() -> int:
     with socket.socket() as s:
@@ -34,25 +34,32 @@ def wait_port(port: int, timeout: float = 60.0) -> None:
     raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout} s")
 
 
+def tiny_job(out: str, **fields):
+    """A JobSpec of the tiny preset on two single-thread workers, one tile per task, no exports."""
+    from jobs.spec import JobSpec
+
+    base = dict(checkpoint="preset:tiny", batch=1, workers=2, threads_per_worker=1, exports=False)
+    return JobSpec(out=out, **{**base, **fields})
+
+
 @pytest.fixture(scope="session")
 def render_ray():
     """One embedded 2-CPU Ray for all in-process render-job tests (jobs reuse it)."""
-    import ray
-
-    from renderer.pool import start_ray
+    from renderer.pool import start_ray, stop_ray  # before any `import ray` (see renderer.ray_env)
 
     started = start_ray(None, num_cpus=2)
     yield
     if started:
-        ray.shutdown()
+        stop_ray()
 
 
 @pytest.fixture(scope="session")
 def render_reference():
     """``ref(height, width, seed=0, psi=1.0, view=(0,1,0,1))`` -> uint8 (3, H, W) of the
     tiny preset (init seed 0) rendered full-frame in this process: the single-process truth."""
-    import creps
     import torch
+
+    import creps
 
     G = creps.load("preset:tiny", init_seed=0)
     cache: dict = {}

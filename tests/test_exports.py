@@ -20,7 +20,6 @@ from renderer.exports import write_dzi, write_exports, write_tiff
 from renderer.pyramid import reference_pyramid
 from renderer.store import open_store
 
-pytestmark = pytest.mark.filterwarnings("ignore:Object at .* is not recognized")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 H, W, T = 301, 517, 64
 
@@ -55,7 +54,7 @@ def test_tiff_lossless_levels_exact(tmp_path, store_and_image, compression, tile
         assert page.photometric == tifffile.PHOTOMETRIC.RGB and page.planarconfig == tifffile.PLANARCONFIG.CONTIG
         levels = tif.series[0].levels
         assert len(levels) == len(ref)
-        for lv, r in zip(levels, ref):
+        for lv, r in zip(levels, ref, strict=False):
             assert lv.shape == (r.shape[1], r.shape[2], 3)
             np.testing.assert_array_equal(lv.asarray(), r.transpose(1, 2, 0))
         assert "<OME" in tif.pages[0].description
@@ -125,7 +124,11 @@ def test_dzi_layout_and_szi(tmp_path, store_and_image, engine):
                 names.add(f"{level}/{c}_{r}")
     with zipfile.ZipFile(base + ".szi") as zf:
         assert zf.testzip() is None
-        zipped = {n.split("out_files/", 1)[1].rsplit(".", 1)[0] for n in zf.namelist() if "out_files/" in n and n.endswith(("jpg", "jpeg"))}
+        zipped = {
+            n.split("out_files/", 1)[1].rsplit(".", 1)[0]
+            for n in zf.namelist()
+            if "out_files/" in n and n.endswith(("jpg", "jpeg"))
+        }
         assert zipped == names
         assert "out/out.dzi" in zf.namelist()
         Image.open(io.BytesIO(zf.read(f"out/out_files/0/0_0.{root.get('Format')}"))).load()
@@ -144,8 +147,9 @@ def test_zarr_engine_tiles_equal_dzsave(tmp_path, quality):
     write_dzi(store, str(tmp_path / "v"), quality=quality, engine="vips", szi=False)
 
     def tiles(base):
-        return sorted(os.path.relpath(os.path.join(r, f), base) for r, _, fs in os.walk(base) for f in fs
-                      if f.endswith(".jpg"))
+        return sorted(
+            os.path.relpath(os.path.join(r, f), base) for r, _, fs in os.walk(base) for f in fs if f.endswith(".jpg")
+        )
 
     names = tiles(str(tmp_path / "z_files"))
     assert names == tiles(str(tmp_path / "v_files")) and len(names) > 20
@@ -174,7 +178,7 @@ def test_exports_after_interrupted_pyramid(tmp_path):
         store.level(k)[:, 32:, :] = 9
     write_exports(store, tiff=str(tmp_path / "o.tif"), dzi=str(tmp_path / "o"), compression="zstd")
     with tifffile.TiffFile(tmp_path / "o.tif") as tif:
-        for lv, r in zip(tif.series[0].levels, reference_pyramid(img, 32)):
+        for lv, r in zip(tif.series[0].levels, reference_pyramid(img, 32), strict=False):
             np.testing.assert_array_equal(lv.asarray(), r.transpose(1, 2, 0))
     assert (tmp_path / "o.dzi").exists() and (tmp_path / "o.szi").exists()
 
@@ -217,22 +221,48 @@ def test_errors_before_work(tmp_path, store_and_image):
 def test_cli_assemble(tmp_path, store_and_image):
     store, _ = store_and_image
     out = subprocess.run(
-        [sys.executable, "render.py", "assemble", store.url, "--tiff", str(tmp_path / "c.tif"), "--compression",
-         "zstd", "--tiff-tile", "512", "--dzi", str(tmp_path / "c"), "--no-szi"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "render.py",
+            "assemble",
+            store.url,
+            "--tiff",
+            str(tmp_path / "c.tif"),
+            "--compression",
+            "zstd",
+            "--tiff-tile",
+            "512",
+            "--dzi",
+            str(tmp_path / "c"),
+            "--no-szi",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert out.returncode == 0, out.stderr
     assert "assembled:" in out.stdout and (tmp_path / "c.dzi").exists() and not (tmp_path / "c.szi").exists()
-    bad = subprocess.run([sys.executable, "render.py", "assemble", str(tmp_path / "nope.zarr"), "--tiff", "x.tif"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    bad = subprocess.run(
+        [sys.executable, "render.py", "assemble", str(tmp_path / "nope.zarr"), "--tiff", "x.tif"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and bad.stderr.startswith("error: ")
 
 
 @pytest.mark.slow
 def test_memory_bound_16k(tmp_path):
     """Peak RSS of pyramid + TIFF + DZI on a 16384^2 store stays under 1.5 GB (run with -m slow)."""
-    out = subprocess.run([sys.executable, "-m", "jobs.bench_exports", "--size", "16384", "--dir", str(tmp_path)],
-                         cwd=ROOT, capture_output=True, text=True, timeout=1800)
+    out = subprocess.run(
+        [sys.executable, "-m", "jobs.bench_exports", "--size", "16384", "--dir", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
     assert out.returncode == 0, out.stderr
     import json
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -32,8 +33,9 @@ def test_roundtrip_and_identity():
 
 def test_toml_and_flag_override(tmp_path):
     p = tmp_path / "job.toml"
-    p.write_text('[job]\ncheckpoint = "preset:tiny"\nsize = "320x200"\ntile = 64\nseed = 3\n'
-                 'storage_options = {anon = true}\n')
+    p.write_text(
+        '[job]\ncheckpoint = "preset:tiny"\nsize = "320x200"\ntile = 64\nseed = 3\nstorage_options = {anon = true}\n'
+    )
     s = JobSpec.from_toml(p, {"seed": 7})
     assert (s.width, s.height, s.tile, s.seed, s.storage_options) == (320, 200, 64, 7, {"anon": True})
     p.write_text("tile = [")
@@ -106,7 +108,7 @@ def test_line_ranges_are_whole_chunks():
     assert c % 48 == 0 and c % 64 == 0
     r = line_ranges(1000, c, 4)
     assert r[0][0] == 0 and r[-1][1] == 1000
-    assert all(a % c == 0 for a, _ in r) and all(b == a2 for (_, b), (a2, _) in zip(r, r[1:]))
+    assert all(a % c == 0 for a, _ in r) and all(b == a2 for (_, b), (a2, _) in itertools.pairwise(r))
     assert 1 <= auto_batch(100, 2, 32 * 32) <= 64 and auto_batch(10, 2, 512 * 512) == 1
 
 
@@ -135,7 +137,7 @@ def _cli(args, capsys):
 )
 def test_cli_bad_input_one_line_exit_2(tmp_path, capsys, monkeypatch, extra, message):
     monkeypatch.chdir(tmp_path)
-    rc, err = _cli(BASE + ["--out", str(tmp_path / "o.zarr")] + extra, capsys)
+    rc, err = _cli([*BASE, "--out", str(tmp_path / "o.zarr"), *extra], capsys)
     assert rc == 2
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
     assert list(tmp_path.iterdir()) == []  # nothing written
@@ -144,7 +146,7 @@ def test_cli_bad_input_one_line_exit_2(tmp_path, capsys, monkeypatch, extra, mes
 def test_cli_unwritable_output(tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    rc, err = _cli(BASE + ["--out", str(blocker / "o.zarr")], capsys)
+    rc, err = _cli([*BASE, "--out", str(blocker / "o.zarr")], capsys)
     assert rc == 2 and len(err) == 1 and "cannot" in err[0]
     assert blocker.read_text() == "x"
 
@@ -152,14 +154,26 @@ def test_cli_unwritable_output(tmp_path, capsys):
 def test_cli_refuses_foreign_directory(tmp_path, capsys):
     (tmp_path / "o.zarr").mkdir()
     (tmp_path / "o.zarr" / "keep.txt").write_text("mine")
-    rc, err = _cli(BASE + ["--out", str(tmp_path / "o.zarr"), "--overwrite"], capsys)
+    rc, err = _cli([*BASE, "--out", str(tmp_path / "o.zarr"), "--overwrite"], capsys)
     assert rc == 2 and "not an image store" in err[0]
     assert (tmp_path / "o.zarr" / "keep.txt").read_text() == "mine"
 
 
 def test_cli_dry_run_prints_resolved_job(capsys, tmp_path):
-    rc = render.main(["render", "--checkpoint", "preset:tiny", "--scale", "3", "--tile", "32",
-                      "--out", str(tmp_path / "d.zarr"), "--dry-run"])
+    rc = render.main(
+        [
+            "render",
+            "--checkpoint",
+            "preset:tiny",
+            "--scale",
+            "3",
+            "--tile",
+            "32",
+            "--out",
+            str(tmp_path / "d.zarr"),
+            "--dry-run",
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0 and '"height": 96' in out and "plan: 9 tiles" in out
     assert not (tmp_path / "d.zarr").exists()

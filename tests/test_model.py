@@ -51,7 +51,7 @@ def test_official_key_layout_round_trips() -> None:
     assert all(torch.equal(a.state_dict()[k], b.state_dict()[k]) for k in a.state_dict())
 
 
-def test_flops_match_design() -> None:
+def test_ffhq512_flops() -> None:
     f = creps.flops(preset("ffhq512"), 512, 512)
     assert round(f.per_pixel / 1e3) == 357
     assert round(f.per_line_position / 1e6) == 340

@@ -268,7 +268,7 @@ def test_truncated_pickle(tmp_path, source_G):
     data = official_pickle(source_G, tmp_path / "marker")
     path = tmp_path / "cut.pkl"
     path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(creps.CheckpointError, match="truncated|corrupt"):
+    with pytest.raises(creps.CheckpointError, match=r"truncated|corrupt"):
         creps.load(path)
 
 
@@ -301,8 +301,8 @@ def test_convert_command(tmp_path, source_G, capsys):
     n = sum(p.numel() for p in source_G.parameters())
     assert f"{n:,}" in printed and '"resolution": 32' in printed
     _assert_same_generator(source_G, creps.load(out))
-    assert convert.run(parser.parse_args([str(pkl), str(out)])) == 1  # exists, no --force
+    assert convert.run(parser.parse_args([str(pkl), str(out)])) == 2  # exists, no --force: bad input
     bad = tmp_path / "bad.pkl"
     bad.write_bytes(b"not a checkpoint")
-    assert convert.run(parser.parse_args([str(bad), str(tmp_path / "o.safetensors")])) == 1
+    assert convert.run(parser.parse_args([str(bad), str(tmp_path / "o.safetensors")])) == 2
     assert "unknown checkpoint format" in capsys.readouterr().err

@@ -13,7 +13,6 @@ import time
 import numpy as np
 import pytest
 import zarr
-
 from conftest import REPO, VENV_BIN, free_port, render_cli_env, wait_port
 
 
@@ -41,9 +40,23 @@ def ray_head():
     port = free_port()
     temp = f"/tmp/creps-ray-{port}"
     head = subprocess.Popen(
-        [str(VENV_BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
-         "--num-cpus=2", "--num-gpus=0", "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp}"],
-        env=render_cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        [
+            str(VENV_BIN / "ray"),
+            "start",
+            "--head",
+            "--block",
+            "--node-ip-address=127.0.0.1",
+            f"--port={port}",
+            "--num-cpus=2",
+            "--num-gpus=0",
+            "--include-dashboard=false",
+            "--disable-usage-stats",
+            f"--temp-dir={temp}",
+        ],
+        env=render_cli_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
     try:
         wait_port(port, timeout=180)
@@ -62,9 +75,29 @@ def ray_head():
 def test_render_through_address(ray_head, tmp_path, render_reference):
     out = tmp_path / "c.zarr"
     proc = subprocess.run(
-        [sys.executable, str(REPO / "render.py"), "render", "--checkpoint", "preset:tiny", "--size", "140x100",
-         "--tile", "32", "--seed", "4", "--address", ray_head, "--out", str(out), "--no-exports", "--quiet"],
-        env=render_cli_env(), capture_output=True, text=True, timeout=400,
+        [
+            sys.executable,
+            str(REPO / "render.py"),
+            "render",
+            "--checkpoint",
+            "preset:tiny",
+            "--size",
+            "140x100",
+            "--tile",
+            "32",
+            "--seed",
+            "4",
+            "--address",
+            ray_head,
+            "--out",
+            str(out),
+            "--no-exports",
+            "--quiet",
+        ],
+        env=render_cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=400,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith("summary "))[8:])

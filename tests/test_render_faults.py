@@ -12,11 +12,10 @@ import time
 import numpy as np
 import pytest
 import zarr
+from conftest import REPO, render_cli_env, tiny_job
 
 import render
-from conftest import REPO, render_cli_env
 from jobs.run import run_job
-from jobs.spec import JobSpec
 from renderer.errors import RendererError
 from renderer.store import open_store
 
@@ -26,8 +25,7 @@ def _level0(url: str) -> np.ndarray:
 
 
 def test_killed_worker_is_replaced_and_bytes_identical(tmp_path, render_ray, render_reference):
-    spec = JobSpec(checkpoint="preset:tiny", height=160, width=176, tile=16, batch=1, workers=2,
-                   threads_per_worker=1, out=str(tmp_path / "k.zarr"), exports=False)
+    spec = tiny_job(str(tmp_path / "k.zarr"), height=160, width=176, tile=16)
     killed: list[int] = []
 
     def kill_one(summary, pool):
@@ -59,10 +57,32 @@ def _session_pids(sid: int) -> list[int]:
 
 def test_killed_driver_then_rerun_renders_only_missing_tiles(tmp_path, render_ray, render_reference):
     out = tmp_path / "d.zarr"
-    args = ["render", "--checkpoint", "preset:tiny", "--size", "512x384", "--tile", "32", "--batch", "1",
-            "--workers", "2", "--threads-per-worker", "1", "--out", str(out), "--no-exports", "--quiet"]
-    proc = subprocess.Popen([sys.executable, str(REPO / "render.py"), *args], env=render_cli_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    args = [
+        "render",
+        "--checkpoint",
+        "preset:tiny",
+        "--size",
+        "512x384",
+        "--tile",
+        "32",
+        "--batch",
+        "1",
+        "--workers",
+        "2",
+        "--threads-per-worker",
+        "1",
+        "--out",
+        str(out),
+        "--no-exports",
+        "--quiet",
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "render.py"), *args],
+        env=render_cli_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     tiles_dir = out / "tiles"
     try:
         deadline = time.monotonic() + 300
@@ -100,8 +120,7 @@ def test_killed_driver_then_rerun_renders_only_missing_tiles(tmp_path, render_ra
 def test_repeated_failures_stop_with_a_report(tmp_path, render_ray):
     """A tile whose chunk can never be written: retried, then one clear error naming it;
     the other tiles are kept, and once the store is fixed a re-run finishes the job."""
-    spec = JobSpec(checkpoint="preset:tiny", height=64, width=64, tile=32, workers=2, threads_per_worker=1,
-                   batch=1, out=str(tmp_path / "f.zarr"), exports=False, max_retries=1)
+    spec = tiny_job(str(tmp_path / "f.zarr"), height=64, width=64, tile=32, max_retries=1)
     run_job(spec, max_tiles=0, progress=False)  # creates the store and computes the lines only
     blocker = tmp_path / "f.zarr" / "0" / "c" / "0" / "1" / "1"  # chunk of tile r1_c1 is now a directory
     blocker.mkdir(parents=True)

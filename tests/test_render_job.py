@@ -18,8 +18,14 @@ from renderer.store import open_store
 
 
 def _spec(tmp_path, **kw) -> JobSpec:
-    base = dict(checkpoint="preset:tiny", tile=32, out=str(tmp_path / "img.zarr") if tmp_path else "", workers=2,
-                threads_per_worker=1, exports=False)
+    base = dict(
+        checkpoint="preset:tiny",
+        tile=32,
+        out=str(tmp_path / "img.zarr") if tmp_path else "",
+        workers=2,
+        threads_per_worker=1,
+        exports=False,
+    )
     return JobSpec(**{**base, **kw})
 
 
@@ -114,10 +120,33 @@ def test_peak_memory_bounded_by_tiles_not_canvas(tmp_path):
     peaks = {}
     for side in (4096, 16384):
         out = subprocess.run(
-            [sys.executable, str(REPO / "render.py"), "render", "--checkpoint", "preset:tiny", "--size", str(side),
-             "--tile", "512", "--workers", "2", "--threads-per-worker", "1", "--batch", "1", "--max-tiles", "24",
-             "--out", str(tmp_path / f"m{side}.zarr"), "--no-exports", "--quiet"],
-            capture_output=True, text=True, env=render_cli_env(), timeout=1200,
+            [
+                sys.executable,
+                str(REPO / "render.py"),
+                "render",
+                "--checkpoint",
+                "preset:tiny",
+                "--size",
+                str(side),
+                "--tile",
+                "512",
+                "--workers",
+                "2",
+                "--threads-per-worker",
+                "1",
+                "--batch",
+                "1",
+                "--max-tiles",
+                "24",
+                "--out",
+                str(tmp_path / f"m{side}.zarr"),
+                "--no-exports",
+                "--quiet",
+            ],
+            capture_output=True,
+            text=True,
+            env=render_cli_env(),
+            timeout=1200,
         )
         assert out.returncode == 0, out.stderr[-2000:]
         s = json.loads(next(ln for ln in out.stdout.splitlines() if ln.startswith("summary "))[8:])

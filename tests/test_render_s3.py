@@ -10,19 +10,21 @@ import time
 import numpy as np
 import pytest
 import zarr
+from conftest import free_port, tiny_job
 from zarr.storage import FsspecStore
 
 import render
-from conftest import free_port
 from jobs.run import run_job
-from jobs.spec import JobSpec
 
 s3fs = pytest.importorskip("s3fs")
 
 
 def _options(endpoint: str) -> dict:
-    return {"key": "testing", "secret": "testing",
-            "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"}}
+    return {
+        "key": "testing",
+        "secret": "testing",
+        "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"},
+    }
 
 
 def _bucket(endpoint: str, name: str) -> None:
@@ -39,9 +41,27 @@ def _level0(url: str, options: dict) -> np.ndarray:
 def test_render_to_s3_and_read_back(moto_s3, render_ray, render_reference, capsys):
     _bucket(moto_s3, "renders")
     url = "s3://renders/img.zarr"
-    rc = render.main(["render", "--checkpoint", "preset:tiny", "--size", "120x90", "--tile", "32", "--workers", "2",
-                      "--threads-per-worker", "1", "--out", url, "--storage-options", json.dumps(_options(moto_s3)),
-                      "--no-exports", "--quiet"])
+    rc = render.main(
+        [
+            "render",
+            "--checkpoint",
+            "preset:tiny",
+            "--size",
+            "120x90",
+            "--tile",
+            "32",
+            "--workers",
+            "2",
+            "--threads-per-worker",
+            "1",
+            "--out",
+            url,
+            "--storage-options",
+            json.dumps(_options(moto_s3)),
+            "--no-exports",
+            "--quiet",
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "rendered 12 of 12 tiles" in out
@@ -53,9 +73,23 @@ def test_render_to_s3_and_read_back(moto_s3, render_ray, render_reference, capsy
 
 def test_unreachable_endpoint_is_one_clear_error(render_ray, capsys):
     dead = f"http://127.0.0.1:{free_port()}"
-    rc = render.main(["render", "--checkpoint", "preset:tiny", "--size", "64", "--tile", "32",
-                      "--out", "s3://renders/x.zarr", "--storage-options", json.dumps(_options(dead)),
-                      "--no-exports", "--quiet"])
+    rc = render.main(
+        [
+            "render",
+            "--checkpoint",
+            "preset:tiny",
+            "--size",
+            "64",
+            "--tile",
+            "32",
+            "--out",
+            "s3://renders/x.zarr",
+            "--storage-options",
+            json.dumps(_options(dead)),
+            "--no-exports",
+            "--quiet",
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and err[0].startswith("error: cannot access 's3://renders/x.zarr'"), err
 
@@ -123,9 +157,7 @@ def test_s3_endpoint_outage_mid_job(moto_s3, render_ray, render_reference):
     relay = Outage(int(moto_s3.rsplit(":", 1)[1]))
     options = _options(f"http://127.0.0.1:{relay.port}")
     options["config_kwargs"] = {"retries": {"max_attempts": 2, "mode": "standard"}, "connect_timeout": 2}
-    spec = JobSpec(checkpoint="preset:tiny", height=160, width=128, tile=16, batch=1, workers=2,
-                   threads_per_worker=1, out="s3://flaky/img.zarr", storage_options=options, exports=False,
-                   max_retries=8)
+    spec = tiny_job("s3://flaky/img.zarr", height=160, width=128, tile=16, storage_options=options, max_retries=8)
     events: list[str] = []
 
     def outage(summary, pool):

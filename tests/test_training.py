@@ -133,18 +133,56 @@ def test_train_is_the_default_subcommand():
     assert train.with_default_command([]) == ["train"]
     for argv in (["train", "--data", "D"], ["dataset", "a", "b"], ["--debug", "metrics", "c"], ["--help"]):
         assert train.with_default_command(argv) == argv
-    a, b = parse_train(["--data", "D", "--out", "R", "--batch", "8"]), parse_train(["train", "--data", "D", "--out", "R", "--batch", "8"])
+    a, b = (
+        parse_train(["--data", "D", "--out", "R", "--batch", "8"]),
+        parse_train(["train", "--data", "D", "--out", "R", "--batch", "8"]),
+    )
     assert vars(a) == vars(b) and a.command == "train" and a.debug is False
 
 
 def test_config_from_args_matches_flag_defaults_and_renames():
     assert TrainConfig.from_args(parse_train(["--data", "D", "--out", "R"])) == TrainConfig(data="D")
-    cfg = TrainConfig.from_args(parse_train([
-        "--data", "D", "--out", "R", "--target", "0.5", "--glr", "0.001", "--dlr", "0.003", "--d-cbase", "64",
-        "--d-cmax", "32", "--tick", "2", "--no-amp", "--kimg", "1.5M", "--metrics", "fid,kid", "--ema-kimg", "3",
-    ]))
-    assert (cfg.ada_target, cfg.lr_g, cfg.lr_d, cfg.d_channel_base, cfg.d_channel_max, cfg.tick_kimg, cfg.amp,
-            cfg.kimg, cfg.metrics, cfg.ema_kimg) == (0.5, 0.001, 0.003, 64, 32, 2.0, False, 1500.0, ("fid", "kid"), 3.0)
+    cfg = TrainConfig.from_args(
+        parse_train(
+            [
+                "--data",
+                "D",
+                "--out",
+                "R",
+                "--target",
+                "0.5",
+                "--glr",
+                "0.001",
+                "--dlr",
+                "0.003",
+                "--d-cbase",
+                "64",
+                "--d-cmax",
+                "32",
+                "--tick",
+                "2",
+                "--no-amp",
+                "--kimg",
+                "1.5M",
+                "--metrics",
+                "fid,kid",
+                "--ema-kimg",
+                "3",
+            ]
+        )
+    )
+    assert (
+        cfg.ada_target,
+        cfg.lr_g,
+        cfg.lr_d,
+        cfg.d_channel_base,
+        cfg.d_channel_max,
+        cfg.tick_kimg,
+        cfg.amp,
+        cfg.kimg,
+        cfg.metrics,
+        cfg.ema_kimg,
+    ) == (0.5, 0.001, 0.003, 64, 32, 2.0, False, 1500.0, ("fid", "kid"), 3.0)
 
 
 def test_train_error_is_a_user_error():
@@ -177,10 +215,26 @@ def test_cli_checkpoint_error_reaches_the_boundary_unchanged(tmp_path, capsys, n
         Image.new("RGB", (8, 8), (30 * i, 0, 0)).save(tmp_path / "src" / f"{i}.png")
     build_dataset(str(tmp_path / "src"), str(tmp_path / "ds"), 8, log=lambda s: None)
     (tmp_path / "junk.pkl").write_bytes(b"garbage")
-    rc = train.main(["--data", str(tmp_path / "ds"), "--out", str(tmp_path / "run"), "--preset", "tiny", "--batch", "4",
-                     "--resume", str(tmp_path / "junk.pkl"), "--dry-run", "--no-progress"])
+    rc = train.main(
+        [
+            "--data",
+            str(tmp_path / "ds"),
+            "--out",
+            str(tmp_path / "run"),
+            "--preset",
+            "tiny",
+            "--batch",
+            "4",
+            "--resume",
+            str(tmp_path / "junk.pkl"),
+            "--dry-run",
+            "--no-progress",
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2 and len(err) == 1 and err[0].startswith("error: ") and "junk.pkl: unknown checkpoint format" in err[0]
+    assert (
+        rc == 2 and len(err) == 1 and err[0].startswith("error: ") and "junk.pkl: unknown checkpoint format" in err[0]
+    )
 
 
 @pytest.mark.parametrize("before, after", [(["--debug"], []), ([], ["--debug"]), (["train"], ["--debug"])])
@@ -199,8 +253,10 @@ def test_cli_debug_reraises_with_traceback(before, after, tmp_path, monkeypatch,
 
 def test_cli_interrupt_is_one_line_exit_130(monkeypatch, capsys, no_debug_env):
     import train
+    from creps.cli import command
     from training import cli_train
 
+    @command()
     def interrupted(args):
         raise KeyboardInterrupt
 
@@ -217,9 +273,11 @@ def test_cli_help_lists_subcommands_and_their_options(capsys):
     out = capsys.readouterr().out
     assert e.value.code == 0 and all(f"    {name}" in out for name in ("train", "dataset", "metrics"))
     assert "--debug" in out and "--data PATH" in out  # the default subcommand's options follow the list
-    for sub, options in {"train": ("--kimg", "--glr", "--no-amp", "--debug"),
-                         "dataset": ("--resolution", "--crops", "--min-images", "--debug"),
-                         "metrics": ("--num", "--psi", "--metrics", "--debug")}.items():
+    for sub, options in {
+        "train": ("--kimg", "--glr", "--no-amp", "--debug"),
+        "dataset": ("--resolution", "--crops", "--min-images", "--debug"),
+        "metrics": ("--num", "--psi", "--metrics", "--debug"),
+    }.items():
         with pytest.raises(SystemExit):
             train.main([sub, "--help"])
         out = capsys.readouterr().out

@@ -42,8 +42,19 @@ def dataset(tmp_path_factory) -> str:
 
 
 def config(data: str, kimg: float, **kw) -> TrainConfig:
-    base = {"data": data, "preset": "tiny", "batch": 4, "kimg": kimg, "snap": 0.008, "tick_kimg": 0.004, "seed": 3,
-            "aug": "ada", "ada_kimg": 0.1, "ada_interval": 1, "r1_interval": 2}
+    base = {
+        "data": data,
+        "preset": "tiny",
+        "batch": 4,
+        "kimg": kimg,
+        "snap": 0.008,
+        "tick_kimg": 0.004,
+        "seed": 3,
+        "aug": "ada",
+        "ada_kimg": 0.1,
+        "ada_interval": 1,
+        "r1_interval": 2,
+    }
     base.update(kw)
     return TrainConfig(**base)
 
@@ -91,8 +102,16 @@ def test_train_resume_equals_uninterrupted_and_renders(dataset, tmp_path, render
     from jobs.spec import JobSpec
 
     out = str(tmp_path / "render.zarr")
-    spec = JobSpec(checkpoint=str(tmp_path / "b" / "G_ema.safetensors"), width=40, height=24, tile=16, out=out,
-                   workers=2, threads_per_worker=1, exports=False)
+    spec = JobSpec(
+        checkpoint=str(tmp_path / "b" / "G_ema.safetensors"),
+        width=40,
+        height=24,
+        tile=16,
+        out=out,
+        workers=2,
+        threads_per_worker=1,
+        exports=False,
+    )
     assert run_job(spec, progress=False, log=lambda s: None)["status"] == "done"
     with torch.no_grad():
         want = creps.to_uint8(G.render(G.z_from_seed(0), creps.Canvas(24, 40)))[0].numpy()
@@ -107,8 +126,11 @@ def test_changed_config_refused_and_resume_from_weights(dataset, tmp_path):
     ck = latest_checkpoint(tmp_path / "r")
     t = Trainer(config(dataset, 0.004, resume=str(ck)), str(tmp_path / "ft1"), log=lambda s: None)
     assert t.step == 0 and torch.equal(t.D.out.weight, read_checkpoint(ck).tensors["D/out.weight"])
-    t = Trainer(config(dataset, 0.004, resume=str(tmp_path / "r" / "G_ema.safetensors")), str(tmp_path / "ft2"),
-                log=lambda s: None)
+    t = Trainer(
+        config(dataset, 0.004, resume=str(tmp_path / "r" / "G_ema.safetensors")),
+        str(tmp_path / "ft2"),
+        log=lambda s: None,
+    )
     assert torch.equal(t.G.mapping.fc0.weight, read_checkpoint(ck).tensors["G_ema/mapping.fc0.weight"])
 
 
@@ -165,7 +187,9 @@ def test_corrupt_checkpoint_reported_not_overwritten(dataset, tmp_path):
     assert ck.read_bytes() == data[: len(data) // 2]
     # a --resume generator file that creps cannot read: its CheckpointError travels unchanged, naming the file
     with pytest.raises(creps.CheckpointError, match="not found.*nope.safetensors"):
-        Trainer(config(dataset, 0.004, resume=str(tmp_path / "nope.safetensors")), str(tmp_path / "x"), log=lambda s: None)
+        Trainer(
+            config(dataset, 0.004, resume=str(tmp_path / "nope.safetensors")), str(tmp_path / "x"), log=lambda s: None
+        )
     junk = tmp_path / "junk.pkl"
     junk.write_bytes(b"garbage")
     with pytest.raises(creps.CheckpointError, match="junk.pkl: unknown checkpoint format"):
@@ -214,8 +238,10 @@ def test_zip_glob_and_on_the_fly_sources(tmp_path):
 def test_dry_run_prints_config_and_writes_nothing(dataset, tmp_path, capsys):
     import train
 
-    assert train.main(["--data", dataset, "--out", str(tmp_path / "run"), "--preset", "tiny", "--batch", "4",
-                       "--dry-run"]) == 0
+    assert (
+        train.main(["--data", dataset, "--out", str(tmp_path / "run"), "--preset", "tiny", "--batch", "4", "--dry-run"])
+        == 0
+    )
     err = capsys.readouterr().err
     cfg = json.loads(err[err.index("{") : err.rindex("}") + 1])
     assert cfg["resolution"] == 32 and cfg["generator"]["resolution"] == 32 and cfg["r1_interval"] == 16

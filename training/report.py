@@ -1,6 +1,6 @@
 """Loss curves of a run as a PNG, drawn with PIL only (no plotting library needed).
 
-    python -m training.report RUNDIR OUT.png
+python -m training.report RUNDIR OUT.png
 """
 
 from __future__ import annotations
@@ -20,8 +20,12 @@ def read_log(run_dir: str | Path) -> list[dict]:
     return [json.loads(x) for x in (Path(run_dir) / "log.jsonl").read_text().splitlines() if x.strip()]
 
 
-def plot_curves(run_dir: str | Path, out: str | Path, keys: Sequence[str] = ("loss_G", "loss_D", "augment_p"),
-                size: tuple[int, int] = (720, 360)) -> Path:
+def plot_curves(
+    run_dir: str | Path,
+    out: str | Path,
+    keys: Sequence[str] = ("loss_G", "loss_D", "augment_p"),
+    size: tuple[int, int] = (720, 360),
+) -> Path:
     recs = read_log(run_dir)
     if not recs:
         raise ValueError(f"{run_dir}/log.jsonl is empty")
@@ -34,8 +38,10 @@ def plot_curves(run_dir: str | Path, out: str | Path, keys: Sequence[str] = ("lo
     d = ImageDraw.Draw(img)
 
     def px(xv: float, yv: float) -> tuple[float, float]:
-        return (left + (xv - x.min()) / max(x.max() - x.min(), 1e-9) * (w - left - right),
-                h - bottom - (yv - lo) / (hi - lo) * (h - top - bottom))
+        return (
+            left + (xv - x.min()) / max(x.max() - x.min(), 1e-9) * (w - left - right),
+            h - bottom - (yv - lo) / (hi - lo) * (h - top - bottom),
+        )
 
     d.rectangle([left, top, w - right, h - bottom], outline="black")
     for t in np.linspace(lo, hi, 5):
@@ -49,10 +55,10 @@ def plot_curves(run_dir: str | Path, out: str | Path, keys: Sequence[str] = ("lo
     d.text((w // 2 - 20, h - 16), "kimg", fill="black")
     for i, (k, v) in enumerate(ys.items()):
         col = COLORS.get(k, (0, 0, 0))
-        d.line([px(a, b) for a, b in zip(x, v)], fill=tuple(c // 2 + 127 for c in col), width=1)
+        d.line([px(a, b) for a, b in zip(x, v, strict=False)], fill=tuple(c // 2 + 127 for c in col), width=1)
         n = max(1, len(v) // 25)  # moving average over ~4 % of the run
         sm = np.convolve(v, np.ones(n) / n, mode="valid")
-        d.line([px(a, b) for a, b in zip(x[n - 1 :], sm)], fill=col, width=2)
+        d.line([px(a, b) for a, b in zip(x[n - 1 :], sm, strict=False)], fill=col, width=2)
         d.text((left + 10 + 110 * i, 8), k, fill=col)
     out = Path(out)
     img.save(out)

@@ -74,7 +74,9 @@ class Snapshot:
         return {k[n:]: v for k, v in self.tensors.items() if k.startswith(prefix + "/")}
 
 
-def save_checkpoint(path: Path, modules: dict[str, nn.Module], opts: dict[str, torch.optim.Optimizer], meta: dict) -> Path:
+def save_checkpoint(
+    path: Path, modules: dict[str, nn.Module], opts: dict[str, torch.optim.Optimizer], meta: dict
+) -> Path:
     """Write modules, optimisers and ``meta`` (JSON-able) to ``path`` atomically."""
     from safetensors.torch import save_file
 
@@ -115,8 +117,10 @@ def read_checkpoint(path: str | os.PathLike) -> Snapshot:
         meta = json.loads(md["creps_train"])
     except TrainError:
         raise
-    except Exception as e:  # noqa: BLE001 -- safetensors raises several types on truncated/garbled files
-        raise TrainError(f"checkpoint {p} is corrupt ({type(e).__name__}: {e}); delete or move it to resume from an earlier one") from None
+    except Exception as e:
+        raise TrainError(
+            f"checkpoint {p} is corrupt ({type(e).__name__}: {e}); delete or move it to resume from an earlier one"
+        ) from None
     return Snapshot(tensors, meta)
 
 
@@ -126,7 +130,7 @@ def is_training_checkpoint(path: str | os.PathLike) -> bool:
 
         with safe_open(str(path), framework="pt") as f:
             return (f.metadata() or {}).get("format") == FORMAT
-    except Exception:  # noqa: BLE001 -- unreadable for any reason = not one of ours; read_checkpoint says why
+    except Exception:
         return False
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import webbrowser
 
-from creps.errors import run_cli
+from creps.cli import command
 from renderer.fsio import parse_storage_options
 
 from .errors import ViewerError
@@ -38,14 +38,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tile-format", choices=sorted(FORMATS), default="jpeg", help="on-the-fly tile format [jpeg]")
     p.add_argument("--quality", type=int, default=90, help="JPEG quality of on-the-fly tiles [90]")
     p.add_argument("--open", action="store_true", help="open the page in the default browser")
-    p.add_argument("--debug", action="store_true", help="show the full traceback of an error (or CREPS_DEBUG=1)")
 
 
+@command()
 def run(args: argparse.Namespace) -> int:
-    return run_cli(lambda: _view(args), debug=args.debug)
-
-
-def _view(args: argparse.Namespace) -> int:
     options = parse_storage_options(args.storage_options, ViewerError)
     if not 0 <= args.port <= 65535:
         raise ViewerError(f"--port {args.port} is not a TCP port (0..65535)")

@@ -44,8 +44,17 @@ from renderer.store import ImageStore, open_store
 from .errors import ViewerError
 
 __all__ = [
-    "OVERLAP", "TILE_SIZE", "StoreTiles", "block_mean", "dzi_xml", "encode", "level_size", "max_level",
-    "tile_bounds", "tile_grid", "usable_levels",
+    "OVERLAP",
+    "TILE_SIZE",
+    "StoreTiles",
+    "block_mean",
+    "dzi_xml",
+    "encode",
+    "level_size",
+    "max_level",
+    "tile_bounds",
+    "tile_grid",
+    "usable_levels",
 ]
 MAX_SOURCE_SIDE = 4096  # source pixels read per tile side at most (then strided)
 FORMATS = {"jpeg": "image/jpeg", "png": "image/png"}
@@ -246,8 +255,8 @@ def usable_levels(store: ImageStore) -> list[tuple[int, int]]:
 
 def _find(meta: dict, *keys: str) -> Any:
     """First value of any of ``keys`` in meta or in meta['spec'] (tolerant of missing keys)."""
-    spec = meta.get("spec") if isinstance(meta.get("spec"), dict) else {}
-    for where in (meta, spec):
+    spec = meta.get("spec")
+    for where in (meta, spec if isinstance(spec, dict) else {}):
         for k in keys:
             if where.get(k) is not None:
                 return where[k]
@@ -265,4 +274,3 @@ def job_summary(meta: dict) -> dict[str, Any]:
         "status": meta.get("status") if isinstance(meta.get("status"), str) else None,
         "error": meta.get("error") if isinstance(meta.get("error"), str) else None,
     }
-

@@ -1,0 +1,86 @@
+"""The shape both command-line scripts share (render.py, train.py).
+
+Each script is a table of subcommands; each subcommand is a module exposing
+``add_arguments(parser)`` and ``run(args) -> int``.  ``run`` is wrapped by
+``@command``, so calling it directly (tests, other scripts) behaves exactly
+like the command line: errors become one ``error:`` line and an exit code
+(``creps.errors.run_cli``), and ``--debug`` / ``CREPS_DEBUG=1`` re-raises.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import importlib
+import sys
+from collections.abc import Callable
+
+from .errors import run_cli
+
+DEBUG_HELP = "on an error, show the full traceback instead of one line (also: CREPS_DEBUG=1)"
+RESUME = "interrupted; re-run the same command to resume"
+
+Run = Callable[[argparse.Namespace], int]
+
+
+def command(interrupted: str = RESUME, failed_hint: str = "") -> Callable[[Run], Run]:
+    """Make a subcommand body (which raises UserError on bad input) into its ``run``."""
+
+    def wrap(body: Run) -> Run:
+        @functools.wraps(body)
+        def run(args: argparse.Namespace) -> int:
+            debug = bool(getattr(args, "debug", False))
+            return run_cli(lambda: body(args), debug=debug, interrupted=interrupted, failed_hint=failed_hint)
+
+        return run
+
+    return wrap
+
+
+def build_parser(
+    prog: str, description: str | None, subcommands: dict[str, tuple[str, str]], tolerate_missing: bool = False
+) -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The top-level parser and one subparser per table entry ``name -> (module, one-line help)``.
+
+    ``--debug`` is accepted before or after the subcommand.  With
+    ``tolerate_missing`` a subcommand whose module cannot be imported stays
+    listed and says why when chosen.
+    """
+    parser = argparse.ArgumentParser(
+        prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    subparsers = {}
+    for name, (module, help_text) in subcommands.items():
+        try:
+            mod = importlib.import_module(module)
+        except ImportError as e:
+            if not tolerate_missing:
+                raise
+            p = sub.add_parser(name, help=f"{help_text} [unavailable: {e}]")
+            p.set_defaults(_module=None, _error=str(e))
+            continue
+        p = sub.add_parser(
+            name,
+            help=help_text,
+            description=(mod.__doc__ or help_text),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        mod.add_arguments(p)
+        # SUPPRESS: a `--debug` given before the subcommand is not reset by the subparser's default
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
+        p.set_defaults(_module=mod)
+        subparsers[name] = p
+    return parser, subparsers
+
+
+def dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """Run the chosen subcommand (its ``run`` reports its own errors)."""
+    if args.command is None:
+        parser.print_help()
+        return 2
+    if args._module is None:
+        print(f"error: {args.command} is unavailable: {args._error}", file=sys.stderr)
+        return 2
+    return int(args._module.run(args) or 0)

@@ -1,0 +1,115 @@
+"""The layering of docs/architecture.md, checked on the source: imports only point down,
+no import cycle between modules, no module imports another module's private name."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = ("creps", "renderer", "jobs", "viewer", "training")
+# package -> the packages of ours it may import (besides itself)
+ALLOWED = {
+    "creps": set(),
+    "renderer": {"creps"},
+    "training": {"creps"},
+    "jobs": {"creps", "renderer"},
+    "viewer": {"creps", "renderer"},
+}
+
+
+def _modules() -> dict[str, Path]:
+    mods = {}
+    for pkg in PACKAGES:
+        for path in sorted((ROOT / pkg).glob("*.py")):
+            name = pkg if path.stem == "__init__" else f"{pkg}.{path.stem}"
+            mods[name] = path
+    for script in ("render", "train"):
+        mods[script] = ROOT / f"{script}.py"
+    return mods
+
+
+MODULES = _modules()
+
+
+def _imports(name: str, path: Path) -> list[tuple[str, list[str], bool]]:
+    """(imported module, names imported from it, inside a function) for each import of ours."""
+    tree = ast.parse(path.read_text(), str(path))
+    pkg = name if path.stem == "__init__" else name.rsplit(".", 1)[0]
+    out = []
+
+    def visit(node: ast.AST, in_func: bool) -> None:
+        for child in ast.iter_child_nodes(node):
+            nested = in_func or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef))
+            if isinstance(child, ast.Import):
+                for alias in child.names:
+                    out.append((alias.name, [], nested))
+            elif isinstance(child, ast.ImportFrom):
+                if child.level:
+                    base = pkg.split(".")
+                    base = base[: len(base) - (child.level - 1)]
+                    target = ".".join(base + ([child.module] if child.module else []))
+                else:
+                    target = child.module or ""
+                names = [a.name for a in child.names]
+                # `from . import fsio` imports a module, not a name
+                subs = [n for n in names if f"{target}.{n}" in MODULES]
+                for n in subs:
+                    out.append((f"{target}.{n}", [], nested))
+                rest = [n for n in names if n not in subs]
+                if rest:
+                    out.append((target, rest, nested))
+            elif isinstance(child, ast.If) and _is_type_checking(child):
+                continue  # typing-only imports do not run
+            visit(child, nested)
+
+    visit(tree, False)
+    return [(m, n, f) for m, n, f in out if m.split(".")[0] in (*PACKAGES, "render", "train")]
+
+
+def _is_type_checking(node: ast.If) -> bool:
+    return isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING"
+
+
+@pytest.mark.parametrize("name", sorted(MODULES))
+def test_imports_point_down_and_use_public_names(name: str) -> None:
+    top = name.split(".")[0]
+    for target, names, _ in _imports(name, MODULES[name]):
+        other = target.split(".")[0]
+        if top in ALLOWED and other != top:
+            assert other in ALLOWED[top], f"{name} imports {target}: {top} may import only {sorted(ALLOWED[top])}"
+        if other != top or target != name:
+            private = [n for n in names if n.startswith("_") and n != "__version__"]
+            assert not private, f"{name} imports private names {private} from {target}"
+
+
+def test_no_import_cycles() -> None:
+    graph = {name: set() for name in MODULES}
+    for name, path in MODULES.items():
+        for target, _, _ in _imports(name, path):
+            if target in MODULES and target != name:
+                graph[name].add(target)
+    # a package's __init__ re-exporting its modules is not a cycle of behaviour; drop those edges
+    for name in list(graph):
+        if name in PACKAGES:
+            graph[name] = {t for t in graph[name] if not t.startswith(name + ".")}
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def dfs(n: str) -> None:
+        state[n] = 1
+        stack.append(n)
+        for m in sorted(graph[n]):
+            if state.get(m) == 1:
+                cycle = [*stack[stack.index(m) :], m]
+                raise AssertionError("import cycle: " + " -> ".join(cycle))
+            if m not in state:
+                dfs(m)
+        stack.pop()
+        state[n] = 2
+
+    for n in sorted(graph):
+        if n not in state:
+            dfs(n)

@@ -16,7 +16,7 @@ import dataclasses
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from importlib import metadata
 from typing import Any
 
@@ -230,15 +230,21 @@ def run_job(
     progress: bool = True,
     on_progress: Callable[[RunSummary, Pool], None] | None = None,
     log: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
+    redo: Collection[str] = (),
 ) -> RunSummary:
-    """Render ``spec`` (resuming what its store already holds); return the run summary."""
+    """Render ``spec`` (resuming what its store already holds); return the run summary.
+
+    ``redo`` names tiles to render again even though they are marked done
+    (e.g. tiles whose chunks failed verification).
+    """
     t_start = time.perf_counter()
     job = prepare(spec)
     spec = job.spec
     store = open_output(job, overwrite)
     log(f"job:\n{spec.describe()}")
     done = store.done_tiles()
-    todo = [t for t in job.tiles if t.id not in done]
+    redo = set(redo)
+    todo = [t for t in job.tiles if t.id not in done or t.id in redo]
     if max_tiles is not None:
         todo = todo[:max_tiles]
     tally = _Tally(
@@ -270,6 +276,8 @@ def run_job(
             tally.fields["workers"] = workers
             retried0, replaced0 = pool.retries, pool.replaced
             store.update_meta(status="running", error=None)
+            if todo:
+                store.invalidate_pyramid(f"{len(todo)} level-0 tiles (re)rendered")
             t_lines = time.perf_counter()
             if lines_needed:
                 tally.fields["line_ranges_computed"] = _line_stage(store, job, pool, workers, log)

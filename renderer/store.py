@@ -21,6 +21,7 @@ zarr listing here (levels are probed by name), so zarr never meets them.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -181,6 +182,13 @@ class ImageStore:
     def done_tiles(self) -> set[str]:
         return fsio.list_names(self.fs, self._path(MARKER_DIR))
 
+    def tile_records(self) -> Iterator[dict]:
+        """Every tile marker's record (``TileResult.marker()``: id, rows, cols, crc32, ...)."""
+        for name in sorted(self.done_tiles()):
+            record = fsio.read_json(self.fs, self._path(f"{MARKER_DIR}/{name}.json"))
+            if isinstance(record, dict):
+                yield record
+
     def clear_markers(self) -> None:
         fsio.remove_tree(self.fs, self._path(MARKER_DIR))
 
@@ -239,6 +247,16 @@ class ImageStore:
 
     def write_pyramid_progress(self, record: dict) -> None:
         fsio.write_json(self.fs, self._path(PYRAMID_PROGRESS), record)
+
+    def invalidate_pyramid(self, reason: str) -> None:
+        """Mark the pyramid built so far as stale (level-0 tiles are about to change).
+
+        Called by a render run before it writes any tile, so a pyramid (and
+        the exports cut from it) built before can never pass for current.
+        """
+        record = self.pyramid_progress()
+        if record is not None and not record.get("stale"):
+            self.write_pyramid_progress({**record, "stale": True, "stale_reason": reason})
 
 
 def ome_metadata(shapes: list[tuple[int, ...]], name: str = "creps") -> dict:

@@ -7,19 +7,34 @@ The pyramid is built (or finished, if a previous run stopped) unless
 --skip-pyramid; then the requested exports, both fed from one read of each
 pyramid level (DeepZoom tiles are cut from the zarr levels; --dzi-engine vips
 runs libvips dzsave instead, side by side with the TIFF). Re-running is safe.
+
+An unfinished store (fewer level-0 tiles done than the job has) is refused
+with one line and exit code 2, before anything is written: finish the render,
+or pass --partial to build the pyramid and exports from the tiles there are
+(it says so: "partial: ... N of M tiles"). A partial pyramid is recorded as
+partial, and a pyramid whose tiles were re-rendered since is stale
+(renderer.pyramid), so the next assemble rebuilds it; assembling after the
+render finished always gives the exports of the finished image.
+
+Exports are staged under temporary names and put in place only when whole
+(renderer.exports): a failed assemble -- e.g. a corrupt chunk, reported as
+one line naming it -- leaves the previous exports as they were. Each export
+gets a ``<export>.source.json`` sidecar saying what it was built from.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from creps.cli import command
-from renderer.errors import RendererError
+from renderer.errors import IncompleteStoreError, RendererError
 from renderer.exports import COMPRESSIONS, DZI_ENGINES, TIFF_TILES, check_target, write_dzi, write_exports, write_tiff
 from renderer.fsio import parse_storage_options
-from renderer.pyramid import build_pyramid, pyramid_complete
+from renderer.pyramid import build_pyramid, pyramid_complete, source_state
 from renderer.store import open_store
 
 from . import JobSpecError
@@ -54,6 +69,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="do not build pyramid levels (the TIFF still needs them and builds them if missing)",
     )
     g.add_argument("--workers", type=int, default=None, help="threads for reads/writes/encoding")
+    g.add_argument(
+        "--partial",
+        action="store_true",
+        help="assemble an unfinished render from the tiles it has (else it is refused); the next assemble rebuilds",
+    )
 
 
 def assemble(
@@ -69,12 +89,17 @@ def assemble(
     skip_pyramid: bool = False,
     workers: int | None = None,
     progress: bool = False,
+    partial: bool = False,
+    log: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
 ) -> dict:
     """Build the pyramid (unless skipped) and the requested exports; return seconds per stage.
 
-    With the zarr DeepZoom engine the pyramid is built inside the exports' pass
-    (level 0 is decoded once for pyramid, TIFF and DeepZoom); exports always
-    need the pyramid, so --skip-pyramid only matters without exports.
+    With the zarr DeepZoom engine, or with a TIFF, the pyramid is built inside
+    the exports' pass (level 0 is decoded once for pyramid, TIFF and DeepZoom);
+    exports always need the pyramid, so --skip-pyramid only matters without
+    exports. An unfinished store raises ``IncompleteStoreError`` (exit code 2,
+    nothing done) unless ``partial``; then everything is built from the tiles
+    there are and ``log`` says so.
     """
     if not 1 <= quality <= 100:
         raise RendererError(f"--quality must be 1..100, got {quality}")
@@ -83,8 +108,21 @@ def assemble(
             check_target(target, storage_options)
     open_store(url, storage_options, mode="r").level(0)  # one clear error when the store or level 0 is missing
     store = open_store(url, storage_options, mode="a")
+    source = source_state(store)
+    if source["partial"]:
+        done, total = source["tiles_done"], source["tiles_total"]
+        if not partial:
+            raise IncompleteStoreError(
+                f"{url} is not finished: {total - done} of {total} tiles are missing; finish the render "
+                "(re-run the same render command), or pass --partial to assemble the tiles there are"
+            )
+        log(
+            f"partial: the pyramid and exports are built from {done} of {total} tiles ({total - done} missing); "
+            "re-run assemble once the render is finished"
+        )
     times: dict[str, float] = {}
-    fused = dzi_engine == "zarr" and bool(tiff or dzi)  # the exports' reader builds the pyramid in its pass
+    # the exports' reader builds the pyramid in its pass (the vips engine reads level 0 by itself)
+    fused = bool(tiff) or (dzi_engine == "zarr" and bool(dzi))
     t = time.perf_counter()
     if not skip_pyramid and not fused and not pyramid_complete(store):
         build_pyramid(store, workers=workers, progress=progress)
@@ -155,6 +193,8 @@ def run(args: argparse.Namespace) -> int:
         skip_pyramid=args.skip_pyramid,
         workers=args.workers,
         progress=True,
+        partial=args.partial,
+        log=print,
     )
     print("assembled: " + ", ".join(f"{k} {v:.1f} s" for k, v in times.items()))
     if args.dzi:

@@ -69,6 +69,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dry-run", action="store_true", help="print the resolved job and plan, render nothing")
     g.add_argument("--max-tiles", type=int, metavar="N", help="render at most N missing tiles this run")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
+    g.add_argument(
+        "--verify",
+        action="store_true",
+        help="then check every tile against its marker's crc32 and re-render bad ones (see `render.py verify`)",
+    )
 
 
 FLAG_FIELDS = (
@@ -118,15 +123,34 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         return _dry_run(prepare(spec))
     summary = run_job(spec, overwrite=args.overwrite, max_tiles=args.max_tiles, progress=not args.quiet)
-    print("summary " + json.dumps(summary.to_dict()))
+    record: dict = summary.to_dict()
+    verified = ""
+    if getattr(args, "verify", False):
+        verified, record["verify"] = _verify(spec, summary.status, summary.tiles_left, not args.quiet)
+    print("summary " + json.dumps(record))
     print(
         f"rendered {summary.tiles_rendered} of {summary.tiles_total} tiles "
         f"({summary.tiles_skipped} already done): {summary.pixels / 1e6:.1f} Mpx in "
-        f"{summary.seconds:.1f} s = {summary.mpx_s:.2f} Mpx/s -> {summary.out}"
+        f"{summary.seconds:.1f} s = {summary.mpx_s:.2f} Mpx/s -> {summary.out}{verified}"
     )
     if spec.exports and summary.status == "done":
         _exports(spec.out, spec.storage_options)
     return 0
+
+
+def _verify(spec: JobSpec, status: str, tiles_left: int, progress: bool) -> tuple[str, dict | None]:
+    """``--verify``: (words for the summary line, record for the summary JSON) of the check and repair."""
+    from renderer.errors import RendererError
+
+    from .verify import verify_after_render
+
+    if status != "done":
+        return f"; verify skipped: {tiles_left} tiles not rendered yet", None
+    outcome = verify_after_render(spec, progress=progress)
+    if not outcome.ok:
+        ids = ", ".join(b.id for b in outcome.remaining[:5])
+        raise RendererError(f"{len(outcome.remaining)} tiles still fail verification after re-rendering them: {ids}")
+    return f"; {outcome.headline()}", outcome.to_dict()
 
 
 def _dry_run(job: Prepared) -> int:
@@ -134,7 +158,7 @@ def _dry_run(job: Prepared) -> int:
     f = creps.flops(job.config, spec.height, spec.width)
     print(spec.describe())
     print(
-        f"plan: {len(job.tiles)} tiles of <= {spec.tile * spec.shard}^2 px, "
+        f"plan: {len(job.plan):,} tiles of <= {spec.tile * spec.shard}^2 px, "
         f"line chunk {line_chunk(spec.tile)}, {spec.height} row + {spec.width} column lines; {f.total / 1e12:.2f} TFLOP "
         f"({100 * f.line_share:.1f} % line work); checkpoint {job.checkpoint_sha256}; out {spec.out}"
     )
@@ -145,6 +169,9 @@ def _exports(url: str, storage_options: dict) -> None:
     """Pyramid, TIFF and DZI next to a local store (remote stores: say how to build them)."""
     from .assemble import assemble
 
+    if url.startswith("memory://"):
+        print("exports: skipped; a memory:// store lives only in this process (render to a path or a bucket to export)")
+        return
     if not is_local(url):
         print(f"exports: run `render.py assemble {url}` to build the pyramid and exports for a remote store")
         return

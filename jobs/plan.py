@@ -1,36 +1,70 @@
-"""The tile plan: disjoint tiles aligned to the store's chunks (or shards).
+"""The tile plan: disjoint tiles aligned to the store's chunks (or shards), and how they are batched.
 
 One tile = one chunk (or one shard when sharding is on), so no two workers ever
-write the same chunk or shard object and no locking is needed.  The line stage
-is split the same way: ranges of whole line-array chunks, each chunk a multiple
-of the model's ``LINE_BLOCK`` so no line block is computed twice.
+write the same chunk or shard object and no locking is needed.  The plan is
+arithmetic (``renderer.tasks.TilePlan``: index -> rectangle), so a canvas of
+2^20 x 2^20 pixels costs nothing to plan; what is left to do is a boolean mask
+over tile indices, and work goes out as runs of consecutive indices (one
+marker per run).  The line stage is split the same way: ranges of whole
+line-array chunks, each chunk a multiple of the model's ``LINE_BLOCK`` so no
+line block is computed twice.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+
+import numpy as np
 
 from creps import LINE_BLOCK
-from renderer.tasks import Tile
+from renderer.tasks import Tile, TilePlan
 
+from . import JobSpecError
 from .spec import JobSpec
 
-__all__ = ["Tile", "auto_batch", "batches", "line_chunk", "line_ranges", "spec_tiles", "tile_plan"]
+__all__ = [
+    "MAX_TILES",
+    "Tile",
+    "TilePlan",
+    "auto_batch",
+    "job_plan",
+    "line_chunk",
+    "line_ranges",
+    "runs",
+    "tile_plan",
+]
+
+# A job's done set is one bit per tile in the driver (and markers on the store):
+# 2^26 tiles is 64 Mi of them, e.g. 2^20 x 2^20 px at tile 128.
+MAX_TILES = 1 << 26
+
+
+def job_plan(spec: JobSpec) -> TilePlan:
+    """The plan of a resolved spec; refuses plans too fine to track (one line, before any work)."""
+    plan = TilePlan(spec.height, spec.width, spec.tile * spec.shard)
+    if len(plan) > MAX_TILES:
+        raise JobSpecError(
+            f"{spec.width}x{spec.height} at tile {spec.tile * spec.shard} is {len(plan):,} tiles (limit "
+            f"{MAX_TILES:,}); use a larger --tile or --shard"
+        )
+    return plan
 
 
 def tile_plan(height: int, width: int, tile: int, shard: int = 1) -> list[Tile]:
-    """Row-major tiles of side ``tile * shard`` (edge tiles smaller), ids ``r{row}_c{col}``."""
-    side = tile * shard
-    tiles = []
-    for i in range(math.ceil(height / side)):
-        for j in range(math.ceil(width / side)):
-            r0, c0 = i * side, j * side
-            tiles.append(Tile(f"r{i}_c{j}", r0, min(r0 + side, height), c0, min(c0 + side, width)))
-    return tiles
+    """Every tile of side ``tile * shard`` as a list (small canvases, tests)."""
+    return list(TilePlan(height, width, tile * shard))
 
 
-def spec_tiles(spec: JobSpec) -> list[Tile]:
-    return tile_plan(spec.height, spec.width, spec.tile, spec.shard)
+def runs(todo: np.ndarray, size: int) -> Iterator[tuple[int, int]]:
+    """[start, stop) runs of consecutive tile indices from a sorted index array, at most ``size`` long."""
+    if len(todo) == 0:
+        return
+    breaks = np.flatnonzero(np.diff(todo) != 1) + 1
+    for seg in np.split(todo, breaks):
+        first, last = int(seg[0]), int(seg[-1]) + 1
+        for a in range(first, last, size):
+            yield a, min(a + size, last)
 
 
 def line_chunk(tile: int) -> int:
@@ -44,10 +78,6 @@ def line_ranges(length: int, chunk: int, parts: int) -> list[tuple[int, int]]:
     per = max(1, math.ceil(n_chunks / max(1, parts)))
     step = per * chunk
     return [(a, min(a + step, length)) for a in range(0, length, step)]
-
-
-def batches(tiles: list[Tile], size: int) -> list[list[Tile]]:
-    return [tiles[i : i + size] for i in range(0, len(tiles), size)]
 
 
 def auto_batch(n_tiles: int, n_workers: int, tile_pixels: int) -> int:

@@ -13,27 +13,42 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
+import json
 import os
+import socket
 import sys
 import time
 from collections.abc import Callable, Collection
 from importlib import metadata
 from typing import Any
 
+import numpy as np
 import torch
 
 import creps
 from creps.errors import first_line
 from renderer.errors import RendererError
 from renderer.fsio import filesystem
+from renderer.lease import Lease
 from renderer.pool import LocalPool, Pool, cluster_resources, get_pool, release_pools, start_ray, stop_ray
-from renderer.store import ImageStore, LineShape, create_job_store, is_foreign_folder, open_store, store_exists
+from renderer.store import (
+    ImageStore,
+    LineShape,
+    create_job_store,
+    is_foreign_folder,
+    open_store,
+    store_exists,
+    store_lease,
+)
 from renderer.tasks import LineTask, Result, Task, TileResult, TileTask
 from renderer.tiles import RenderContext, peak_rss_mb
 
 from . import JobSpecError
-from .plan import Tile, auto_batch, batches, line_chunk, line_ranges, spec_tiles
+from .plan import TilePlan, auto_batch, job_plan, line_chunk, line_ranges, runs
 from .spec import JobSpec
+
+CONNECT_TIMEOUT_S = 5.0
 
 
 def software_version() -> str:
@@ -84,7 +99,7 @@ class Prepared:
     spec: JobSpec
     config: creps.GeneratorConfig
     checkpoint_sha256: str
-    tiles: list[Tile]
+    plan: TilePlan
 
     @property
     def identity(self) -> dict:
@@ -103,6 +118,7 @@ class Prepared:
             width=s.width,
             view=s.view,
             chunk=s.tile,
+            tile_side=s.tile * s.shard,
         )
 
     def line_shape(self) -> LineShape:
@@ -120,7 +136,7 @@ def prepare(spec: JobSpec) -> Prepared:
         creps.Canvas(spec.height, spec.width, y=(y0, y1), x=(x0, x1))
     except ValueError as e:
         raise JobSpecError(str(e)) from None
-    return Prepared(spec, cfg, sha, spec_tiles(spec))
+    return Prepared(spec, cfg, sha, job_plan(spec))
 
 
 def in_process(spec: JobSpec) -> bool:
@@ -128,8 +144,12 @@ def in_process(spec: JobSpec) -> bool:
     return spec.out.startswith("memory://")
 
 
-def open_output(job: Prepared, overwrite: bool) -> ImageStore:
-    """Create the store, or reopen it for resume after checking it belongs to this job."""
+def inspect_output(job: Prepared, overwrite: bool) -> ImageStore | None:
+    """The existing store this job resumes, or None when a new one must be made; writes nothing.
+
+    Refuses (JobSpecError, one line) an output that is not an image store,
+    a store of another job (unless ``overwrite``), or an unreachable URL.
+    """
     spec = job.spec
     try:
         filesystem(spec.out, _options(spec))
@@ -142,18 +162,24 @@ def open_output(job: Prepared, overwrite: bool) -> ImageStore:
         raise
     except Exception as e:  # unreachable endpoint, bad credentials, malformed URL
         raise JobSpecError(f"cannot access {spec.out!r}: {first_line(e)}") from None
-    if exists and not overwrite:
-        try:
-            store = open_store(spec.out, _options(spec), mode="a")
-        except RendererError as e:
-            raise JobSpecError(f"{e} (use --overwrite to replace it)") from None
-        old = store.meta.get("identity")
-        if old is None or not store.has_level(0):
-            raise JobSpecError(f"{spec.out} is an image store not made by a render job; use --overwrite to replace it")
-        if old != job.identity:
-            diff = ", ".join(f"{k}: {old.get(k)!r} -> {v!r}" for k, v in job.identity.items() if old.get(k) != v)
-            raise JobSpecError(f"{spec.out} holds a different job ({diff}); re-run with the same job or --overwrite")
-        return store
+    if not exists or overwrite:
+        return None
+    try:
+        store = open_store(spec.out, _options(spec), mode="a")
+    except RendererError as e:
+        raise JobSpecError(f"{e} (use --overwrite to replace it)") from None
+    old = store.meta.get("identity")
+    if old is None or not store.has_level(0):
+        raise JobSpecError(f"{spec.out} is an image store not made by a render job; use --overwrite to replace it")
+    if old != job.identity:
+        diff = ", ".join(f"{k}: {old.get(k)!r} -> {v!r}" for k, v in job.identity.items() if old.get(k) != v)
+        raise JobSpecError(f"{spec.out} holds a different job ({diff}); re-run with the same job or --overwrite")
+    return store
+
+
+def create_output(job: Prepared) -> ImageStore:
+    """A new store for this job (the caller holds its lease)."""
+    spec = job.spec
     meta = dict(
         spec=spec.to_dict(),
         identity=job.identity,
@@ -161,7 +187,7 @@ def open_output(job: Prepared, overwrite: bool) -> ImageStore:
         checkpoint_sha256=job.checkpoint_sha256,
         generator=job.config.to_dict(),
         version=software_version(),
-        tiles_total=len(job.tiles),
+        tiles_total=len(job.plan),
         tiles_done=0,
         status="created",
         created=time.time(),
@@ -184,22 +210,82 @@ def open_output(job: Prepared, overwrite: bool) -> ImageStore:
         raise JobSpecError(f"cannot write {spec.out!r}: {first_line(e)}") from None
 
 
-def pool_shape(spec: JobSpec) -> tuple[int, int, float]:
-    """(workers, threads per worker, GPUs per worker) for the running cluster."""
-    cpus, gpus = cluster_resources()
+def open_output(job: Prepared, overwrite: bool) -> ImageStore:
+    """The job's store: reopened for resume, or created (no lease taken: tests and tools)."""
+    return inspect_output(job, overwrite) or create_output(job)
+
+
+def pool_shape(spec: JobSpec, cpus: float, gpus: float) -> tuple[int, int, float]:
+    """(workers, threads per worker, GPUs per worker) that fit ``cpus`` and ``gpus``; else one line."""
     gpw = spec.gpus_per_worker if spec.gpus_per_worker >= 0 else (1.0 if gpus >= 1 else 0.0)
+    where = "the cluster" if spec.address else "this machine"
     if gpw > 0:
+        if gpus <= 0:
+            raise JobSpecError(f"--gpus-per-worker {gpw:g}, but {where} has no GPU; use --gpus-per-worker 0")
         workers = spec.workers or max(1, int(gpus // gpw))
         if gpus < workers * gpw:
-            raise JobSpecError(f"the cluster has {gpus:g} GPUs; {workers} workers x {gpw:g} GPUs do not fit")
+            raise JobSpecError(
+                f"{where} has {gpus:g} GPUs; {workers} workers x {gpw:g} GPUs do not fit (lower --workers)"
+            )
         return workers, spec.threads_per_worker or 1, gpw
+    if spec.threads_per_worker > cpus:
+        raise JobSpecError(f"--threads-per-worker {spec.threads_per_worker} is more than the {cpus:g} CPUs of {where}")
     threads = spec.threads_per_worker or (max(1, int(cpus) // spec.workers) if spec.workers else 1)
     workers = spec.workers or max(1, int(cpus) // threads)
     if cpus < workers * threads:
         raise JobSpecError(
-            f"the cluster has {cpus:g} CPUs; {workers} workers x {threads} threads do not fit (lower --workers)"
+            f"{where} has {cpus:g} CPUs; {workers} workers x {threads} threads do not fit "
+            f"(use --workers {max(1, int(cpus) // threads)} or fewer)"
         )
     return workers, threads, 0.0
+
+
+def _probe_address(address: str) -> None:
+    """Fail in seconds, with one line, when nothing listens at a Ray address (Ray itself retries for minutes)."""
+    if address == "auto":
+        return  # Ray answers "no running instance" at once
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        host, port = address, "6379"
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_S):
+            pass
+    except OSError as e:
+        raise JobSpecError(
+            f"no Ray cluster answers at {address} ({e.strerror or e}); start one with `ray start --head` "
+            "or drop --address for an embedded one"
+        ) from None
+
+
+def connect(spec: JobSpec) -> tuple[Pool, int, bool]:
+    """Start or join Ray and make the worker pool: (pool, workers, whether we started Ray).
+
+    Runs before anything is written: a cluster that cannot be reached or does
+    not fit the requested workers is refused with one line.
+    """
+    if in_process(spec):
+        cuda = spec.gpus_per_worker > 0 or (spec.gpus_per_worker < 0 and torch.cuda.is_available())
+        threads = spec.threads_per_worker or (os.cpu_count() or 1)
+        return LocalPool(spec.checkpoint, spec.init_seed, threads, "cuda" if cuda else "cpu"), 1, False
+    if spec.address:
+        _probe_address(spec.address)
+        try:
+            started = start_ray(spec.address)
+        except RendererError as e:
+            raise JobSpecError(str(e)) from None
+        cpus, gpus = cluster_resources()
+    else:
+        cpus, gpus = float(os.cpu_count() or 1), float(torch.cuda.device_count())
+        pool_shape(spec, cpus, gpus)  # refuse before starting anything
+        started = start_ray(None, num_cpus=int(cpus), num_gpus=int(gpus))
+        cpus, gpus = cluster_resources()
+    try:
+        workers, threads, gpw = pool_shape(spec, cpus, gpus)
+        return get_pool(spec.checkpoint, spec.init_seed, workers, threads, gpw, spec.max_retries), workers, started
+    except BaseException:
+        if started:
+            stop_ray()
+        raise
 
 
 class _Tally:
@@ -234,69 +320,120 @@ def run_job(
 ) -> RunSummary:
     """Render ``spec`` (resuming what its store already holds); return the run summary.
 
-    ``redo`` names tiles to render again even though they are marked done
-    (e.g. tiles whose chunks failed verification).
+    Order, so that a refusal leaves nothing behind: validate the job and read
+    the existing store (read-only), reach the cluster and size the pool, take
+    the store's writer lease (a second writer is refused), only then create
+    or change the store.  ``redo`` names tiles to render again even though
+    they are marked done (e.g. tiles whose chunks failed verification).
     """
     t_start = time.perf_counter()
     job = prepare(spec)
     spec = job.spec
-    store = open_output(job, overwrite)
+    existing = inspect_output(job, overwrite)
+    todo = _todo(job, existing, redo, max_tiles)
+    lines_needed = existing is None or not existing.lines_complete()
+    pool: Pool | None = None
+    started_ray = False
+    workers = 0
+    if len(todo) or lines_needed:
+        pool, workers, started_ray = connect(spec)
+    lease = store_lease(spec.out, _options(spec))
+    try:
+        try:
+            lease.acquire(f"render job {_identity_tag(job)}")
+        except OSError as e:
+            raise JobSpecError(f"cannot write {spec.out!r}: {first_line(e)}") from None
+        # another writer may have made or changed the store before we held the lease: look again
+        existing = inspect_output(job, overwrite)
+        store = existing or create_output(job)
+        if existing is None:
+            todo, lines_needed = _todo(job, None, redo, max_tiles), True
+        summary = _run(job, store, todo, lines_needed, pool, workers, lease, progress, on_progress, log, t_start)
+    except BaseException as e:
+        release_pools()  # a failed or interrupted job leaves no half-busy actors behind
+        _record_failure(spec, e, lease)
+        raise
+    finally:
+        lease.release()
+        if started_ray:  # our own Ray: leave nothing behind; else keep the actors for the next job
+            release_pools()
+            stop_ray()
+    return summary
+
+
+def _identity_tag(job: Prepared) -> str:
+    """A short, stable name of the job for lease records and logs."""
+    text = json.dumps(job.identity, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def _todo(job: Prepared, store: ImageStore | None, redo: Collection[str], max_tiles: int | None) -> np.ndarray:
+    """Sorted indices of the tiles this run renders."""
+    plan = job.plan
+    done = store.done_mask(plan) if store is not None else np.zeros(len(plan), dtype=bool)
+    for tile_id in redo:
+        k = plan.index(tile_id)
+        if k is None:
+            raise JobSpecError(f"no tile {tile_id!r} in this job's plan ({plan.rows} x {plan.cols} tiles)")
+        done[k] = False
+    todo = np.flatnonzero(~done)
+    return todo[:max_tiles] if max_tiles is not None else todo
+
+
+def _record_failure(spec: JobSpec, e: BaseException, lease: Lease) -> None:
+    """Best effort: say in the store how this run ended (the markers stay the truth)."""
+    if lease.record is None:
+        return  # not ours to write
+    status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
+    try:
+        store = open_store(spec.out, _options(spec), mode="a")
+        if store.has_level(0):
+            store.update_meta(status=status, error=None if status == "interrupted" else first_line(e))
+    except Exception:
+        pass
+
+
+def _run(
+    job: Prepared,
+    store: ImageStore,
+    todo: np.ndarray,
+    lines_needed: bool,
+    pool: Pool | None,
+    workers: int,
+    lease: Lease,
+    progress: bool,
+    on_progress: Callable[[RunSummary, Pool], None] | None,
+    log: Callable[[str], None],
+    t_start: float,
+) -> RunSummary:
+    spec, plan = job.spec, job.plan
     log(f"job:\n{spec.describe()}")
-    done = store.done_tiles()
-    redo = set(redo)
-    todo = [t for t in job.tiles if t.id not in done or t.id in redo]
-    if max_tiles is not None:
-        todo = todo[:max_tiles]
+    n_todo = len(todo)
     tally = _Tally(
         RunSummary(
             out=spec.out,
             height=spec.height,
             width=spec.width,
-            tiles_total=len(job.tiles),
-            tiles_skipped=len(job.tiles) - len(todo) if max_tiles is None else len(done),
+            tiles_total=len(plan),
+            tiles_skipped=len(plan) - n_todo,
         )
     )
-    lines_needed = not store.lines_complete()
-    pool: Pool | None = None
-    started_ray = False
-    try:
-        if todo or lines_needed:
-            if in_process(spec):
-                workers = 1
-                cuda = spec.gpus_per_worker > 0 or (spec.gpus_per_worker < 0 and torch.cuda.is_available())
-                threads = spec.threads_per_worker or (os.cpu_count() or 1)
-                pool = LocalPool(spec.checkpoint, spec.init_seed, threads, "cuda" if cuda else "cpu")
-            else:
-                ncpu = (
-                    None if spec.address else max(os.cpu_count() or 1, spec.workers * max(1, spec.threads_per_worker))
-                )
-                started_ray = start_ray(spec.address, num_cpus=ncpu)
-                workers, threads, gpus = pool_shape(spec)
-                pool = get_pool(spec.checkpoint, spec.init_seed, workers, threads, gpus, max_failures=spec.max_retries)
-            tally.fields["workers"] = workers
-            retried0, replaced0 = pool.retries, pool.replaced
-            store.update_meta(status="running", error=None)
-            if todo:
-                store.invalidate_pyramid(f"{len(todo)} level-0 tiles (re)rendered")
-            t_lines = time.perf_counter()
-            if lines_needed:
-                tally.fields["line_ranges_computed"] = _line_stage(store, job, pool, workers, log)
-            tally.fields["line_seconds"] = round(time.perf_counter() - t_lines, 3)
-            _tile_stage(store, job, todo, pool, workers, progress, on_progress, tally)
-            tally.fields["workers_replaced"] = pool.replaced - replaced0
-            tally.fields["tasks_retried"] = pool.retries - retried0
-    except BaseException as e:
-        release_pools()  # a failed or interrupted job leaves no half-busy actors behind
-        if isinstance(e, RendererError):
-            store.update_meta(status="failed", error=str(e))
-        raise
-    finally:
-        if started_ray:  # our own Ray: leave nothing behind; else keep the actors for the next job
-            release_pools()
-            stop_ray()
+    if pool is not None and (n_todo or lines_needed):
+        tally.fields["workers"] = workers
+        retried0, replaced0 = pool.retries, pool.replaced
+        store.update_meta(status="running", error=None)
+        t_lines = time.perf_counter()
+        if lines_needed:
+            tally.fields["line_ranges_computed"] = _line_stage(store, job, pool, workers, log)
+        tally.fields["line_seconds"] = round(time.perf_counter() - t_lines, 3)
+        if n_todo:
+            store.invalidate_pyramid(f"{n_todo} level-0 tiles (re)rendered")
+            _tile_stage(store, job, todo, pool, workers, lease, progress, on_progress, tally)
+        tally.fields["workers_replaced"] = pool.replaced - replaced0
+        tally.fields["tasks_retried"] = pool.retries - retried0
     seconds = time.perf_counter() - t_start
-    pixels = sum(t.pixels for t in todo)
-    left = len(job.tiles) - len(store.done_tiles())
+    pixels = plan.pixels(todo)
+    left = len(plan) - int(store.done_mask(plan).sum())
     summary = tally.summary(
         pixels=pixels,
         seconds=round(seconds, 3),
@@ -305,8 +442,8 @@ def run_job(
         status="done" if left == 0 else "partial",
         driver_peak_rss_mb=round(peak_rss_mb(), 1),
     )
-    runs = [*list(store.meta.get("runs", []))[-20:], summary.to_dict()]
-    store.update_meta(status=summary.status, tiles_done=len(job.tiles) - left, runs=runs, last_run=summary.to_dict())
+    runs_ = [*list(store.meta.get("runs", []))[-20:], summary.to_dict()]
+    store.update_meta(status=summary.status, tiles_done=len(plan) - left, runs=runs_, last_run=summary.to_dict())
     return summary
 
 
@@ -330,9 +467,10 @@ def _line_stage(store: ImageStore, job: Prepared, pool: Pool, workers: int, log:
 def _tile_stage(
     store: ImageStore,
     job: Prepared,
-    todo: list[Tile],
+    todo: np.ndarray,
     pool: Pool,
     workers: int,
+    lease: Lease,
     progress: bool,
     on_progress: Callable[[RunSummary, Pool], None] | None,
     tally: _Tally,
@@ -342,7 +480,8 @@ def _tile_stage(
     spec = job.spec
     tile_px = spec.tile * spec.tile * spec.shard * spec.shard
     size = spec.batch or auto_batch(len(todo), workers, tile_px)
-    tasks: list[Task] = [TileTask(tuple(b)) for b in batches(todo, size)]
+    plan = job.plan
+    tasks: list[Task] = [TileTask(a, b, _label(plan, a, b)) for a, b in runs(todo, size)]
     t0 = time.perf_counter()
     last_meta = time.monotonic()
     n_done0 = tally.base.tiles_skipped
@@ -367,12 +506,18 @@ def _tile_stage(
                 pass
         if on_progress is not None:
             on_progress(tally.summary(), pool)
+        lease.check()  # another writer took the store over: stop before more is written
 
     try:
         pool.run(job.context(), tasks, on_result)
     finally:
         bar.close()
     tally.fields["render_seconds"] = round(time.perf_counter() - t0, 3)
+
+
+def _label(plan: TilePlan, start: int, stop: int) -> str:
+    first = plan.tile(start).id
+    return first if stop - start == 1 else f"{first}..{plan.tile(stop - 1).id}"
 
 
 def _options(spec: JobSpec) -> dict:

@@ -1,4 +1,4 @@
-"""The renderer package's one exception type."""
+"""The renderer package's exception types: RendererError and its IncompleteStoreError."""
 
 from creps.errors import UserError
 
@@ -11,3 +11,13 @@ class RendererError(UserError):
     """
 
     exit_code = 1
+
+
+class IncompleteStoreError(RendererError):
+    """The store's render is not finished (tiles are missing), and the caller asked for a whole result.
+
+    Exit code 2: nothing was done; finish the render, or ask for a partial
+    result (``render.py assemble --partial``).
+    """
+
+    exit_code = 2

@@ -67,6 +67,35 @@ def atomic_local_write(path: str, data: bytes) -> None:
         raise
 
 
+def create_exclusive(fs: Any, path: str, data: bytes) -> bool:
+    """Create ``path`` with ``data`` only if it does not exist; False if it already did.
+
+    The primitive that makes ownership atomic on every filesystem: locally a
+    complete temp file hard-linked to the name (``link`` fails if the name
+    exists, and a reader never sees a partial file); on object stores a
+    conditional PUT (``If-None-Match: *`` on S3, ``ifGenerationMatch=0`` on
+    GCS, through fsspec's ``mode="create"``).
+    """
+    if fs_is_local(fs):
+        folder = os.path.dirname(os.path.abspath(path))
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        finally:
+            os.unlink(tmp)
+        return True
+    try:
+        fs.pipe_file(path, data, mode="create")
+    except FileExistsError:
+        return False
+    return True
+
+
 def write_json(fs: Any, path: str, record: Any) -> None:
     write_bytes(fs, path, json.dumps(record).encode())
 
@@ -90,7 +119,7 @@ def list_names(fs: Any, folder: str, suffix: str = ".json") -> set[str]:
             names = fs.ls(folder, detail=False, refresh=True)
         except TypeError:  # filesystems without ``refresh``
             names = fs.ls(folder, detail=False)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return set()
     base = (os.path.basename(str(n).rstrip("/")) for n in names)
     return {n[: -len(suffix)] for n in base if n.endswith(suffix) and not n.startswith(".")}

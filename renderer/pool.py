@@ -70,7 +70,7 @@ class RenderWorker:
         if isinstance(task, LineTask):
             return r.lines(task.which, task.start, task.stop)
         if isinstance(task, TileTask):
-            return [r.tile(t) for t in task.tiles]
+            return r.tiles(task.start, task.stop)
         raise TypeError(f"unknown task {task!r}")
 
 

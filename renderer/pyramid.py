@@ -24,22 +24,47 @@ level 0 with about two strips per level in memory. Reads are prefetched and
 writes run on a thread pool (zarr also decodes chunks on its own threads).
 
 Resume: after each chunk row is written the completed prefix of every level
-is recorded in the store's pyramid progress record (``ImageStore.pyramid_progress``). A re-run reads it, restarts level 1
-at its first missing row and re-seeds each deeper level from the few stored
-rows of the level above that it still needs, so it finishes without redoing
-finished work; rewriting a chunk row is idempotent (same bytes).
+is recorded in the store's pyramid progress record (``ImageStore.pyramid_progress``).
+A re-run reads it, restarts level 1 at its first missing row and re-seeds each
+deeper level from the few stored rows of the level above that it still needs,
+so it finishes without redoing finished work; rewriting a chunk row is
+idempotent (same bytes).
+
+Which level 0 it was built from: the record also holds ``source``
+(``source_state``: ``tiles_done`` of ``tiles_total`` level-0 tiles when the pass
+started, and ``partial`` when some were missing). Pyramid levels are only as
+good as the tiles they were averaged from, so:
+
+- a record is *current* (``pyramid_current``) when every level is written, it
+  is not ``stale`` and its ``source`` equals the store's tiles now; it is
+  *complete* (``pyramid_complete``) when it is current and not partial;
+- a render marks the record ``stale`` before it writes any tile
+  (``ImageStore.invalidate_pyramid``); a pass that sees the mark appear while
+  it runs keeps it, and a pass whose source changed under it marks it stale
+  itself, so levels averaged from old tiles never pass for current;
+- ``build_pyramid`` resumes only a record of a finished store that is current
+  except for missing rows; anything else -- stale, built from other tiles, or
+  partial (always rebuilt by the next pass, even when nothing changed) -- is a
+  full rebuild of levels 1..n-1 from level 0 (no per-region bookkeeping: one
+  pass is cheap next to the render it follows).
+
+Unreadable chunks (a corrupt object, an outage) are one ``RendererError``
+naming the level and the chunk (``read_rows``), never a traceback.
 """
 
 from __future__ import annotations
 
 import itertools
 import os
+import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
+
+from creps.errors import UserError, first_line
 
 from .errors import RendererError
 from .store import ImageStore
@@ -102,17 +127,97 @@ def pyramid_plan(store: ImageStore, min_size: int | None = None) -> list[tuple[i
     return _plan(store, min_size)[1]
 
 
-def pyramid_complete(store: ImageStore, min_size: int | None = None) -> bool:
-    """True when every level of the plan is written (per pyramid.json) and present."""
-    chunk, shapes = _plan(store, min_size)
-    prog = store.pyramid_progress() or {}
-    if prog.get("shapes") != [list(s) for s in shapes] or prog.get("chunk") != chunk:
-        return False
+def source_state(store: ImageStore) -> dict:
+    """The level-0 tiles the store holds now: ``{"tiles_done", "tiles_total", "partial"}``.
+
+    ``tiles_total`` is the render job's tile count (``meta["tiles_total"]``); a
+    store without one (not made by a render job) counts as complete.
+    """
+    done = len(store.done_tiles())
+    total = store.meta.get("tiles_total")
+    if not isinstance(total, int) or isinstance(total, bool):
+        return {"tiles_done": done, "tiles_total": None, "partial": False}
+    return {"tiles_done": done, "tiles_total": total, "partial": done < total}
+
+
+def _same_source(prog: dict, source: dict) -> bool:
+    src = prog.get("source")
+    return isinstance(src, dict) and all(src.get(k) == source[k] for k in ("tiles_done", "tiles_total", "partial"))
+
+
+def _reusable(prog: dict, shapes: list[tuple[int, int]], chunk: int, source: dict) -> bool:
+    """The record belongs to this plan and to the level-0 tiles the store holds now, and is not stale."""
+    return (
+        prog.get("shapes") == [list(s) for s in shapes]
+        and prog.get("chunk") == chunk
+        and not prog.get("stale")
+        and _same_source(prog, source)
+    )
+
+
+def _all_written(store: ImageStore, prog: dict, shapes: list[tuple[int, int]]) -> bool:
     rows = prog.get("rows", {})
-    return all(
+    return isinstance(rows, dict) and all(
         rows.get(str(k)) == h and store.has_level(k) and store.level(k).shape == (3, h, w)
         for k, (h, w) in enumerate(shapes[1:], start=1)
     )
+
+
+def pyramid_current(store: ImageStore, min_size: int | None = None) -> bool:
+    """True when every level is written, the record is not stale and was built from the tiles there now.
+
+    A partial pyramid (built from an unfinished store) can be current: it is
+    then exactly the pyramid of the level 0 the store holds.
+    """
+    chunk, shapes = _plan(store, min_size)
+    prog = store.pyramid_progress() or {}
+    return _reusable(prog, shapes, chunk, source_state(store)) and _all_written(store, prog, shapes)
+
+
+def pyramid_complete(store: ImageStore, min_size: int | None = None) -> bool:
+    """True when the pyramid is current (``pyramid_current``) and was built from every level-0 tile.
+
+    False for a stale record, a partial one, one built from other tiles than
+    the store holds now, and a record of an older version (no ``source``).
+    """
+    chunk, shapes = _plan(store, min_size)
+    prog = store.pyramid_progress() or {}
+    source = source_state(store)
+    return not source["partial"] and _reusable(prog, shapes, chunk, source) and _all_written(store, prog, shapes)
+
+
+def read_rows(store: ImageStore, level: int, r0: int, r1: int, arr: Any = None) -> np.ndarray:
+    """Rows [r0, r1) of a stored level as (3, r1 - r0, w); an unreadable chunk is one ``RendererError``.
+
+    The error names the level and the first chunk (or shard) object that
+    fails to read or decode on its own, e.g. a corrupt chunk file.
+    """
+    arr = store.level(level) if arr is None else arr
+    try:
+        return np.asarray(arr[:, r0:r1, :])
+    except UserError:
+        raise
+    except Exception as e:
+        raise RendererError(_unreadable(store, level, arr, r0, r1, e)) from e
+
+
+def _unreadable(store: ImageStore, level: int, arr: Any, r0: int, r1: int, error: Exception) -> str:
+    """Name the first chunk of rows [r0, r1) that does not read by itself (best effort)."""
+    shards = getattr(arr, "shards", None)
+    outer = shards or arr.chunks
+    sy, sx = int(outer[1]), int(outer[2])
+    width = int(arr.shape[2])
+    for y0 in range(r0 // sy * sy, r1, sy):
+        for x0 in range(0, width, sx):
+            try:
+                np.asarray(arr[:, y0 : y0 + sy, x0 : x0 + sx])
+            except Exception as e:
+                return (
+                    f"level {level} chunk {store.chunk_path(level, y0, x0)} of {store.url} (rows {y0}:{min(y0 + sy, int(arr.shape[1]))}, "
+                    f"cols {x0}:{min(x0 + sx, width)}) is unreadable: {first_line(e)}; re-render those "
+                    "tiles (or restore the store) and re-run"
+                )
+    return f"cannot read rows {r0}:{r1} of level {level} of {store.url}: {first_line(error)}"
 
 
 # ---------------------------------------------------------------- the cascade
@@ -194,11 +299,25 @@ class _Writer:
         changed = False
         while self.inflight and (block or self.inflight[0][2].done()):
             k, end, fut = self.inflight.popleft()
-            fut.result()
+            try:
+                fut.result()
+            except UserError:
+                raise
+            except Exception as e:
+                raise RendererError(f"cannot write level {k} of {self.store.url}: {first_line(e)}") from e
             self.progress["rows"][str(k)] = max(self.progress["rows"].get(str(k), 0), end)
             changed, block = True, False
         if changed:
-            self.store.write_pyramid_progress(self.progress)
+            self.save()
+
+    def save(self) -> None:
+        """Write the progress record, keeping a ``stale`` mark a render set since the pass began."""
+        if not self.progress.get("stale"):
+            current = self.store.pyramid_progress() or {}
+            if current.get("stale"):
+                self.progress["stale"] = True
+                self.progress["stale_reason"] = current.get("stale_reason", "level-0 tiles changed")
+        self.store.write_pyramid_progress(self.progress)
 
     def drain(self) -> None:
         while self.inflight:
@@ -217,12 +336,23 @@ def _resume_rows(prog: dict, shapes: list[tuple[int, int]], chunk: int) -> list[
     return rows
 
 
-def _prepare_levels(store: ImageStore, shapes: list[tuple[int, int]], chunk: int, force: bool) -> dict:
-    """Create or check arrays 1..n-1, drop stale deeper ones; return the progress record."""
+def _prepare_levels(store: ImageStore, shapes: list[tuple[int, int]], chunk: int, force: bool, source: dict) -> dict:
+    """Create or check arrays 1..n-1, drop stale deeper ones; return the progress record.
+
+    A record that is not reusable (other plan, stale, built from other tiles,
+    partial, or ``force``) starts over: every level is recreated empty (a full
+    rebuild).
+    """
     prog = store.pyramid_progress() or {}
-    same_plan = prog.get("shapes") == [list(s) for s in shapes] and prog.get("chunk") == chunk
-    if force or not same_plan:
-        prog = {"shapes": [list(s) for s in shapes], "chunk": chunk, "rule": RULE, "rows": {}}
+    if force or source["partial"] or not _reusable(prog, shapes, chunk, source):
+        prog = {
+            "shapes": [list(s) for s in shapes],
+            "chunk": chunk,
+            "rule": RULE,
+            "rows": {},
+            "source": dict(source),
+            "started": time.time(),
+        }
     for k, (h, w) in enumerate(shapes[1:], start=1):
         ok = (
             store.has_level(k)
@@ -248,16 +378,28 @@ def build_pyramid(
 ) -> int:
     """Write levels 1..n-1 from one pass over level 0 and the NGFF metadata; return n.
 
-    Re-running resumes (or does nothing when complete); ``force`` recomputes all.
+    Does nothing when the pyramid is complete (``pyramid_complete``); resumes a
+    current record that stopped part-way; anything else -- a stale record, one
+    built from other level-0 tiles, a partial one -- is a full rebuild (see the
+    module docstring); ``force`` always rebuilds. The record keeps the source
+    it was built from (``source_state`` at the start of the pass; ``partial``
+    when tiles were missing), and is marked stale when tiles change under it.
     ``workers`` threads read and write chunk rows (default: CPU count, at least 2).
     ``tap(r0, strip)`` sees every (3, h, W) strip of level 0 read by the pass, in
     order (the exports use it to avoid a second read); a resumed pass reads only
     part of level 0, so a caller must check what it saw.
     """
     chunk, shapes = _plan(store, min_size)
-    if not force and pyramid_complete(store, min_size):
+    source = source_state(store)
+    prog = store.pyramid_progress() or {}
+    if (
+        not force
+        and not source["partial"]
+        and _reusable(prog, shapes, chunk, source)
+        and _all_written(store, prog, shapes)
+    ):
         return len(shapes)
-    prog = _prepare_levels(store, shapes, chunk, force)
+    prog = _prepare_levels(store, shapes, chunk, force, source)
     done = _resume_rows(prog, shapes, chunk)
     workers = workers or max(2, os.cpu_count() or 2)
     with ThreadPoolExecutor(workers) as pool:
@@ -271,8 +413,15 @@ def build_pyramid(
         if levels:
             _feed(store, pool, 0, levels[0].received, shapes[0][0], levels[0].push, chunk, progress, tap)
         writer.drain()
+    after = source_state(store)
+    if not prog.get("stale") and after != source:  # tiles landed while we read level 0
+        prog["stale"] = True
+        prog["stale_reason"] = (
+            f"level-0 tiles changed during the pyramid pass ({source['tiles_done']} -> {after['tiles_done']} done)"
+        )
+    writer.save()
     store.write_ome()
-    store.update_meta(pyramid={"levels": len(shapes), "chunk": chunk, "rule": RULE})
+    store.update_meta(pyramid={"levels": len(shapes), "chunk": chunk, "rule": RULE, "source": source})
     return len(shapes)
 
 
@@ -297,7 +446,7 @@ def _feed(
     reads = list(itertools.pairwise(bounds))
 
     def read(a: int, b: int) -> np.ndarray:
-        return np.asarray(arr[:, a:b, :])
+        return read_rows(store, level, a, b, arr)
 
     bar: Any = None
     if progress:

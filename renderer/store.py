@@ -8,19 +8,22 @@ an ``ImageStore`` for what it needs and never builds a path inside a store:
   <url>/1 .. n                       pyramid levels (renderer.pyramid)
   <url>/lines/row, lines/col         line features of the job (renderer.lines)
   <url>/lines/done/<which>_<a>_<b>.json, lines/done/all.json   line-range completion markers
-  <url>/tiles/<id>.json              one completion marker per finished tile, written after its data
+  <url>/tiles/b<start>_<stop>.json   completion marker of tiles [start, stop), written after their data
+                                     (stores written before batches: tiles/<id>.json, one per tile)
   <url>/pyramid.json                 how far each pyramid level got (renderer.pyramid)
+  <url>/lease/<gen>.json             who writes the store now (renderer.lease)
 
 Markers are plain files next to the arrays, so "which tiles are done" is one
 listing, on any filesystem, with no locking: each tile is written by exactly
 one worker and its marker only after its chunks.  The non-zarr entries
-(``tiles/``, ``pyramid.json``, ``lines/done``) are never reached through a
+(``tiles/``, ``pyramid.json``, ``lines/done``, ``lease/``) are never reached through a
 zarr listing here (levels are probed by name), so zarr never meets them.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +37,8 @@ from creps.errors import first_line
 
 from . import fsio
 from .errors import RendererError
+from .lease import Lease
+from .tasks import TilePlan
 
 ATTRS_KEY = "creps_gigapixel"
 MARKER_DIR = "tiles"
@@ -41,6 +46,8 @@ LINES_GROUP = "lines"
 LINES_DONE_DIR = "lines/done"
 LINES_ALL_DONE = "all"
 PYRAMID_PROGRESS = "pyramid.json"
+LEASE_DIR = "lease"
+_BATCH_MARKER = re.compile(r"b(\d+)_(\d+)")
 CHANNEL_COLORS = ("FF0000", "00FF00", "0000FF")
 CHANNEL_LABELS = ("red", "green", "blue")
 LINE_KINDS = ("row", "col")
@@ -148,6 +155,13 @@ class ImageStore:
     def read_region(self, level: int, r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
         return np.asarray(self.level(level)[:, r0:r1, c0:c1])
 
+    def chunk_path(self, level: int, y: int, x: int) -> str:
+        """The stored object (chunk, or shard when sharded) holding pixel (y, x) of a level, relative to the URL."""
+        arr = self.level(level)
+        outer = getattr(arr, "shards", None) or arr.chunks
+        key = arr.metadata.encode_chunk_key((0, y // int(outer[1]), x // int(outer[2])))
+        return f"{level}/{key}"
+
     # ------------------------------------------------------------ attributes
     @property
     def meta(self) -> dict:
@@ -175,18 +189,62 @@ class ImageStore:
             return None
 
     # ------------------------------------------------------------ tile markers
+    def tile_plan(self) -> TilePlan:
+        """The tile grid of level 0: one tile per shard (or per chunk when unsharded)."""
+        arr = self.level(0)
+        shards = getattr(arr, "shards", None)
+        side = int(shards[1]) if shards else int(arr.chunks[1])
+        _, h, w = arr.shape
+        return TilePlan(h, w, side)
+
+    def mark_tiles(self, start: int, stop: int, records: list[dict]) -> None:
+        """Record finished tiles [start, stop) of the plan; call only after all their data is written.
+
+        One marker per rendered run of tiles (``tiles/b<start>_<stop>.json``), so
+        a job of millions of tiles has a few thousand markers and its done set
+        comes from names alone.
+        """
+        record = {"start": start, "stop": stop, "tiles": records}
+        fsio.write_json(self.fs, self._path(f"{MARKER_DIR}/b{start}_{stop}.json"), record)
+
     def mark_done(self, tile_id: str, info: dict) -> None:
-        """Record a finished tile; call only after its data is written."""
+        """Record one finished tile by id (the per-tile marker of stores written before batches)."""
         fsio.write_json(self.fs, self._path(f"{MARKER_DIR}/{tile_id}.json"), info)
 
-    def done_tiles(self) -> set[str]:
+    def _marker_names(self) -> set[str]:
         return fsio.list_names(self.fs, self._path(MARKER_DIR))
 
+    def done_mask(self, plan: TilePlan | None = None) -> np.ndarray:
+        """Boolean mask over the plan's tile indices: True where a marker says the tile is done."""
+        plan = plan or self.tile_plan()
+        mask = np.zeros(len(plan), dtype=bool)
+        for name in self._marker_names():
+            m = _BATCH_MARKER.fullmatch(name)
+            if m is not None:
+                mask[int(m.group(1)) : int(m.group(2))] = True
+                continue
+            k = plan.index(name)
+            if k is not None:
+                mask[k] = True
+        return mask
+
+    def done_count(self) -> int:
+        return int(self.done_mask().sum())
+
+    def done_tiles(self) -> set[str]:
+        """Ids of the done tiles (small stores and tests; large jobs use ``done_mask``)."""
+        plan = self.tile_plan()
+        return {plan.tile(int(k)).id for k in np.flatnonzero(self.done_mask(plan))}
+
     def tile_records(self) -> Iterator[dict]:
-        """Every tile marker's record (``TileResult.marker()``: id, rows, cols, crc32, ...)."""
-        for name in sorted(self.done_tiles()):
+        """Every done tile's record (``TileResult.marker()``: id, rows, cols, crc32, ...)."""
+        for name in sorted(self._marker_names()):
             record = fsio.read_json(self.fs, self._path(f"{MARKER_DIR}/{name}.json"))
-            if isinstance(record, dict):
+            if not isinstance(record, dict):
+                continue
+            if _BATCH_MARKER.fullmatch(name):
+                yield from (r for r in record.get("tiles", []) if isinstance(r, dict))
+            else:
                 yield record
 
     def clear_markers(self) -> None:
@@ -306,7 +364,10 @@ def is_foreign_folder(url: str, storage_options: dict | None = None) -> bool:
     fs, root = fsio.filesystem(url, storage_options)
     if fs.exists(f"{root}/zarr.json"):
         return False
-    return bool(fs.exists(root) and fs.isdir(root) and fs.ls(root))
+    if not (fs.exists(root) and fs.isdir(root)):
+        return False
+    names = {os.path.basename(str(n).rstrip("/")) for n in fs.ls(root, detail=False)}
+    return bool(names - {LEASE_DIR})  # a lease alone: a job that took the place and has not written yet
 
 
 def open_store(url: str, storage_options: dict | None = None, mode: str = "a") -> ImageStore:
@@ -330,6 +391,12 @@ def open_store(url: str, storage_options: dict | None = None, mode: str = "a") -
     return ImageStore(url=url, fs=fs, root=root, group=group)
 
 
+def store_lease(url: str, storage_options: dict | None = None) -> Lease:
+    """The writer lease of the store at ``url`` (it may not exist yet: the lease comes first)."""
+    fs, root = fsio.filesystem(url, storage_options)
+    return Lease(fs, f"{root}/{LEASE_DIR}", url)
+
+
 def create_job_store(
     url: str,
     storage_options: dict | None,
@@ -346,11 +413,16 @@ def create_job_store(
     """A fresh store for a render job: level 0, empty line arrays, OME and job metadata.
 
     Any earlier content of the group (levels, markers, lines, pyramid progress)
-    is wiped first, so nothing of another job can be mistaken for this one's.
+    is wiped first, so nothing of another job can be mistaken for this one's;
+    the lease folder stays (the caller holds it).
     """
-    store = open_store(url, storage_options, mode="w")
-    store.clear_markers()
-    fsio.remove_tree(store.fs, store._path(PYRAMID_PROGRESS))
+    fs, root = fsio.filesystem(url, storage_options)
+    if fs.exists(root):
+        for entry in fs.ls(root, detail=False):
+            if os.path.basename(str(entry).rstrip("/")) != LEASE_DIR:
+                fs.rm(entry, recursive=True)
+    fs.invalidate_cache()
+    store = open_store(url, storage_options, mode="a")
     store.create_level(0, height, width, tile, shard, compressor, overwrite=True)
     store.create_line_arrays(height, width, lines)
     store.write_ome(name=name)

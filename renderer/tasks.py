@@ -7,8 +7,12 @@ into the store and only these records return.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
+
+import numpy as np
 
 
 @dataclass(frozen=True)
@@ -30,6 +34,62 @@ class Tile:
 
 
 @dataclass(frozen=True)
+class TilePlan:
+    """The tiles of a canvas: row-major squares of ``side`` pixels (edge tiles smaller).
+
+    Pure arithmetic, index -> rectangle, so a plan of any size costs nothing
+    until a tile is asked for; tile ``k`` is row ``k // cols``, column ``k % cols``
+    and its id is ``r{row}_c{col}``.
+    """
+
+    height: int
+    width: int
+    side: int
+
+    @property
+    def rows(self) -> int:
+        return -(-self.height // self.side)
+
+    @property
+    def cols(self) -> int:
+        return -(-self.width // self.side)
+
+    def __len__(self) -> int:
+        return self.rows * self.cols
+
+    def tile(self, k: int) -> Tile:
+        if not 0 <= k < len(self):
+            raise IndexError(f"tile {k} outside 0..{len(self) - 1}")
+        i, j = divmod(k, self.cols)
+        r0, c0 = i * self.side, j * self.side
+        return Tile(f"r{i}_c{j}", r0, min(r0 + self.side, self.height), c0, min(c0 + self.side, self.width))
+
+    def tiles(self, start: int = 0, stop: int | None = None) -> list[Tile]:
+        return [self.tile(k) for k in range(start, len(self) if stop is None else stop)]
+
+    def __iter__(self) -> Iterator[Tile]:
+        return (self.tile(k) for k in range(len(self)))
+
+    def index(self, tile_id: str) -> int | None:
+        """Index of ``r{i}_c{j}`` in this plan, None for another name or a tile outside it."""
+        m = _TILE_ID.fullmatch(tile_id)
+        if m is None:
+            return None
+        i, j = int(m.group(1)), int(m.group(2))
+        return i * self.cols + j if i < self.rows and j < self.cols else None
+
+    def pixels(self, indices: np.ndarray) -> int:
+        """Total pixels of the tiles at ``indices`` (vectorised: plans can be huge)."""
+        i, j = np.divmod(np.asarray(indices, dtype=np.int64), self.cols)
+        h = np.minimum(self.side, self.height - i * self.side)
+        w = np.minimum(self.side, self.width - j * self.side)
+        return int((h * w).sum())
+
+
+_TILE_ID = re.compile(r"r(\d+)_c(\d+)")
+
+
+@dataclass(frozen=True)
 class LineTask:
     """Compute and store the line features of positions [start, stop) of ``which`` (row | col)."""
 
@@ -44,13 +104,15 @@ class LineTask:
 
 @dataclass(frozen=True)
 class TileTask:
-    """Render these tiles, one after another, each written and then marked."""
+    """Render tiles [start, stop) of the job's plan, each written, then one marker for all."""
 
-    tiles: tuple[Tile, ...]
+    start: int
+    stop: int
+    label: str = ""  # the tile ids, for messages ("r1_c1" or "r1_c1..r1_c4")
 
     @property
     def key(self) -> str:
-        return self.tiles[0].id
+        return self.label or f"tiles {self.start}:{self.stop}"
 
 
 Task = LineTask | TileTask

@@ -24,8 +24,9 @@ import torch
 import creps
 
 from . import lines as line_store
+from .errors import RendererError
 from .store import ImageStore, open_store
-from .tasks import LineResult, Tile, TileResult
+from .tasks import LineResult, Tile, TilePlan, TileResult
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +43,11 @@ class RenderContext:
     width: int
     view: tuple[float, float, float, float]  # y0, y1, x0, x1
     chunk: int  # level-0 chunk side; tiles are rendered chunk by chunk
+    tile_side: int = 0  # side of a plan tile (a chunk, or a shard when sharded); 0 = chunk
+
+    @property
+    def plan(self) -> TilePlan:
+        return TilePlan(self.height, self.width, self.tile_side or self.chunk)
 
     @property
     def canvas(self) -> creps.Canvas:
@@ -79,8 +85,13 @@ class TileRenderer:
         line_store.write_lines(self.store, which, start, feats)
         return LineResult(which, start, stop, time.perf_counter() - t0, peak_rss_mb())
 
-    def render_tile(self, r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
-        """uint8 (3, r1-r0, c1-c0) of the canvas, chunk by chunk, from the stored lines."""
+    def render_tile(self, r0: int, r1: int, c0: int, c1: int, name: str | None = None) -> np.ndarray:
+        """uint8 (3, r1-r0, c1-c0) of the canvas, chunk by chunk, from the stored lines.
+
+        RendererError (naming the tile: ``name``, else its rows and columns)
+        when the pixel stage gives NaN or inf: broken weights must fail the
+        tile, not turn into a black one that is marked done.
+        """
         R = line_store.read_lines(self.store, "row", r0, r1, self.device)
         C = line_store.read_lines(self.store, "col", c0, c1, self.device)
         out = np.empty((3, r1 - r0, c1 - c0), dtype=np.uint8)
@@ -91,13 +102,16 @@ class TileRenderer:
                     img = self.G.pixels(
                         self.ws, R[:, :, a : a + step], C[:, :, b : b + step], weights=self._pixel_weights
                     )
+                    if not bool(torch.isfinite(img).all()):
+                        what = name or f"rows {r0}:{r1} cols {c0}:{c1}"
+                        raise RendererError(f"tile {what}: non-finite output (NaN/inf): the weights are broken")
                     out[:, a : a + step, b : b + step] = creps.to_uint8(img)[0].cpu().numpy()
         return out
 
     def tile(self, tile: Tile) -> TileResult:
-        """Render one tile, write it, then its marker."""
+        """Render one tile and write it (the caller marks it done once its run of tiles is written)."""
         t0 = time.perf_counter()
-        data = self.render_tile(tile.r0, tile.r1, tile.c0, tile.c1)
+        data = self.render_tile(tile.r0, tile.r1, tile.c0, tile.c1, name=tile.id)
         self.store.write_region(0, tile.r0, tile.c0, data)
         result = TileResult(
             id=tile.id,
@@ -108,5 +122,10 @@ class TileRenderer:
             pid=os.getpid(),
             host=socket.gethostname(),
         )
-        self.store.mark_done(tile.id, result.marker())
         return dataclasses.replace(result, peak_rss_mb=peak_rss_mb())
+
+    def tiles(self, start: int, stop: int) -> list[TileResult]:
+        """Render tiles [start, stop) of the job's plan, then mark them done with one marker."""
+        results = [self.tile(t) for t in self.ctx.plan.tiles(start, stop)]
+        self.store.mark_tiles(start, stop, [r.marker() for r in results])
+        return results

@@ -31,11 +31,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from creps.errors import first_line
 from renderer.errors import RendererError
 from renderer.fsio import filesystem, is_local
 
 from .errors import ViewerError
-from .tiles import FORMATS, StoreTiles
+from .tiles import FORMATS, StoreTiles, TileReadError
 
 HERE = Path(__file__).resolve().parent
 STATIC_DIR = HERE / "static"
@@ -203,9 +204,13 @@ class Handler(BaseHTTPRequestHandler):
     server_version = "creps-viewer"
     sys_version = ""
 
+    failure = ""  # why this request failed with a 5xx: joins its one log line
+
     def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
         """Log refused and failed requests only; tile traffic would drown the terminal."""
-        if str(code)[:1] in ("4", "5"):
+        if str(code)[:1] == "5" and self.failure:
+            self.log_message('"%s" %s: %s', self.requestline, str(code), self.failure)
+        elif str(code)[:1] in ("4", "5"):
             super().log_request(code, size)
 
     # ------------------------------------------------------------ responses
@@ -236,6 +241,7 @@ class Handler(BaseHTTPRequestHandler):
         self.do_GET()
 
     def do_GET(self) -> None:
+        self.failure = ""
         hosts = self.headers.get_all("Host") or []
         if self.server.local_only and (len(hosts) != 1 or not is_loopback(host_name(hosts[0]))):
             return self._error(403, "forbidden: Host is not a loopback name")
@@ -244,8 +250,19 @@ class Handler(BaseHTTPRequestHandler):
             return self._error(403, "forbidden path")
         try:
             self._route(parts)
+        except TileReadError as e:  # a corrupt chunk: a clear 500 and one log line, the server goes on
+            self._fail(str(e))
         except ViewerError as e:
             self._error(404, str(e))
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        except Exception as e:  # never drop the connection without an answer
+            self._fail(f"internal error: {type(e).__name__}: {first_line(e)}")
+
+    def _fail(self, text: str) -> None:
+        self.failure = text
+        try:
+            self._error(500, text)
         except (BrokenPipeError, ConnectionResetError):
             pass
 

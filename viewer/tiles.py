@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from creps.errors import first_line
 from renderer.dzi import OVERLAP, TILE_SIZE, dzi_xml, level_size, max_level, tile_bounds, tile_grid
 from renderer.errors import RendererError
 from renderer.store import ImageStore, open_store
@@ -47,6 +48,7 @@ __all__ = [
     "OVERLAP",
     "TILE_SIZE",
     "StoreTiles",
+    "TileReadError",
     "block_mean",
     "dzi_xml",
     "encode",
@@ -58,6 +60,15 @@ __all__ = [
 ]
 MAX_SOURCE_SIDE = 4096  # source pixels read per tile side at most (then strided)
 FORMATS = {"jpeg": "image/jpeg", "png": "image/png"}
+
+
+class TileReadError(ViewerError):
+    """A tile inside the image whose pixels cannot be read (a corrupt chunk, an unreachable store).
+
+    The server answers it with HTTP 500 and its message; other tiles are unaffected.
+    """
+
+    exit_code = 1
 
 
 def block_mean(img: np.ndarray, b: int) -> np.ndarray:
@@ -218,7 +229,13 @@ class StoreTiles:
         out = np.zeros((3, y1 - y0, x1 - x0), dtype=np.uint8)
         if ry1 <= ry0 or rx1 <= rx0:
             return out
-        region = np.asarray(arr[:, ry0:ry1:s, rx0:rx1:s])
+        try:
+            region = np.asarray(arr[:, ry0:ry1:s, rx0:rx1:s])
+        except Exception as e:  # zarr / codec / storage errors: name the tile, keep the server up
+            raise TileReadError(
+                f"cannot read tile {level}/{col}_{row} (zarr level {src}): {type(e).__name__}: {first_line(e)}; "
+                f"a corrupt chunk? check the store with `render.py verify {self.url}`"
+            ) from e
         small = block_mean(region, f // s)
         out[:, : small.shape[1], : small.shape[2]] = small[:, : y1 - y0, : x1 - x0]
         return out
@@ -231,11 +248,15 @@ def usable_levels(store: ImageStore) -> list[tuple[int, int]]:
     metadata (written when the pyramid is done) and, while renderer.pyramid's
     progress file exists, once that file says all its rows are written; so a
     half-built level (first build or a resumed one) is never shown as black.
-    Without OME metadata every contiguous level with a plausible shape
-    (within a pixel of H / 2**i) is used.
+    A stale progress record (level-0 tiles were re-rendered since the levels
+    were averaged, see renderer.pyramid) serves level 0 only, until
+    `render.py assemble` rebuilds them. Without OME metadata every contiguous
+    level with a plausible shape (within a pixel of H / 2**i) is used.
     """
     _, h0, w0 = store.level(0).shape
     progress = store.pyramid_progress()
+    if progress is not None and progress.get("stale"):
+        return [(h0, w0)]
     rows_done = progress.get("rows", {}) if progress is not None else None
     if rows_done is not None and not isinstance(rows_done, dict):
         rows_done = {}

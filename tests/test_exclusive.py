@@ -1,0 +1,291 @@
+"""One writer per store: the lease (local and S3), concurrent jobs, takeover after a crash,
+and refusals that happen before anything is written (cluster, workers, plan size)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+import s3fs
+from conftest import REPO, free_port, render_cli_env, tiny_job
+
+from jobs.run import run_job
+from renderer import lease as lease_mod
+from renderer.lease import LeaseLost, StoreBusyError
+from renderer.store import open_store, store_lease
+
+RENDER = [sys.executable, str(REPO / "render.py"), "render", "--checkpoint", "preset:tiny", "--quiet", "--no-exports"]
+
+
+def _s3_options(endpoint: str) -> dict:
+    return {"key": "k", "secret": "s", "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"}}
+
+
+def _race(make_lease, n: int = 4) -> list[object]:
+    """n leases acquired at the same instant from n threads: what each got."""
+    barrier = threading.Barrier(n)
+    got: list[object] = [None] * n
+
+    def one(i: int) -> None:
+        lease = make_lease()
+        barrier.wait()
+        try:
+            got[i] = lease.acquire(f"racer {i}")
+        except StoreBusyError as e:
+            got[i] = e
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return got
+
+
+def test_lease_race_local_has_one_winner(tmp_path):
+    for attempt in range(5):
+        url = str(tmp_path / f"race{attempt}.zarr")
+        got = _race(lambda url=url: store_lease(url))
+        winners = [g for g in got if not isinstance(g, StoreBusyError)]
+        assert len(winners) == 1, got
+        assert all("another process" in str(g) for g in got if isinstance(g, StoreBusyError))
+
+
+def test_lease_race_s3_has_one_winner(moto_s3):
+    options = _s3_options(moto_s3)
+    s3fs.S3FileSystem(key="k", secret="s", client_kwargs={"endpoint_url": moto_s3}).mkdir("leases")
+    for attempt in range(3):
+        url = f"s3://leases/race{attempt}.zarr"
+        got = _race(lambda url=url: store_lease(url, options))
+        winners = [g for g in got if not isinstance(g, StoreBusyError)]
+        assert len(winners) == 1, got
+
+
+def test_released_or_dead_holder_can_be_taken_over(tmp_path):
+    url = str(tmp_path / "t.zarr")
+    first = store_lease(url)
+    rec1 = first.acquire("first")
+    with pytest.raises(StoreBusyError, match="being written by another process: first"):
+        store_lease(url).acquire("second")
+    first.release()
+    second = store_lease(url)
+    assert second.acquire("second").gen == rec1.gen + 1
+    second.release()
+    # a holder whose process is gone (kill -9) does not block
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)
+    path = f"{second.folder}/{rec1.gen + 2:08d}.json"
+    record = {**json.loads(open(f"{second.folder}/{rec1.gen + 1:08d}.json").read()), "gen": rec1.gen + 2}
+    record.update(pid=pid, released=False, purpose="crashed job")
+    with open(path, "w") as f:
+        json.dump(record, f)
+    third = store_lease(url)
+    assert third.acquire("third").gen == rec1.gen + 3
+    third.release()
+
+
+def test_takeover_during_a_job_stops_it(tmp_path, render_ray, monkeypatch):
+    monkeypatch.setattr(lease_mod, "HEARTBEAT_S", 0.1)
+    spec = tiny_job(str(tmp_path / "l.zarr"), height=192, width=192, tile=16)
+    folder = store_lease(spec.out).folder
+    taken: list[bool] = []
+
+    def take_over(summary, pool) -> None:
+        if not taken and summary.tiles_rendered >= 2:
+            newest = max(int(n[:-5]) for n in os.listdir(folder) if n.endswith(".json"))
+            rec = json.loads(open(f"{folder}/{newest:08d}.json").read())
+            with open(f"{folder}/{newest + 1:08d}.json", "w") as f:
+                json.dump({**rec, "gen": newest + 1, "owner": "thief", "purpose": "thief"}, f)
+            taken.append(True)
+            time.sleep(0.5)  # a heartbeat notices
+
+    with pytest.raises(LeaseLost, match="another process took over"):
+        run_job(spec, progress=False, on_progress=take_over)
+    assert open_store(spec.out, mode="r").done_count() < 144
+
+
+def test_two_jobs_started_together_one_wins(tmp_path):
+    """Different seeds, same new --out, synchronised start: exactly one renders, the other
+    exits 2 with one line, and the store holds the winner's image."""
+    out = str(tmp_path / "both.zarr")
+    go = tmp_path / "go"
+    # each process waits for the go file after its imports, so both reach the lease together
+    code = (
+        f"import os, sys, time; sys.path.insert(0, {str(REPO)!r}); import render, jobs.run\n"
+        f"while not os.path.exists({str(go)!r}): time.sleep(0.01)\n"
+        "sys.exit(render.main(sys.argv[1:]))"
+    )
+    procs = []
+    for seed in (1, 2):
+        args = [
+            "render",
+            "--checkpoint",
+            "preset:tiny",
+            "--quiet",
+            "--no-exports",
+            "--size",
+            "96x64",
+            "--tile",
+            "32",
+            "--workers",
+            "1",
+            "--seed",
+            str(seed),
+            "--out",
+            out,
+        ]
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-c", code, *args],
+                env=render_cli_env(),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
+    time.sleep(6)  # both imported
+    go.write_text("go")
+    results = [(p.wait(timeout=300), p.stdout.read(), p.stderr.read()) for p in procs]
+    codes = sorted(r[0] for r in results)
+    assert codes == [0, 2], results
+    loser = next(r for r in results if r[0] == 2)
+    errors = [ln for ln in loser[2].splitlines() if ln.startswith("error: ")]
+    assert len(errors) == 1 and ("another process" in errors[0] or "holds a different job" in errors[0]), loser
+    winner_seed = 1 if results[0][0] == 0 else 2
+    store = open_store(out, mode="r")
+    assert store.meta["spec"]["seed"] == winner_seed and store.done_count() == 6
+
+
+def test_same_job_while_running_is_refused_then_resumes_after_kill(tmp_path):
+    out = str(tmp_path / "same.zarr")
+    args = [*RENDER, "--size", "512x512", "--tile", "16", "--workers", "1", "--batch", "1", "--out", out]
+    first = subprocess.Popen(
+        args, env=render_cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
+    )
+    t_end = time.monotonic() + 120
+    while time.monotonic() < t_end and not os.path.isdir(os.path.join(out, "tiles")):
+        time.sleep(0.2)
+    second = subprocess.run(args, env=render_cli_env(), capture_output=True, text=True, timeout=300)
+    assert second.returncode == 2, second.stderr[-2000:]
+    assert (
+        second.stderr.strip().splitlines()[-1].startswith("error: ")
+        and "being written by another process" in second.stderr
+    )
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    again = subprocess.run(args, env=render_cli_env(), capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert open_store(out, mode="r").done_count() == 1024
+
+
+# ---------------------------------------------------------------- refused before anything is written
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--workers", "1000"], "do not fit"),
+        (["--threads-per-worker", "64"], "more than the"),
+        (["--gpus-per-worker", "1"], "has no GPU"),
+    ],
+)
+def test_pool_that_does_not_fit_is_refused(tmp_path, extra, message):
+    out = tmp_path / "never.zarr"
+    proc = subprocess.run(
+        [*RENDER, "--size", "64", "--tile", "32", "--out", str(out), *extra],
+        env=render_cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    if "--gpus-per-worker" in extra and "has no GPU" not in proc.stderr and proc.returncode == 0:
+        pytest.skip("this machine has a GPU")
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_address_with_nothing_listening_fails_fast_and_writes_nothing(tmp_path):
+    out = tmp_path / "never.zarr"
+    t0 = time.monotonic()
+    proc = subprocess.run(
+        [*RENDER, "--size", "64", "--tile", "32", "--out", str(out), "--address", f"127.0.0.1:{free_port()}"],
+        env=render_cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2 and "no Ray cluster answers" in proc.stderr, proc.stderr
+    assert time.monotonic() - t0 < 60 and not out.exists()
+
+
+# ---------------------------------------------------------------- bounded plans
+def test_dry_run_of_a_terapixel_canvas_is_bounded(tmp_path):
+    code = (
+        f"import resource, sys; sys.path.insert(0, {str(REPO)!r}); import render\n"
+        "rc = render.main(sys.argv[1:])\n"
+        "print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024, rc)"
+    )
+    base = [
+        "render",
+        "--checkpoint",
+        "preset:ffhq512",
+        "--size",
+        "1048576x1048576",
+        "--dry-run",
+        "--out",
+        str(tmp_path / "huge.zarr"),
+    ]
+    ok = subprocess.run(
+        [sys.executable, "-c", code, *base, "--tile", "512"],
+        env=render_cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert "plan: 4,194,304 tiles" in ok.stdout, ok.stderr
+    peak_mb, rc = (int(x) for x in ok.stdout.split("PEAK")[1].split())
+    assert rc == 0 and peak_mb < 1024, peak_mb
+    fine = subprocess.run(
+        [sys.executable, "-c", code, *base, "--tile", "16"],
+        env=render_cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert "use a larger --tile or --shard" in fine.stderr and fine.stdout.split()[-1] == "2"
+    assert not (tmp_path / "huge.zarr").exists()
+
+
+def test_done_mask_from_batch_and_per_tile_markers(tmp_path):
+    """Markers of runs of tiles (this version) and of single tiles (older stores) both count."""
+    from jobs.plan import runs
+    from renderer.store import LineShape, create_job_store
+
+    store = create_job_store(
+        str(tmp_path / "m.zarr"),
+        None,
+        height=64 * 40,
+        width=64 * 50,
+        tile=64,
+        shard=1,
+        compressor="zstd",
+        lines=LineShape(1, 1, 1, 64),
+        name="m",
+        meta={},
+    )
+    plan = store.tile_plan()
+    assert len(plan) == 2000
+    store.mark_tiles(10, 20, [])
+    store.mark_done("r1_c5", {})  # index 55
+    store.mark_done("not-a-tile", {})
+    mask = store.done_mask()
+    assert mask.sum() == 11 and mask[10:20].all() and mask[55]
+    todo = np.flatnonzero(~mask)
+    got = list(runs(todo, 16))
+    assert got[0] == (0, 10) and got[1] == (20, 36) and (52, 55) in got and (56, 72) in got and got[-1][1] == 2000
+    assert sum(b - a for a, b in got) == 2000 - 11 and all(b - a <= 16 for a, b in got)

@@ -35,7 +35,7 @@ from renderer.errors import IncompleteStoreError, RendererError
 from renderer.exports import COMPRESSIONS, DZI_ENGINES, TIFF_TILES, check_target, write_dzi, write_exports, write_tiff
 from renderer.fsio import parse_storage_options
 from renderer.pyramid import build_pyramid, pyramid_complete, source_state
-from renderer.store import open_store
+from renderer.store import open_store, store_lease
 
 from . import JobSpecError
 
@@ -107,6 +107,31 @@ def assemble(
         if target:
             check_target(target, storage_options)
     open_store(url, storage_options, mode="r").level(0)  # one clear error when the store or level 0 is missing
+    lease = store_lease(url, storage_options)
+    lease.acquire("assemble")  # one writer at a time: not while a render or another assemble runs
+    with lease:
+        return _assemble(
+            url, tiff, dzi, storage_options, tiff_tile, compression, quality, szi, dzi_engine, skip_pyramid,
+            workers, progress, partial, log,
+        )  # fmt: skip
+
+
+def _assemble(
+    url: str,
+    tiff: str | None,
+    dzi: str | None,
+    storage_options: dict | None,
+    tiff_tile: int,
+    compression: str,
+    quality: int,
+    szi: bool,
+    dzi_engine: str,
+    skip_pyramid: bool,
+    workers: int | None,
+    progress: bool,
+    partial: bool,
+    log: Callable[[str], None],
+) -> dict:
     store = open_store(url, storage_options, mode="a")
     source = source_state(store)
     if source["partial"]:

@@ -29,7 +29,10 @@ temporary files.
   (rolled back if the rename fails); the ``.dzi`` last, as it is what viewers
   open. Debris of a run killed outright (kill -9) is removed by the next run
   for the same target; an old ``_files`` folder found aside with no live one
-  is put back first.
+  is put back first. (So two assembles must not write the same target at
+  once: the second would take the first one's files for debris.) A part not
+  asked for this time (``.szi`` with ``szi=False``) is left as it was, with
+  its own sidecar.
 - Remote (any fsspec URL): written locally in a temporary folder, uploaded to
   temporary keys next to the target, then copied into place (folders first,
   ``.dzi`` last) and the temporary keys removed; old DeepZoom tiles the new
@@ -167,7 +170,13 @@ class Target:
             self._tmpdir = tempfile.mkdtemp(prefix="creps-export-")
             self.stage = os.path.join(self._tmpdir, self.name)
             self.remote_stage = f"{self.folder}/.{self.name}{TEMP_TAG}{self.token}"
-        self.clean_debris()
+        try:
+            self.clean_debris()
+        except BaseException as e:
+            self.cleanup()
+            if isinstance(e, Exception) and not isinstance(e, UserError):
+                raise RendererError(f"cannot prepare {url!r}: {first_line(e)}") from e
+            raise
 
     # ------------------------------------------------------------ names
     def scratch(self) -> str:
@@ -235,14 +244,14 @@ class Target:
                         os.rename(dst, aside)
                     try:
                         os.rename(src, dst)
-                    except OSError:
-                        if os.path.lexists(aside):
+                    except BaseException:  # Ctrl-C included: never leave the live name empty
+                        if os.path.lexists(aside) and not os.path.lexists(dst):
                             os.rename(aside, dst)
                         raise
                     moved.append((src, dst, aside))
                 else:
                     os.replace(src, dst)
-        except OSError:
+        except BaseException:
             for src, dst, aside in reversed(moved):  # new folders back out, old ones back in
                 os.rename(dst, src)
                 if os.path.lexists(aside):
@@ -676,7 +685,8 @@ def _bar(progress: bool, total: int, desc: str) -> Any:
         return None
     from tqdm import tqdm
 
-    return tqdm(total=total, unit="px", unit_scale=True, desc=desc, leave=False)
+    # disable=None: only on a terminal, so a log or a pipe gets the result lines (and one error line) alone
+    return tqdm(total=total, unit="px", unit_scale=True, desc=desc, leave=False, disable=None)
 
 
 # ---------------------------------------------------------------- DeepZoom
@@ -690,20 +700,22 @@ def _raw_planes(store: ImageStore, path: str, progress: bool) -> None:
     def read(r: int) -> np.ndarray:
         return read_rows(store, 0, r, min(r + step, h), arr)
 
-    with open(path, "wb") as f, ThreadPoolExecutor(1) as pool:
-        f.truncate(3 * h * w)
-        nxt = pool.submit(read, 0)
-        for r0 in range(0, h, step):
-            strip = nxt.result()
-            if r0 + step < h:
-                nxt = pool.submit(read, r0 + step)
-            for c in range(3):
-                f.seek(c * h * w + r0 * w)
-                f.write(np.ascontiguousarray(strip[c]).tobytes())
-            if bar is not None:
-                bar.update(strip.shape[1] * w)
-    if bar is not None:
-        bar.close()
+    try:
+        with open(path, "wb") as f, ThreadPoolExecutor(1) as pool:
+            f.truncate(3 * h * w)
+            nxt = pool.submit(read, 0)
+            for r0 in range(0, h, step):
+                strip = nxt.result()
+                if r0 + step < h:
+                    nxt = pool.submit(read, r0 + step)
+                for c in range(3):
+                    f.seek(c * h * w + r0 * w)
+                    f.write(np.ascontiguousarray(strip[c]).tobytes())
+                if bar is not None:
+                    bar.update(strip.shape[1] * w)
+    finally:
+        if bar is not None:
+            bar.close()
 
 
 def _dz_source(source: ImageStore | str, tmp: str, progress: bool) -> Any:

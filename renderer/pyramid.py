@@ -133,7 +133,7 @@ def source_state(store: ImageStore) -> dict:
     ``tiles_total`` is the render job's tile count (``meta["tiles_total"]``); a
     store without one (not made by a render job) counts as complete.
     """
-    done = len(store.done_tiles())
+    done = store.done_count()
     total = store.meta.get("tiles_total")
     if not isinstance(total, int) or isinstance(total, bool):
         return {"tiles_done": done, "tiles_total": None, "partial": False}
@@ -452,16 +452,18 @@ def _feed(
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=r1 - r0, unit="row", desc="pyramid", leave=False)
-    nxt = pool.submit(read, *reads[0])
-    for i in range(len(reads)):
-        rows = nxt.result()
-        if i + 1 < len(reads):
-            nxt = pool.submit(read, *reads[i + 1])
-        push(rows)
-        if tap is not None:
-            tap(reads[i][0], rows)
+        bar = tqdm(total=r1 - r0, unit="row", desc="pyramid", leave=False, disable=None)  # terminals only
+    try:
+        nxt = pool.submit(read, *reads[0])
+        for i in range(len(reads)):
+            rows = nxt.result()
+            if i + 1 < len(reads):
+                nxt = pool.submit(read, *reads[i + 1])
+            push(rows)
+            if tap is not None:
+                tap(reads[i][0], rows)
+            if bar is not None:
+                bar.update(rows.shape[1])
+    finally:
         if bar is not None:
-            bar.update(rows.shape[1])
-    if bar is not None:
-        bar.close()
+            bar.close()

@@ -37,7 +37,7 @@ from creps.errors import first_line
 
 from . import fsio
 from .errors import RendererError
-from .lease import Lease
+from .lease import Lease, LeaseRecord, holder_alive
 from .tasks import TilePlan
 
 ATTRS_KEY = "creps_gigapixel"
@@ -297,6 +297,12 @@ class ImageStore:
     def lines_complete(self) -> bool:
         return LINES_ALL_DONE in fsio.list_names(self.fs, self._path(LINES_DONE_DIR))
 
+    # ------------------------------------------------------------ writer
+    def writer(self) -> LeaseRecord | None:
+        """The process writing this store now, if any (a live lease holder)."""
+        rec = Lease(self.fs, self._path(LEASE_DIR), self.url).newest()
+        return rec if rec is not None and holder_alive(rec) else None
+
     # ------------------------------------------------------------ pyramid progress
     def pyramid_progress(self) -> dict | None:
         """renderer.pyramid's progress record; None when no pyramid pass has started."""
@@ -373,7 +379,11 @@ def is_foreign_folder(url: str, storage_options: dict | None = None) -> bool:
 def open_store(url: str, storage_options: dict | None = None, mode: str = "a") -> ImageStore:
     """Open (mode 'r' / 'a') or create (mode 'w': wipe) the image group at ``url``."""
     fs, root = fsio.filesystem(url, storage_options)
-    if mode == "r" and not fs.exists(f"{root}/zarr.json"):
+    try:
+        exists = fs.exists(f"{root}/zarr.json")
+    except Exception as e:  # endpoint down, bad credentials: whatever the filesystem raises
+        raise RendererError(f"cannot access {url!r}: {first_line(e)}") from None
+    if mode == "r" and not exists:
         raise RendererError(f"no image store at {url!r} (missing zarr.json); render one first")
     try:
         if fsio.is_local(url):
@@ -384,7 +394,7 @@ def open_store(url: str, storage_options: dict | None = None, mode: str = "a") -
         else:
             zstore = FsspecStore.from_url(url, storage_options=storage_options or None, read_only=mode == "r")
         group = zarr.open_group(zstore, mode=mode, zarr_format=3)  # type: ignore[arg-type]
-    except (OSError, ValueError) as e:
+    except Exception as e:  # zarr passes on whatever the filesystem raises
         raise RendererError(f"cannot open store {url!r}: {first_line(e)}") from None
     if mode == "w":
         fs.invalidate_cache()

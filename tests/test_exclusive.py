@@ -172,6 +172,7 @@ def test_same_job_while_running_is_refused_then_resumes_after_kill(tmp_path):
     t_end = time.monotonic() + 120
     while time.monotonic() < t_end and not os.path.isdir(os.path.join(out, "tiles")):
         time.sleep(0.2)
+    os.kill(first.pid, signal.SIGSTOP)  # the first job is alive (its pid exists) but makes no progress
     second = subprocess.run(args, env=render_cli_env(), capture_output=True, text=True, timeout=300)
     assert second.returncode == 2, second.stderr[-2000:]
     assert (

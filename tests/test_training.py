@@ -201,6 +201,9 @@ def test_cli_bad_input_is_one_error_line_exit_2(prefix, tmp_path, capsys, no_deb
     assert rc == 2 and len(err) == 1 and err[0].startswith("error: ") and "not a built dataset" in err[0]
     assert train.main([*prefix, "--data", "x", "--out", str(tmp_path / "run"), "--batch", "1"]) == 2
     assert capsys.readouterr().err.strip() == "error: --batch must be >= 2 (minibatch-std needs pairs), got 1"
+    for bad in ("nan", "inf"):
+        assert train.main([*prefix, "--data", "x", "--out", str(tmp_path / "run"), "--kimg", bad]) == 2
+        assert capsys.readouterr().err.strip() == f"error: kimg must be a finite number, got {bad}"
     assert not (tmp_path / "run").exists()
 
 
@@ -282,3 +285,17 @@ def test_cli_help_lists_subcommands_and_their_options(capsys):
             train.main([sub, "--help"])
         out = capsys.readouterr().out
         assert out.startswith(f"usage: train.py {sub}") and all(o in out for o in options)
+
+
+def test_dataset_reads_16_bit_png_by_its_depth(tmp_path):
+    """16-bit grey PNGs are scaled to 8 bits (Pillow's convert('RGB') would clip them white)."""
+    from PIL import Image
+
+    from training.dataset import iter_images
+
+    a = np.full((40, 40), 32768, np.uint16)
+    a[:20] = 8192
+    Image.fromarray(a).save(tmp_path / "deep.png")
+    [(name, img)] = list(iter_images(str(tmp_path), 16))
+    assert name.endswith("deep.png") and img.shape == (16, 16, 3)
+    assert 30 <= img[0, 0, 0] <= 34 and 126 <= img[-1, -1, 0] <= 130

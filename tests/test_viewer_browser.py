@@ -88,7 +88,7 @@ def test_page_draws_tiles_and_zoom_requests_deeper_levels(browser, tmp_path):
     s.write_region(0, 0, 0, pattern(H, W))
     s.update_meta(spec={"seed": 1234, "psi": 0.5, "checkpoint": "tiny"}, tiles_total=4)
     for i in range(4):
-        s.mark_done(f"t{i}", {})
+        s.mark_done(f"r0_c{i}", {})
     with serving(open_source(url)) as base:
         page, requests, errors = open_page(browser, base)
         stats = page.evaluate(CANVAS_STATS)
@@ -117,20 +117,20 @@ def test_page_refreshes_while_render_progresses(browser, tmp_path):
     url = str(tmp_path / "live.zarr")
     s = open_store(url, mode="w")
     s.create_level(0, 512, 512, 256)
-    s.update_meta(tiles_total=2)
+    s.update_meta(tiles_total=4)
     s.write_region(0, 0, 0, np.full((3, 256, 512), 180, np.uint8))
-    s.mark_done("top", {})
+    s.mark_tiles(0, 2, [])  # the top row of tiles
     with serving(open_source(url)) as base:
         page, requests, errors = open_page(browser, base)
         lit0 = page.evaluate(CANVAS_STATS)["lit"]
         s.write_region(0, 256, 0, np.full((3, 256, 512), 90, np.uint8))
-        s.mark_done("bottom", {})
+        s.mark_tiles(2, 4, [])  # the bottom row
         page.wait_for_function("() => window.creps.swaps >= 1", timeout=30000)
         page.wait_for_function(LOADED, timeout=30000)
         # the bottom half fills in (poll: the canvas is redrawn on the next animation frame)
         page.wait_for_function(f"() => ({CANVAS_STATS})().lit > {lit0 + 0.1}", timeout=30000)
         assert any("v=2." in u for u in requests), "tiles were not re-requested for the new version"
-        assert "2 / 2 tiles" in page.inner_text("#panel")
+        assert "4 / 4 tiles" in page.inner_text("#panel")
         assert not errors, errors
         page.close()
 

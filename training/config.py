@@ -15,7 +15,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from creps import GeneratorConfig, preset
@@ -78,6 +79,10 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.batch < 2:
             raise TrainError(f"--batch must be >= 2 (minibatch-std needs pairs), got {self.batch}")
+        for f in fields(self):  # nan/inf would pass every comparison below and fail deep inside
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise TrainError(f"{f.name} must be a finite number, got {value}")
         if self.kimg <= 0:
             raise TrainError(f"--kimg must be positive, got {self.kimg}")
         if self.aug not in ("ada", "noaug"):

@@ -98,6 +98,25 @@ def _square(img: Image.Image, box: tuple[int, int, int] | None, resolution: int)
     return np.asarray(img, dtype=np.uint8)
 
 
+def to_rgb8(im: Image.Image) -> Image.Image:
+    """8-bit RGB of any image Pillow reads.
+
+    ``convert("RGB")`` clips 16-bit grey (modes ``I;16*``, and ``I`` as PNG
+    loads it) at 255, so a 16-bit photo would come out white: scale those by
+    their bit depth instead.
+    """
+    if im.mode.startswith("I;16") or im.mode == "I":
+        a = np.asarray(im).astype(np.int64)
+        bits = 16 if im.mode.startswith("I;16") or a.max(initial=0) > 255 else 8
+        a = np.clip(a >> (bits - 8), 0, 255).astype(np.uint8)
+        return Image.fromarray(a, "L").convert("RGB")
+    if im.mode == "F":
+        a = np.asarray(im, dtype=np.float64)
+        top = 1.0 if a.max(initial=0.0) <= 1.0 else 255.0
+        return Image.fromarray(np.clip(a / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L").convert("RGB")
+    return im.convert("RGB")
+
+
 def iter_images(
     src: str, resolution: int, crops: int = 0, seed: int = 0, report: Report | None = None
 ) -> Iterator[tuple[str, np.ndarray]]:
@@ -109,7 +128,7 @@ def iter_images(
         try:
             with Image.open(io.BytesIO(read())) as im:
                 im.load()
-                img = im.convert("RGB")
+                img = to_rgb8(im)
         except Exception:
             report.unreadable.append(name)
             continue

@@ -36,7 +36,7 @@ from renderer.errors import RendererError
 from renderer.fsio import filesystem, is_local
 
 from .errors import ViewerError
-from .tiles import FORMATS, StoreTiles, TileReadError
+from .tiles import FORMATS, StoreTiles, TileReadError, ViewerBusy
 
 HERE = Path(__file__).resolve().parent
 STATIC_DIR = HERE / "static"
@@ -128,8 +128,8 @@ class DziFiles:
         self.stem = self.name[: -len(".dzi")]
         try:
             xml = self.fs.cat_file(path)
-        except (FileNotFoundError, OSError) as e:
-            raise ViewerError(f"cannot read {url!r}: {e}") from None
+        except Exception as e:  # missing file, endpoint down, bad credentials
+            raise ViewerError(f"cannot read {url!r}: {first_line(e)}") from None
         try:
             node = ET.fromstring(xml)
             size = next(el for el in node if el.tag.endswith("Size"))
@@ -182,6 +182,7 @@ class DziFiles:
 class ViewerServer(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = 256  # a burst of connections waits in the kernel instead of being reset
 
     def __init__(self, addr: tuple[str, int], source: StoreTiles | DziFiles, local_only: bool) -> None:
         self.source = source
@@ -252,12 +253,28 @@ class Handler(BaseHTTPRequestHandler):
             self._route(parts)
         except TileReadError as e:  # a corrupt chunk: a clear 500 and one log line, the server goes on
             self._fail(str(e))
+        except ViewerBusy as e:  # bounded work: the client retries
+            self._busy(str(e))
         except ViewerError as e:
             self._error(404, str(e))
         except (BrokenPipeError, ConnectionResetError):
             pass
         except Exception as e:  # never drop the connection without an answer
             self._fail(f"internal error: {type(e).__name__}: {first_line(e)}")
+
+    def _busy(self, text: str) -> None:
+        body = (text + "\n").encode()
+        try:
+            self.send_response(503)
+            self.send_header("Content-Type", "text/plain; charset=utf-8")
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Retry-After", "1")
+            self.send_header("Cache-Control", "no-store")
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
 
     def _fail(self, text: str) -> None:
         self.failure = text

@@ -31,6 +31,8 @@ import io
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,14 +77,19 @@ def block_mean(img: np.ndarray, b: int) -> np.ndarray:
     """Mean of b x b blocks of a (3, h, w) uint8 image; edge blocks average their valid pixels.
 
     Rounded half up: (sum + n // 2) // n, integers only, so results are exact.
+    Sums accumulate in uint32 without a uint32 copy of the image, so a tile's
+    memory stays about twice its source read (see ``TileGate`` for the bound).
     """
     if b == 1:
         return img
     c, h, w = img.shape
     oh, ow = -(-h // b), -(-w // b)
-    padded = np.zeros((c, oh * b, ow * b), dtype=np.uint32)
-    padded[:, :h, :w] = img
-    sums = padded.reshape(c, oh, b, ow, b).sum(axis=(2, 4))
+    if h % b or w % b:
+        padded = np.zeros((c, oh * b, ow * b), dtype=np.uint8)
+        padded[:, :h, :w] = img
+    else:
+        padded = img
+    sums = padded.reshape(c, oh, b, ow, b).sum(axis=(2, 4), dtype=np.uint32)
     ys = np.minimum(b, h - np.arange(oh) * b)
     xs = np.minimum(b, w - np.arange(ow) * b)
     counts = (ys[:, None] * xs[None, :]).astype(np.uint32)
@@ -98,6 +105,51 @@ def encode(img: np.ndarray, fmt: str, quality: int = 90) -> bytes:
     else:
         pil.save(buf, "PNG", compress_level=1)
     return buf.getvalue()
+
+
+# ---------------------------------------------------------------- bounded work
+class ViewerBusy(ViewerError):
+    """Too many tiles in flight: the server answers 503 with Retry-After (the page retries)."""
+
+
+class TileGate:
+    """At most ``workers`` tiles computed at once and ``queue`` more waiting; beyond that, ViewerBusy.
+
+    The bound on memory: each computing tile holds its source read (at most
+    3 x MAX_SOURCE_SIDE^2 bytes, 48 MiB) and about as much again while it is
+    averaged and encoded, so the server's tile work stays under
+    ``workers`` x ~100 MiB (4 x 100 MiB by default) however many requests
+    arrive; waiting requests hold nothing but their thread.
+    """
+
+    def __init__(self, workers: int = 4, queue: int = 64, wait_s: float = 30.0) -> None:
+        self.workers, self.queue, self.wait_s = workers, queue, wait_s
+        self._sem = threading.BoundedSemaphore(workers)
+        self._lock = threading.Lock()
+        self.waiting = 0
+        self.busy = 0
+
+    @contextmanager
+    def slot(self) -> Iterator[None]:
+        with self._lock:
+            if self.waiting >= self.queue:
+                raise ViewerBusy(f"{self.busy} tiles in progress and {self.waiting} waiting; retry shortly")
+            self.waiting += 1
+        try:
+            got = self._sem.acquire(timeout=self.wait_s)
+        finally:
+            with self._lock:
+                self.waiting -= 1
+        if not got:
+            raise ViewerBusy(f"no tile worker free for {self.wait_s:g} s; retry shortly")
+        with self._lock:
+            self.busy += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.busy -= 1
+            self._sem.release()
 
 
 # ---------------------------------------------------------------- the tile source
@@ -141,6 +193,7 @@ class StoreTiles:
         self._cache: OrderedDict[tuple, bytes] = OrderedDict()
         self._cache_max = cache_tiles
         self._lock = threading.Lock()
+        self.gate = TileGate()
         self._state = self._read_state()
         self.height, self.width = self._state.levels[0]
 
@@ -151,8 +204,10 @@ class StoreTiles:
             if not store.has_level(0):
                 raise ViewerError(f"{self.url} has no level 0 yet; start the render first")
             meta = store.meta
+            if meta.get("status") == "running" and store.writer() is None:
+                meta["status"] = "interrupted"  # its writer is gone (killed): not running any more
             levels = usable_levels(store)
-            done = len(store.done_tiles())
+            done = store.done_count()
         except RendererError as e:
             raise ViewerError(str(e)) from None
         return StoreState(store, levels, meta, done, f"{done}.{len(levels)}", time.monotonic())
@@ -206,7 +261,8 @@ class StoreTiles:
             if hit is not None:
                 self._cache.move_to_end(key)
                 return hit
-        data = encode(self.pixels(st, level, col, row), self.fmt, self.quality)
+        with self.gate.slot():
+            data = encode(self.pixels(st, level, col, row), self.fmt, self.quality)
         with self._lock:
             self._cache[key] = data
             while len(self._cache) > self._cache_max:

@@ -21,6 +21,8 @@
     visibilityRatio: 0.5,
     maxZoomPixelRatio: 4,
     timeout: 60000,
+    tileRetryMax: 5,          // the server answers 503 + Retry-After when its tile work is full
+    tileRetryDelay: 1000,
   });
   window.viewer = viewer;
   viewer.addHandler("open", () => { hooks.opened = true; });

@@ -290,3 +290,30 @@ def test_done_mask_from_batch_and_per_tile_markers(tmp_path):
     got = list(runs(todo, 16))
     assert got[0] == (0, 10) and got[1] == (20, 36) and (52, 55) in got and (56, 72) in got and got[-1][1] == 2000
     assert sum(b - a for a, b in got) == 2000 - 11 and all(b - a <= 16 for a, b in got)
+
+
+def test_a_four_million_tile_job_starts_bounded(tmp_path):
+    """Planning what is left of a 2^20 x 2^20 job at tile 512 (4,194,304 tiles), with some
+    done: the done set is one bit per tile and the work goes out as runs, in bounded memory."""
+    code = """
+import resource, sys
+sys.path.insert(0, {repo!r})
+from jobs.run import prepare, create_output, _todo
+from jobs.plan import runs
+from jobs.spec import JobSpec
+spec = JobSpec(checkpoint="preset:tiny", width=1 << 20, height=1 << 20, tile=512, out={out!r})
+job = prepare(spec)
+store = create_output(job)
+store.mark_tiles(0, 5000, [])
+store.mark_tiles(100000, 100064, [])
+todo = _todo(job, store, (), None)
+tasks = list(runs(todo, 64))
+print("RESULT", len(job.plan), len(todo), len(tasks), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+""".format(repo=str(REPO), out=str(tmp_path / "tera.zarr"))
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=render_cli_env(), capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    n, left, tasks, peak_mb = (int(x) for x in proc.stdout.split("RESULT")[1].split())
+    assert n == 4_194_304 and left == n - 5064 and tasks == -(-(100000 - 5000) // 64) + -(-(n - 100064) // 64)
+    assert peak_mb < 1024, peak_mb

@@ -105,6 +105,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--snap", type=float, default=10.0, metavar="N", help="checkpoint + sample grid every N kimg [default: 10]"
     )
     io.add_argument(
+        "--minutes",
+        type=float,
+        default=0.0,
+        metavar="M",
+        help="stop after M minutes of training in this run, cleanly, with a checkpoint; re-run to go on "
+        "[default: 0 = until --kimg]",
+    )
+    io.add_argument(
         "--tick", dest="tick_kimg", type=float, default=1.0, metavar="K", help="log line every K kimg [default: 1]"
     )
     io.add_argument(

@@ -25,7 +25,7 @@ from .errors import TrainError
 
 # Options that may change between runs of the same RUNDIR without --force:
 # they say how long / how often, not what is trained.
-MUTABLE = ("kimg", "snap", "metrics", "metrics_num", "resume", "tick_kimg")
+MUTABLE = ("kimg", "snap", "metrics", "metrics_num", "resume", "tick_kimg", "minutes")
 
 
 def default_gamma(resolution: int) -> float:
@@ -70,6 +70,7 @@ class TrainConfig:
     seed: int = 0
     snap: float = 10.0  # kimg between snapshots (checkpoint + grid)
     tick_kimg: float = 1.0  # kimg between log lines
+    minutes: float = 0.0  # wall-clock budget of this run (0: none); stops cleanly with a checkpoint
     metrics: tuple[str, ...] = ()
     metrics_num: int = 2000
     resume: str = ""
@@ -85,6 +86,8 @@ class TrainConfig:
                 raise TrainError(f"{f.name} must be a finite number, got {value}")
         if self.kimg <= 0:
             raise TrainError(f"--kimg must be positive, got {self.kimg}")
+        if self.minutes < 0:
+            raise TrainError(f"--minutes must be >= 0, got {self.minutes}")
         if self.aug not in ("ada", "noaug"):
             raise TrainError(f"--aug must be 'ada' or 'noaug', got {self.aug!r}")
         unknown = sorted(set(self.metrics) - {"fid", "kid"})

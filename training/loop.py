@@ -137,6 +137,9 @@ def init_from(path: str, G: Generator, G_ema: Generator, D: Discriminator, log: 
 
 
 # ----------------------------------------------------------------- the run
+FIRST_RATE_S = 30.0  # throughput is reported once over the first this many seconds
+
+
 class Trainer:
     """Holds networks, optimisers and state of one run; ``run()`` trains to ``cfg.kimg``."""
 
@@ -354,10 +357,24 @@ class Trainer:
         )
         acc: list[dict] = []
         t_tick, last = time.time(), {}
+        t_start, kimg_start, first_rate_logged = time.monotonic(), self.kimg, False
         while self.step < total:
             stats = self.train_step()
             acc.append(stats)
             bar.update(1)
+            elapsed = time.monotonic() - t_start
+            if not first_rate_logged and elapsed >= FIRST_RATE_S:
+                first_rate_logged = True
+                rate = (self.kimg - kimg_start) / elapsed
+                self.log(f"throughput: {rate:.3f} kimg/s over the first {elapsed:.0f} s")
+                self._log_record({"step": self.step, "first_kimg_per_s": rate, "seconds": elapsed})
+            if cfg.minutes > 0 and self._out_of_time(elapsed, cfg.minutes):
+                self.log(f"time budget of {cfg.minutes:g} min reached at {self.kimg:.2f} kimg; stopping cleanly")
+                if self.step % tick_steps and acc:
+                    last = self._tick(acc, time.time() - t_tick)
+                if master and self.step % snap_steps:
+                    self.snapshot()
+                break
             if self.step % tick_steps == 0 or self.step == total:
                 now = time.time()
                 last = self._tick(acc, now - t_tick)
@@ -373,6 +390,22 @@ class Trainer:
         bar.close()
         return last
 
+    def _out_of_time(self, elapsed: float, minutes: float) -> bool:
+        """Whether the run's wall-clock budget is spent; every rank gets rank 0's answer."""
+        over = elapsed >= minutes * 60
+        if self.world > 1:
+            import torch.distributed as dist
+
+            flag = torch.tensor([1.0 if over else 0.0], device=self.device)
+            dist.broadcast(flag, 0)
+            over = bool(flag.item())
+        return over
+
+    def _log_record(self, rec: dict) -> None:
+        if self.rank == 0:
+            with open(self.run_dir / "log.jsonl", "a") as f:
+                f.write(json.dumps(rec) + "\n")
+
     def _tick(self, acc: list[dict], seconds: float) -> dict:
         r1 = [a["r1"] for a in acc if a["r1"] is not None]
         rec = {
@@ -386,9 +419,7 @@ class Trainer:
             "real_sign": float(np.mean([a["real_sign"] for a in acc])),
             "augment_p": self.ada.p,
         }
-        if self.rank == 0:
-            with open(self.run_dir / "log.jsonl", "a") as f:
-                f.write(json.dumps(rec) + "\n")
+        self._log_record(rec)
         return rec
 
     def _metrics(self) -> None:

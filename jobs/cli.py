@@ -44,6 +44,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--size", metavar="WxH", help="canvas WIDTHxHEIGHT in pixels (or N for square)")
     g.add_argument("--scale", type=float, metavar="S", help="square canvas of int(R*S) pixels, R = training resolution")
     g.add_argument("--view", metavar="Y0,Y1,X0,X1", help="coordinate window (default 0,1,0,1)")
+    add_warp_arguments(g)
     g = p.add_argument_group("output")
     g.add_argument("--out", metavar="URL", help="store path or fsspec URL (default out/<name>.zarr)")
     g.add_argument("--name", help="job name (default demo)")
@@ -74,6 +75,33 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="then check every tile against its marker's crc32 and re-render bad ones (see `render.py verify`)",
     )
+
+
+WARP_HELP = (
+    "map the {} coordinates: shift:d, scale:s[,c], mirror[:c], sine:amp,freq[,phase], barrel:k[,c,r]; "
+    "repeat the flag (or join with ';') to chain (see docs/experiments.md)"
+)
+
+
+def add_warp_arguments(g: argparse._ArgumentGroup | argparse.ArgumentParser) -> None:
+    """``--warp-rows`` / ``--warp-cols`` (repeatable), shared by the render and video commands."""
+    g.add_argument("--warp-rows", action="append", metavar="WARP", help=WARP_HELP.format("row"))
+    g.add_argument("--warp-cols", action="append", metavar="WARP", help=WARP_HELP.format("column"))
+
+
+def warp_flags(args: argparse.Namespace) -> dict[str, str]:
+    """The warp fields given on the command line, in canonical text (JobSpecError when bad)."""
+    from creps import warp
+
+    out = {}
+    for name in ("warp_rows", "warp_cols"):
+        given = getattr(args, name, None)
+        if given is not None:
+            try:
+                out[name] = warp.canonical(given)
+            except ValueError as e:
+                raise JobSpecError(f"--{name.replace('_', '-')}: {e}") from None
+    return out
 
 
 FLAG_FIELDS = (
@@ -108,6 +136,7 @@ def spec_from_args(args: argparse.Namespace) -> JobSpec:
         over["view"] = parse_view(args.view)
     if args.storage_options is not None:
         over["storage_options"] = parse_storage_options(args.storage_options)
+    over.update(warp_flags(args))
     if args.job:
         return JobSpec.from_toml(args.job, over)
     return JobSpec.from_dict(over)

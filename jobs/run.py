@@ -119,6 +119,8 @@ class Prepared:
             view=s.view,
             chunk=s.tile,
             tile_side=s.tile * s.shard,
+            warp_rows=s.warp_rows,
+            warp_cols=s.warp_cols,
         )
 
     def line_shape(self) -> LineShape:
@@ -130,10 +132,10 @@ def prepare(spec: JobSpec) -> Prepared:
     """Check the checkpoint and canvas without loading weights or touching the output."""
     cfg = creps.read_config(spec.checkpoint, init_seed=spec.init_seed)
     sha = creps.checkpoint_hash(spec.checkpoint, spec.init_seed)
-    spec = spec.resolved(cfg.resolution)
+    spec = spec.resolved(cfg.image_size)
     y0, y1, x0, x1 = spec.view
     try:
-        creps.Canvas(spec.height, spec.width, y=(y0, y1), x=(x0, x1))
+        creps.Canvas(spec.height, spec.width, y=(y0, y1), x=(x0, x1), warp_rows=spec.warp_rows, warp_cols=spec.warp_cols)
     except ValueError as e:
         raise JobSpecError(str(e)) from None
     return Prepared(spec, cfg, sha, job_plan(spec))

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from creps import Generator
+from creps import Generator, GeneratorConfig
 
 from .augment import AdaController, augment
 from .config import TrainConfig
@@ -122,7 +122,8 @@ def init_from(path: str, G: Generator, G_ema: Generator, D: Discriminator, log: 
             f"--resume {path}: generator shapes differ from preset/resolution "
             f"(checkpoint blocks {','.join(blocks) or '?'}, ours {','.join(want)}; "
             f"{len(missing)} missing, {len(wrong)} mismatched, e.g. {(missing + wrong)[0]}); "
-            "use the checkpoint's preset and resolution"
+            "use the checkpoint's preset, variant and resolution, or give --resolution explicitly "
+            "to transfer the checkpoint to that resolution (its coordinate vectors get longer)"
         )
     for k in skip:
         src_g[k] = ours[k]
@@ -134,6 +135,15 @@ def init_from(path: str, G: Generator, G_ema: Generator, D: Discriminator, log: 
         log(f"initialised G, G_ema and D from {path}")
     else:
         log(f"initialised G and G_ema from {path} (D starts fresh)")
+
+
+def resume_generator_config(path: str) -> GeneratorConfig:
+    """The generator config of a ``--resume`` source: a training checkpoint's, or a generator file's."""
+    if is_training_checkpoint(path):
+        return GeneratorConfig.from_dict(read_checkpoint(path).meta["config"]["generator"])
+    from creps.checkpoint import read_config
+
+    return read_config(path)  # CheckpointError (a UserError) naming the file when it is not one
 
 
 # ----------------------------------------------------------------- the run
@@ -156,7 +166,9 @@ class Trainer:
         self.log = log or (lambda s: print(s, file=sys.stderr) if self.rank == 0 else None)
         self.ds = dataset or open_dataset(cfg.data, cfg.resolution, cfg.seed)
         self.ds.seed = cfg.seed
-        cfg = cfg.resolve(self.ds.resolution)
+        # An explicit --resolution with --resume may be a resolution transfer (TrainConfig.resolve).
+        transfer_from = resume_generator_config(cfg.resume) if cfg.resume and cfg.resolution else None
+        cfg = cfg.resolve(self.ds.resolution, transfer_from)
         if cfg.batch % self.world:
             raise TrainError(f"--batch {cfg.batch} is not divisible by {self.world} processes")
         self.run_dir = Path(run_dir)

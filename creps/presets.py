@@ -24,6 +24,7 @@ BILINES = ("all", "last")
 # Fields that are not in the official configuration, with the value that means "as official".
 EXTENSIONS: dict[str, Any] = {"decoders": "multiple", "bilines": "all", "size": 0}
 
+
 @dataclass(frozen=True)
 class GeneratorConfig:
     """Shape and constants of a CREPS generator.
@@ -67,7 +68,9 @@ class GeneratorConfig:
         if self.bilines not in BILINES:
             raise ValueError(f"bilines must be one of {', '.join(BILINES)}, got {self.bilines!r}")
         if self.bilines == "last" and self.decoders != "none":
-            raise ValueError("bilines='last' fuses one bi-line, so there is no decoder between blocks: use decoders='none'")
+            raise ValueError(
+                "bilines='last' fuses one bi-line, so there is no decoder between blocks: use decoders='none'"
+            )
         if not isinstance(self.size, int) or isinstance(self.size, bool) or not 0 <= self.size <= 2**20:
             raise ValueError(f"size must be 0 (= resolution) or a canvas side in 1..2^20, got {self.size!r}")
 

@@ -91,9 +91,11 @@ def lanczos_resize(img: np.ndarray, height: int, width: int) -> np.ndarray:
     from PIL import Image
 
     chans = [
-        np.asarray(Image.fromarray(np.ascontiguousarray(img[:, :, c], dtype=np.float32), mode="F").resize(
-            (width, height), Image.Resampling.LANCZOS
-        ))
+        np.asarray(
+            Image.fromarray(np.ascontiguousarray(img[:, :, c], dtype=np.float32), mode="F").resize(
+                (width, height), Image.Resampling.LANCZOS
+            )
+        )
         for c in range(img.shape[2])
     ]
     return np.stack(chans, axis=2).astype(np.float64)

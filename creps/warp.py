@@ -113,7 +113,9 @@ def parse(text: str | Sequence[str]) -> tuple[Step, ...]:
             name = name.strip().lower()
             kind = WARPS.get(name)
             if kind is None:
-                raise ValueError(f"unknown warp {name!r} in {item!r}; known: {', '.join(k.usage for k in WARPS.values())}")
+                raise ValueError(
+                    f"unknown warp {name!r} in {item!r}; known: {', '.join(k.usage for k in WARPS.values())}"
+                )
             try:
                 args = [float(a) for a in rest.split(",")] if rest.strip() else []
             except ValueError:

@@ -135,7 +135,9 @@ def prepare(spec: JobSpec) -> Prepared:
     spec = spec.resolved(cfg.image_size)
     y0, y1, x0, x1 = spec.view
     try:
-        creps.Canvas(spec.height, spec.width, y=(y0, y1), x=(x0, x1), warp_rows=spec.warp_rows, warp_cols=spec.warp_cols)
+        creps.Canvas(
+            spec.height, spec.width, y=(y0, y1), x=(x0, x1), warp_rows=spec.warp_rows, warp_cols=spec.warp_cols
+        )
     except ValueError as e:
         raise JobSpecError(str(e)) from None
     return Prepared(spec, cfg, sha, job_plan(spec))

@@ -53,11 +53,12 @@ class Canvas:
         else:
             i = torch.arange(n, dtype=torch.float64)
             t = lo + (hi - lo) * i / (n - 1)
-        if warp_text:
-            t = warp.apply(warp_text, t)
-            if not bool(torch.isfinite(t).all()):
-                raise ValueError(f"warp {warp_text!r} gives non-finite coordinates on this canvas")
-        return t.to(torch.float32)
+        if not warp_text:
+            return t.to(torch.float32)
+        out = warp.apply(warp_text, t).to(torch.float32)
+        if not bool(torch.isfinite(out).all()):
+            raise ValueError(f"warp {warp_text!r} gives coordinates beyond float32 on this canvas")
+        return out
 
     def row_coords(self) -> torch.Tensor:
         return self._coords(self.height, *self.y, self.warp_rows)

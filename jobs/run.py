@@ -135,9 +135,11 @@ def prepare(spec: JobSpec) -> Prepared:
     spec = spec.resolved(cfg.image_size)
     y0, y1, x0, x1 = spec.view
     try:
-        creps.Canvas(
+        canvas = creps.Canvas(
             spec.height, spec.width, y=(y0, y1), x=(x0, x1), warp_rows=spec.warp_rows, warp_cols=spec.warp_cols
         )
+        if spec.warp_rows or spec.warp_cols:  # a warp may overflow float32 somewhere: find out before any work
+            canvas.row_coords(), canvas.col_coords()
     except ValueError as e:
         raise JobSpecError(str(e)) from None
     return Prepared(spec, cfg, sha, job_plan(spec))

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
+from test_training_e2e import config, make_images
 
 import creps
 from creps import Canvas, Generator, GeneratorConfig, preset
-from test_training_e2e import config, make_images
 from training import TrainError
 from training.dataset import build_dataset
 from training.loop import Trainer

@@ -94,7 +94,9 @@ def test_warped_tiles_are_bit_exact_crops(tiny: Generator):
     ws = tiny.ws(tiny.z_from_seed(7), psi=0.9)
     for _ in range(8):
         h, w = rng.randint(1, 120), rng.randint(1, 120)
-        cv = Canvas(h, w, y=(rng.uniform(-1, 0), rng.uniform(1, 2)), warp_rows=rng.choice(warps), warp_cols=rng.choice(warps))
+        cv = Canvas(
+            h, w, y=(rng.uniform(-1, 0), rng.uniform(1, 2)), warp_rows=rng.choice(warps), warp_cols=rng.choice(warps)
+        )
         r0, c0 = rng.randrange(h), rng.randrange(w)
         rows, cols = (r0, rng.randint(r0 + 1, h)), (c0, rng.randint(c0 + 1, w))
         full = tiny.render(ws, cv, pixel_block=256)
@@ -118,9 +120,10 @@ def test_job_spec_warps_identity_and_flags():
     assert "warp_rows" not in plain.identity()  # stores rendered before warps keep their identity
     spec = JobSpec(checkpoint="preset:tiny", out="memory://w/a.zarr", warp_rows="mirror", warp_cols="sine:0.1,2")
     assert spec.identity()["warp_rows"] == "mirror:0.5" and spec.identity()["warp_cols"] == "sine:0.1,2,0"
-    assert JobSpec(checkpoint="preset:tiny", out="x", warp_rows="mirror:0.5").identity() == JobSpec(
-        checkpoint="preset:tiny", out="x", warp_rows="mirror"
-    ).identity()
+    assert (
+        JobSpec(checkpoint="preset:tiny", out="x", warp_rows="mirror:0.5").identity()
+        == JobSpec(checkpoint="preset:tiny", out="x", warp_rows="mirror").identity()
+    )
     with pytest.raises(JobSpecError, match="warp_cols: unknown warp"):
         JobSpec(checkpoint="preset:tiny", out="x", warp_cols="rotate:30")
     import render

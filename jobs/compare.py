@@ -31,6 +31,7 @@ from .spec import default_checkpoint, parse_view
 
 MARGIN = 8  # px around and between the panels
 LABEL = 30  # px of the two label lines above each panel
+MIN_COLUMN = 132  # px: a column is at least this wide, so the labels of small crops still fit
 MAX_PANEL_PX = 16_000_000  # a crop larger than this (per panel) is refused: the picture would not open anywhere
 
 
@@ -123,18 +124,19 @@ def picture(cmp: Comparison, scale: float, magnify: int = 1) -> np.ndarray:
 
     h, w = cmp.creps.shape[:2]
     ph, pw = h * magnify, w * magnify
+    col = max(pw, MIN_COLUMN)
     height, width = picture_size(h, w, magnify)
     img = Image.new("RGB", (width, height), (255, 255, 255))
     draw = ImageDraw.Draw(img)
     hf = cmp.highfreq
     panels = (
-        (cmp.lanczos, f"Lanczos x{scale:g} of the {cmp.resolution}px render", hf["lanczos"]),
-        (cmp.creps, f"CREPS rendered at {cmp.size}px", hf["creps"]),
+        (cmp.lanczos, f"Lanczos x{scale:g} of {cmp.resolution} px", hf["lanczos"]),
+        (cmp.creps, f"CREPS at {cmp.size} px", hf["creps"]),
     )
     for i, (pixels, title, share) in enumerate(panels):
-        x = MARGIN + i * (pw + MARGIN)
+        x = MARGIN + i * (col + MARGIN)
         draw.text((x, MARGIN - 4), title, fill=(0, 0, 0))
-        draw.text((x, MARGIN + LABEL // 2 - 4), f"power above Nyquist/2: {100 * share:.2f} %", fill=(60, 60, 60))
+        draw.text((x, MARGIN + LABEL // 2 - 4), f"above Nyquist/2: {100 * share:.2f} %", fill=(60, 60, 60))
         panel = Image.fromarray(pixels).resize((pw, ph), Image.Resampling.NEAREST)
         img.paste(panel, (x, MARGIN + LABEL))
     return np.asarray(img)
@@ -142,7 +144,7 @@ def picture(cmp: Comparison, scale: float, magnify: int = 1) -> np.ndarray:
 
 def picture_size(h: int, w: int, magnify: int = 1) -> tuple[int, int]:
     """(height, width) of the picture for crops of h x w pixels."""
-    return MARGIN + LABEL + h * magnify + MARGIN, MARGIN + 2 * w * magnify + 2 * MARGIN
+    return MARGIN + LABEL + h * magnify + MARGIN, MARGIN + 2 * max(w * magnify, MIN_COLUMN) + 2 * MARGIN
 
 
 def write_png(pixels: np.ndarray, out: str) -> None:

@@ -113,6 +113,11 @@ def test_a_warp_renders_the_warped_image(tiny: Generator):
     assert torch.allclose(mirrored, img.flip(3), atol=1e-5)
     shifted = tiny.render(ws, Canvas(33, 41, warp_rows="shift:0.25"))
     assert torch.allclose(shifted, tiny.render(ws, Canvas(33, 41, y=(0.25, 1.25))), atol=1e-5)
+    # docs/experiments.md: 180 degrees is two mirrors; 90 degrees is a mirrored render, transposed
+    both = tiny.render(ws, Canvas(33, 41, warp_rows="mirror", warp_cols="mirror"))
+    assert torch.allclose(both, torch.rot90(img, 2, dims=(2, 3)), atol=1e-5)
+    quarter = mirrored.transpose(2, 3)
+    assert quarter.shape[2:] == (41, 33) and torch.allclose(quarter, torch.rot90(img, 1, dims=(2, 3)), atol=1e-5)
 
 
 def test_job_spec_warps_identity_and_flags():

@@ -189,6 +189,13 @@ def test_resolution_transfer_resumes_at_twice_the_resolution(dataset, tmp_path):
     # re-running the same command continues the run (same resolved config)
     again = Trainer(config(ds64, 0.016, resolution=64, resume=ck), str(tmp_path / "r64"), log=lambda s: None)
     assert again.step == 2 and again.cfg.gen == t.cfg.gen
+    # a transferred model fine-tunes further at its own size (its architecture, not the preset's at 64)
+    more = Trainer(
+        config(ds64, 0.004, resolution=64, resume=str(tmp_path / "r64" / "G_ema.safetensors")),
+        str(tmp_path / "r64more"),
+        log=lambda s: None,
+    )
+    assert more.cfg.gen == t.cfg.gen
     # the architecture comes from the checkpoint
     with pytest.raises(TrainError, match="keeps the checkpoint's architecture; drop rank"):
         Trainer(config(ds64, 0.008, resolution=64, resume=ck, rank=2), str(tmp_path / "r64b"), log=lambda s: None)

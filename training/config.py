@@ -148,7 +148,8 @@ class TrainConfig:
         this is a resolution transfer, and the generator is that architecture
         (its blocks, rank, decoders) rendering a ``--resolution`` canvas of the
         same coordinate window: the coordinate vectors get longer, no weight
-        changes shape.
+        changes shape.  A checkpoint that is itself a transfer (``size`` set)
+        keeps its architecture too, so it can be fine-tuned further.
         """
         res = self.resolution or dataset_resolution
         if res != dataset_resolution:
@@ -157,7 +158,7 @@ class TrainConfig:
                 f"rebuild it with `train.py dataset SRC DEST --resolution {res}`"
             )
         try:
-            if transfer_from is not None and transfer_from.image_size != res:
+            if transfer_from is not None and (transfer_from.image_size != res or transfer_from.size):
                 differing = {k: v for k, v in self.variant().items() if getattr(transfer_from, k) != v}
                 if differing:
                     raise TrainError(

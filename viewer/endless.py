@@ -110,10 +110,10 @@ class RayEngine:
     """``workers`` Ray actors (embedded Ray, or the cluster at ``address``), one scheduler thread each."""
 
     def __init__(self, spec: ImageSpec, fmt: str, quality: int, workers: int, address: str | None, device: str) -> None:
+        import ray
+
         from renderer.errors import RendererError
         from renderer.pool import start_ray  # imports ray: only when a pool is asked for
-
-        import ray
 
         self.fmt, self.quality, self.device, self.address = fmt, quality, device, address
         try:
@@ -121,8 +121,8 @@ class RayEngine:
         except RendererError as e:
             raise ViewerError(str(e)) from None
         gpus = 1 if device == "cuda" else 0
-        actor = ray.remote(TileWorker).options(num_cpus=1, num_gpus=gpus, max_restarts=2, max_task_retries=2)
-        self.actors = [actor.remote(spec, device, 1) for _ in range(workers)]
+        actor: Any = ray.remote(TileWorker).options(num_cpus=1, num_gpus=gpus, max_restarts=2, max_task_retries=2)
+        self.actors: list[Any] = [actor.remote(spec, device, 1) for _ in range(workers)]
         try:
             ray.get([a.ready.remote() for a in self.actors], timeout=RAY_START_TIMEOUT_S)
         except Exception as e:
@@ -243,7 +243,9 @@ class EndlessTiles:
         }
 
     # ------------------------------------------------------------ tiles
-    def tile(self, level: int, col: int, row: int, client: str = "", alive: Callable[[], bool] = lambda: True) -> bytes | None:
+    def tile(
+        self, level: int, col: int, row: int, client: str = "", alive: Callable[[], bool] = lambda: True
+    ) -> bytes | None:
         """Encoded tile bytes; None when the client went away before it was rendered.
 
         ViewerError (404) for a tile outside the pyramid, before any work;
@@ -359,7 +361,9 @@ def open_endless(
     if scale is not None:
         n = int(cfg.resolution * scale) if scale > 0 else 0
         if not 1 <= n <= MAX_SIDE:
-            raise ViewerError(f"--scale {scale} gives a {n}x{n} canvas at resolution {cfg.resolution}; sides must be 1..2^20")
+            raise ViewerError(
+                f"--scale {scale} gives a {n}x{n} canvas at resolution {cfg.resolution}; sides must be 1..2^20"
+            )
         width = height = n
     width = MAX_SIDE if width is None else width
     height = MAX_SIDE if height is None else height

@@ -32,9 +32,9 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import json
-import secrets
 import os
 import re
+import secrets
 import socket
 import urllib.parse
 import xml.etree.ElementTree as ET

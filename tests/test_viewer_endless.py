@@ -393,3 +393,24 @@ def test_ray_actor_renders_the_same_tiles(render_ray):
     finally:
         remote.close()
         local.close()
+
+
+def test_render_py_ends_with_the_endless_zoom_command(render_ray, tmp_path, capsys):
+    """The default job's last lines: today's view command, then the endless one, which is a valid command."""
+    import shlex
+
+    from conftest import tiny_job
+    from jobs import cli as jobs_cli
+    from jobs.run import run_job
+
+    spec = tiny_job(str(tmp_path / "demo.zarr"), height=64, width=64, tile=64)
+    assert run_job(spec, progress=False).status == "done"
+    jobs_cli._exports(spec.out, {})
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-2].startswith("view it: ") and "render.py view " in lines[-2] and lines[-2].endswith(".dzi")
+    assert lines[-1].startswith("endless zoom: ") and "default.safetensors" in lines[-1]
+    argv = shlex.split(lines[-1].split("render.py view ", 1)[1])
+    opts = cli.endless_options(parse(argv), None)
+    assert (opts["width"], opts["height"], opts["view"]) == (SIDE, SIDE, VIEW)
+    assert os.path.samefile(parse(argv).checkpoint, BUNDLED)  # relative to where render.py runs
+    )

@@ -413,4 +413,3 @@ def test_render_py_ends_with_the_endless_zoom_command(render_ray, tmp_path, caps
     opts = cli.endless_options(parse(argv), None)
     assert (opts["width"], opts["height"], opts["view"]) == (SIDE, SIDE, VIEW)
     assert os.path.samefile(parse(argv).checkpoint, BUNDLED)  # relative to where render.py runs
-    )

@@ -400,6 +400,7 @@ def test_render_py_ends_with_the_endless_zoom_command(render_ray, tmp_path, caps
     import shlex
 
     from conftest import tiny_job
+
     from jobs import cli as jobs_cli
     from jobs.run import run_job
 

@@ -34,6 +34,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
 import numpy as np
@@ -226,6 +227,7 @@ class TileMaker:
         self.lines = LineCache(line_cache_bytes, store)
         self._coords: dict[tuple[int, str], torch.Tensor] = {}
         self._coords_lock = threading.Lock()
+        self._helpers = ThreadPoolExecutor(4, thread_name_prefix="tile-lines")
         with torch.no_grad():
             z = G.z_from_seed(spec.seed).to(device)
             self.ws = G.ws(z, spec.psi)
@@ -261,8 +263,10 @@ class TileMaker:
     def pixels(self, level: int, col: int, row: int) -> np.ndarray:
         """uint8 (3, h, w) of one DZI tile (overlap included), exactly as a render writes them."""
         y0, y1, x0, x1 = self.spec.check_tile(level, col, row)
-        R = self.line_range(level, "row", y0, y1)
+        # Row and column lines are independent: on a cold tile they take two cores instead of one.
+        rows = self._helpers.submit(self.line_range, level, "row", y0, y1)
         C = self.line_range(level, "col", x0, x1)
+        R = rows.result()
         with torch.no_grad():
             img = self.G.pixels(self.ws, R, C, pixel_block=self.spec.pixel_block, weights=self._pixel_weights)
             if not bool(torch.isfinite(img).all()):

@@ -85,7 +85,7 @@
   function currentLevel() {
     const z = imageZoom();
     if (z === null) return null;
-    const level = topLevel() + Math.ceil(Math.log2(z * (window.devicePixelRatio || 1)) - 1e-9);
+    const level = topLevel() + Math.ceil(Math.log2(z * (window.devicePixelRatio || 1)) - 0.01);  // 0.01: float drift
     return Math.max(0, Math.min(topLevel(), level));
   }
 

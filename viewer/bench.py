@@ -151,12 +151,61 @@ def browser_zoom(device: str, steps: int = 10, start_level: int = 10) -> dict[st
     return out
 
 
+def picture(path: str, side: int = 2048, k: int = 3, span: float = 32.0, crop: int = 160, zoom: int = 2) -> dict:
+    """docs/endless_levels.png: a coarse level rendered on demand next to the same level of a 2x2-mean pyramid.
+
+    The bundled model on a ``side``² canvas over (0, span) x (0, span); level
+    ``k`` below full resolution (side / 2**k px) rendered directly on its
+    canvas, and made by ``k`` rounds of renderer.pyramid's 2x2 mean of the
+    full-resolution render; a ``crop``² corner of each, magnified ``zoom``x,
+    with their absolute difference x4. Returns the mean and max absolute
+    difference per level 1..k.
+    """
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    from renderer.pyramid import downsample
+
+    G = creps.load(BUNDLED)
+    z = G.z_from_seed(0)
+    window = {"y": (0.0, span), "x": (0.0, span)}
+    with torch.no_grad():
+        full = creps.to_uint8(G.render(z, creps.Canvas(side, side, **window)))[0].numpy()
+    mean, diffs = full, {}
+    for level in range(1, k + 1):
+        mean = downsample(mean)
+        n = side // 2**level
+        with torch.no_grad():
+            direct = creps.to_uint8(G.render(z, creps.Canvas(n, n, **window)))[0].numpy()
+        d = np.abs(direct.astype(np.int16) - mean.astype(np.int16))
+        diffs[level] = {"mean_abs": round(float(d.mean()), 2), "max_abs": int(d.max())}
+    diff = np.clip(np.abs(direct.astype(np.int16) - mean.astype(np.int16)) * 4, 0, 255).astype(np.uint8)
+    panels = [a[:, :crop, :crop] for a in (direct, mean, diff)]
+    gap, label_h = 8, 22
+    width = 3 * crop * zoom + 2 * gap
+    out = Image.new("RGB", (width, crop * zoom + label_h), (17, 17, 17))
+    draw = ImageDraw.Draw(out)
+    labels = ("rendered on demand (this viewer)", "2x2-mean pyramid (render + assemble)", "|difference| x 4")
+    for i, (a, text) in enumerate(zip(panels, labels)):
+        img = Image.fromarray(np.ascontiguousarray(a.transpose(1, 2, 0))).resize((crop * zoom,) * 2, Image.NEAREST)
+        x = i * (crop * zoom + gap)
+        out.paste(img, (x, label_h))
+        draw.text((x + 4, 5), text, fill=(230, 230, 230))
+    out.save(path, optimize=True)
+    print(f"{path}: level -{k} of a {side}² canvas over (0, {span})²; |direct - 2x2 mean| per level: {diffs}")
+    return diffs
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m viewer.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default="bundled,ffhq512", help="comma-separated: bundled, ffhq512")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--no-browser", action="store_true", help="skip the zoom in Chromium")
+    p.add_argument("--picture", metavar="PNG", help="only write the docs picture (on-demand vs 2x2-mean level)")
     args = p.parse_args(argv)
+    if args.picture:
+        picture(args.picture)
+        return 0
     machine = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
     if args.device == "cuda":
         machine += f", {torch.cuda.get_device_name(0)}"

@@ -96,7 +96,7 @@ class TileWorker:
         if threads > 0:
             torch.set_num_threads(threads)
         if device == "cuda" and not torch.cuda.is_available():
-            device = "cpu"
+            raise ViewerError(f"--device cuda: no CUDA device is visible to the Ray worker on {os.uname().nodename}")
         self.maker = TileMaker(creps.load(spec.checkpoint, init_seed=spec.init_seed, device=device), spec, device)
 
     def ready(self) -> int:

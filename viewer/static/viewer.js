@@ -51,6 +51,14 @@
     if (e.tile && e.tile.getUrl) hooks.tileUrls.push(e.tile.getUrl());
   });
   viewer.addHandler("open-failed", (e) => status("could not open the image: " + (e.message || "error")));
+  // OSD marks a tile that failed as missing for good; a tile the endless page gave up while parked (or
+  // that waited past OSD's timeout) is not missing: let OSD request it again when it is needed.
+  viewer.addHandler("tile-load-failed", (e) => {
+    const msg = String(e.message || "");
+    if (loader.enabled && (msg === PARKED || msg.includes("exceeded timeout"))) {
+      setTimeout(() => { e.tile.exists = true; e.tile.loading = false; }, 0);
+    }
+  });
   viewer.addHandler("animation", () => { showView(); loader.pump(); });
   viewer.addHandler("animation-finish", () => { showView(); saveHashView(); loader.pump(); });
 
@@ -127,8 +135,10 @@
   }
 
   // ------------------------------------------------------------ endless mode: the page's tile loader
+  const PARKED = "[endless] parked too long";
   const loader = {
     LIMIT: 4,
+    PARK_MAX: 1000,
     enabled: false,
     queue: [],            // OSD image jobs not fetched yet (wanted or parked)
     inflight: new Map(),  // job -> AbortController
@@ -179,6 +189,13 @@
           this.queue.push(job);
           hooks.abandoned += 1;
         }
+      }
+      // Bound the parked jobs (a long tour leaves many behind): give up the oldest; their tiles are
+      // revived below, so OSD asks for them again if they come back on screen.
+      while (this.queue.length > this.PARK_MAX) {
+        const job = this.queue.shift();
+        job.tries = 1 + viewer.tileRetryMax;  // no automatic retry: revived on demand instead
+        job.fail(PARKED, null);
       }
       while (this.inflight.size < this.LIMIT) {
         let best = -1;

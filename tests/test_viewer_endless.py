@@ -78,9 +78,9 @@ def wait_until(predicate, what: str, timeout: float = 60.0) -> None:
         time.sleep(0.01)
 
 
-def send_raw(server, path: str) -> socket.socket:
-    """A connection that has sent one GET and not read the answer yet."""
-    s = socket.create_connection(("127.0.0.1", server.server_address[1]), timeout=60)
+def send_raw(server, path: str, source: str = "127.0.0.1") -> socket.socket:
+    """A connection (from ``source``, another loopback address = another client) that sent one GET."""
+    s = socket.create_connection(("127.0.0.1", server.server_address[1]), timeout=60, source_address=(source, 0))
     s.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode())
     return s
 
@@ -255,10 +255,16 @@ def test_bounded_queue_and_per_client_cap_answer_503():
             wait_until(lambda: src.scheduler.counts()["queued"] == 2, "two queued requests")
             status, hdr, body = get(server, f"/image_files/{TOP}/5_0.png")
             assert status == 503 and hdr["Retry-After"] == "1" and b"at most 2" in body
+            # Another client still gets in, until the queue itself is full (3).
+            waiting.append(send_raw(server, f"/image_files/{TOP}/2_0.png", source="127.0.0.2"))
+            wait_until(lambda: src.scheduler.counts()["queued"] == 3, "the other client's request")
+            full = send_raw(server, f"/image_files/{TOP}/3_0.png", source="127.0.0.2")
+            status, body = read_raw(full)
+            assert status == 503 and b"3 waiting" in body
             # The page, the DZI and the metadata never wait behind tiles.
             assert get(server, "/")[0] == 200 and get(server, "/image.dzi")[0] == 200
-            assert json.loads(get(server, "/api/info")[2])["endless"]["queued"] == 2
-        assert [read_raw(s)[0] for s in waiting] == [200, 200]
+            assert json.loads(get(server, "/api/info")[2])["endless"]["queued"] == 3
+        assert [read_raw(s)[0] for s in waiting] == [200, 200, 200]
 
 
 @pytest.mark.parametrize(

@@ -186,8 +186,10 @@ def picture(path: str, side: int = 2048, k: int = 3, span: float = 32.0, crop: i
     out = Image.new("RGB", (width, crop * zoom + label_h), (17, 17, 17))
     draw = ImageDraw.Draw(out)
     labels = ("rendered on demand (this viewer)", "2x2-mean pyramid (render + assemble)", "|difference| x 4")
-    for i, (a, text) in enumerate(zip(panels, labels)):
-        img = Image.fromarray(np.ascontiguousarray(a.transpose(1, 2, 0))).resize((crop * zoom,) * 2, Image.NEAREST)
+    for i, (a, text) in enumerate(zip(panels, labels, strict=True)):
+        img = Image.fromarray(np.ascontiguousarray(a.transpose(1, 2, 0))).resize(
+            (crop * zoom,) * 2, Image.Resampling.NEAREST
+        )
         x = i * (crop * zoom + gap)
         out.paste(img, (x, label_h))
         draw.text((x + 4, 5), text, fill=(230, 230, 230))

@@ -87,12 +87,20 @@ class TileCache:
             found = self.fs.find(self.root, detail=True) if self.fs.exists(self.root) else {}
         except Exception as e:  # unreachable endpoint, bad credentials, a file where the folder should be
             raise ViewerError(f"cannot use {url!r} as the tile cache: {first_line(e)}") from None
-        entries = []
+        entries, leftovers = [], []
         for path, info in found.items():
             rel = str(path)[len(self.root) + 1 :]
-            if not rel or os.path.basename(rel).startswith(".") or info.get("type") == "directory":
-                continue  # temp files of interrupted writes are not entries
+            if not rel or info.get("type") == "directory":
+                continue
+            if os.path.basename(rel).startswith("."):
+                leftovers.append(str(path))  # the temp file of a write that was interrupted
+                continue
             entries.append((_mtime(info), rel, int(info.get("size") or 0)))
+        if leftovers:
+            try:
+                self.fs.rm(leftovers)
+            except Exception:
+                pass  # a later start tries again
         for _, rel, size in sorted(entries):
             self._index[rel] = size
             self.bytes += size

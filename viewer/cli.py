@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import argparse
 import math
+import signal
+import threading
 import webbrowser
 from typing import Any
 
@@ -171,6 +173,10 @@ def endless_options(args: argparse.Namespace, storage_options: dict | None) -> d
     )
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
 @command()
 def run(args: argparse.Namespace) -> int:
     options = parse_storage_options(args.storage_options, ViewerError)
@@ -208,6 +214,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"rendering: {source.engine.describe()}; tile cache: {cache}", flush=True)
     if args.open:
         webbrowser.open(url)
+    # SIGTERM (a service manager, `kill`) stops like Ctrl-C: the cache writes still queued are finished.
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _interrupt) if main else None
     try:
         server.serve_forever()
     except KeyboardInterrupt:
@@ -215,4 +224,6 @@ def run(args: argparse.Namespace) -> int:
     finally:
         server.server_close()
         server.close_source()
+        if main:
+            signal.signal(signal.SIGTERM, previous)
     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import re
 import threading
@@ -10,10 +11,13 @@ import time
 
 import numpy as np
 import pytest
+import torch
+from PIL import Image
 
+import creps
 from renderer.store import open_store
 from viewer.server import make_server, open_source
-from viewer.tiles import max_level
+from viewer.tiles import max_level, tile_bounds
 
 CHROMIUM = "/usr/bin/chromium"
 if not os.path.exists(CHROMIUM):
@@ -189,7 +193,7 @@ def serving_endless(**kw):
 
 def test_endless_zoom_from_the_whole_view_to_the_deepest_level(browser, tmp_path):
     """A 1048576² canvas of the bundled model: every level visited draws detailed, non-black tiles."""
-    with serving_endless(cache_url=str(tmp_path / "cache"), fmt="jpeg") as server:
+    with serving_endless(cache_url=str(tmp_path / "cache"), fmt="png") as server:
         page = browser.new_page(viewport={"width": 900, "height": 600})
         errors: list[str] = []
         page.on("pageerror", lambda e: errors.append(str(e)))
@@ -198,11 +202,14 @@ def test_endless_zoom_from_the_whole_view_to_the_deepest_level(browser, tmp_path
         page.wait_for_function(SETTLED, timeout=120000)
         # Pending areas are drawn as such (a hatched fill), never left black, even before a tile arrives.
         assert page.evaluate("() => typeof viewer.world.getItemAt(0).placeholderFillStyle") == "function"
-        levels = [page.evaluate("() => window.creps.level")]
+        levels = [page.evaluate("() => window.creps.currentLevel()")]
         while levels[-1] < 20:
             page.evaluate("() => { viewer.viewport.zoomBy(4, null, true); viewer.viewport.applyConstraints(true); }")
+            # The next frame notices the zoom: wait for the new level's first tile, then for the view to settle.
+            drawn = "() => { const l = window.creps.currentLevel(); return window.creps.tileStats.some(t => t.level === l); }"
+            page.wait_for_function(drawn, timeout=120000)
             page.wait_for_function(SETTLED, timeout=120000)
-            levels.append(page.evaluate("() => window.creps.level"))
+            levels.append(page.evaluate("() => window.creps.currentLevel()"))
         assert levels[0] <= 11 and levels[-1] == 20 and len(levels) >= 5, levels
         stats = page.evaluate("() => window.creps.tileStats")
         by_level: dict[int, list[dict]] = {}
@@ -214,6 +221,18 @@ def test_endless_zoom_from_the_whole_view_to_the_deepest_level(browser, tmp_path
             big = [t for t in tiles if min(t["w"], t["h"]) >= 16]  # 1-8 px tiles of the top levels are flat
             assert all(t["black"] == 0 and t["mean"] > 20 for t in tiles), (level, tiles)
             assert all(t["std"] > 1.0 for t in big), (level, [t["std"] for t in big])
+        # A deepest-level tile the page drew, fetched as PNG, is exactly the creps API's pixels for that crop.
+        url = next(t["url"] for t in stats if t["level"] == 20 and min(t["w"], t["h"]) == 256)
+        level, col, row = (int(v) for v in re.search(r"_files/(\d+)/(\d+)_(\d+)\.png", url).groups())
+        got = np.asarray(
+            Image.open(io.BytesIO(page.request.get(server.url.rstrip("/") + url).body())).convert("RGB")
+        ).transpose(2, 0, 1)
+        y0, y1, x0, x1 = tile_bounds(2**20, 2**20, level, col, row)
+        G = creps.load(BUNDLED)
+        canvas = creps.Canvas(2**20, 2**20, y=(0.0, 1024.0), x=(0.0, 1024.0))
+        with torch.no_grad():
+            ref = creps.to_uint8(G.render(G.z_from_seed(0), canvas, (y0, y1), (x0, x1)))[0].numpy()
+        np.testing.assert_array_equal(got, ref)
         panel = page.inner_text("#panel")
         assert "level 20 of 20" in panel and "1048576 × 1048576" in panel and "rendered" in panel, panel
         assert server.source.stats()["tiles_rendered"] > 0

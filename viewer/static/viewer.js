@@ -102,6 +102,8 @@
     return "1 : " + (1 / z >= 100 ? Math.round(1 / z).toLocaleString("en") : (1 / z).toFixed(2));
   }
 
+  hooks.currentLevel = currentLevel;
+
   function showView() {
     const z = imageZoom();
     if (z === null) return;

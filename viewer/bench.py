@@ -69,15 +69,16 @@ def latency(name: str, device: str) -> dict[str, Any]:
     )
     top, col, row = spec.top, 2063, 2063  # an interior tile near the centre: 256 x 256 px
     maker = TileMaker(G, spec, device)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     maker.tile(top, col, row, "jpeg", 90)
-    cold = time.perf_counter() - t0
+    cold, cold_cpu = time.perf_counter() - t0, time.process_time() - c0
     lines_cold = maker.lines.computed
-    warm = []
+    warm, warm_cpu = [], []
     for _ in range(5):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         maker.tile(top, col, row, "jpeg", 90)
         warm.append(time.perf_counter() - t0)
+        warm_cpu.append(time.process_time() - c0)
     t0 = time.perf_counter()
     maker.tile(top, col + 1, row, "jpeg", 90)
     neighbour = time.perf_counter() - t0
@@ -86,13 +87,16 @@ def latency(name: str, device: str) -> dict[str, Any]:
         "model": name,
         "tile_px": [y1 - y0, x1 - x0],
         "cold_s": round(cold, 4),
+        "cold_cpu_s": round(cold_cpu, 4),
         "warm_s": round(statistics.median(warm), 4),
+        "warm_cpu_s": round(statistics.median(warm_cpu), 4),
         "neighbour_s": round(neighbour, 4),
         "line_blocks_cold": lines_cold,
     }
     print(
-        f"{name}: deepest-level {y1 - y0}x{x1 - x0} tile cold {cold:.3f} s ({lines_cold} line blocks), "
-        f"warm {out['warm_s']:.3f} s, right neighbour {neighbour:.3f} s",
+        f"{name}: deepest-level {y1 - y0}x{x1 - x0} tile cold {cold:.3f} s ({cold_cpu:.3f} CPU s, "
+        f"{lines_cold} line blocks), warm {out['warm_s']:.3f} s ({out['warm_cpu_s']:.3f} CPU s), "
+        f"right neighbour {neighbour:.3f} s",
         flush=True,
     )
     return out
@@ -211,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     machine = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
     if args.device == "cuda":
         machine += f", {torch.cuda.get_device_name(0)}"
-    print(f"machine: {machine}; device {args.device}", flush=True)
+    print(f"machine: {machine}; device {args.device}; load average {os.getloadavg()[0]:.1f}", flush=True)
     result: dict[str, Any] = {"machine": machine, "device": args.device, "latency": []}
     for name in args.models.split(","):
         result["latency"].append(latency(name.strip(), args.device))

@@ -231,6 +231,23 @@ def test_an_abandoned_request_is_not_rendered():
         assert (TOP, 9, 9) not in src._memory
 
 
+def test_a_worker_drops_a_job_whose_clients_left_before_it_started():
+    """The worker-side check: a queued job whose every request has gone is dropped, not run."""
+    from viewer.schedule import TileScheduler
+
+    ran = []
+    sched = TileScheduler([lambda key: ran.append(key) or b"tile"])
+    try:
+        with sched.hold():
+            gone, _ = sched.submit((5, 0, 0), "a", lambda: False)  # its client closed while it waited
+            live, waiter = sched.submit((5, 1, 0), "a", lambda: True)
+        assert sched.wait(live, waiter) == b"tile"
+        assert gone.done.wait(60) and gone.state == "dropped"
+        assert ran == [(5, 1, 0)] and (sched.rendered, sched.abandoned) == (1, 1)
+    finally:
+        sched.close()
+
+
 def test_identical_concurrent_requests_render_once_and_newest_goes_first():
     with serving(endless(threads=1)) as server:
         src = server.source

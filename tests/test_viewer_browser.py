@@ -236,23 +236,29 @@ def test_endless_zoom_from_the_whole_view_to_the_deepest_level(browser, tmp_path
         panel = page.inner_text("#panel")
         assert "level 20 of 20" in panel and "1048576 × 1048576" in panel and "rendered" in panel, panel
         assert server.source.stats()["tiles_rendered"] > 0
-        # The URL carries the view: a new page on that URL opens at the same spot and zoom.
-        page.wait_for_function("() => location.hash.includes('z=')", timeout=30000)
-        link = page.url
+        # The URL carries the view (centre and zoom, once the view is at rest).
+        current = "() => { const p = new URLSearchParams(location.hash.slice(1));"
+        current += " return Math.abs(p.get('z') / window.creps.zoom - 1) < 1e-4; }"
+        page.wait_for_function(current, timeout=30000)
+        view = page.evaluate("() => location.hash")
         centre = page.evaluate(
             "() => viewer.world.getItemAt(0).viewportToImageCoordinates(viewer.viewport.getCenter(true))"
         )
+        assert not errors, errors
+        page.close()
+    # A restarted server on the same cache: that link reopens the same spot, and every tile comes from the cache.
+    with serving_endless(cache_url=str(tmp_path / "cache"), fmt="png") as server:
         again = browser.new_page(viewport={"width": 900, "height": 600})
-        again.goto(link)
+        again.goto(server.url + view)
         again.wait_for_function(SETTLED, timeout=120000)
-        assert again.evaluate("() => window.creps.level") == 20
+        assert again.evaluate("() => window.creps.currentLevel()") == 20
         c2 = again.evaluate(
             "() => viewer.world.getItemAt(0).viewportToImageCoordinates(viewer.viewport.getCenter(true))"
         )
         assert abs(c2["x"] - centre["x"]) < 2 and abs(c2["y"] - centre["y"]) < 2, (centre, c2)
-        assert not errors, errors
+        stats = server.source.stats()
+        assert stats["tiles_rendered"] == 0 and stats["tiles_from_store"] > 0, stats
         again.close()
-        page.close()
 
 
 def test_endless_page_aborts_tiles_that_left_the_screen(browser):

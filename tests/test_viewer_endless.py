@@ -231,6 +231,33 @@ def test_an_abandoned_request_is_not_rendered():
         assert (TOP, 9, 9) not in src._memory
 
 
+def test_client_gone_sees_a_closed_peer_even_beyond_1024_descriptors():
+    """The check must work in a busy process (Ray, browsers): select() fails past descriptor 1023."""
+    import resource
+
+    from viewer.schedule import client_gone
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1200:
+        pytest.skip(f"the descriptor limit ({hard}) is below 1200")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1200) if soft != resource.RLIM_INFINITY else soft, hard))
+    spare = [open(os.devnull) for _ in range(1100)]  # held open on purpose
+    try:
+        a, b = socket.socketpair()
+        assert b.fileno() > 1024
+        assert not client_gone(b)
+        a.sendall(b"x")  # readable with data: a pipelined request, not a close
+        assert not client_gone(b)
+        a.close()
+        b.recv(1)
+        assert client_gone(b)
+        b.close()
+    finally:
+        for f in spare:
+            f.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
 def test_a_worker_drops_a_job_whose_clients_left_before_it_started():
     """The worker-side check: a queued job whose every request has gone is dropped, not run."""
     from viewer.schedule import TileScheduler

@@ -113,13 +113,14 @@ class RayEngine:
         import ray
 
         from renderer.errors import RendererError
-        from renderer.pool import start_ray  # imports ray: only when a pool is asked for
+        from renderer.pool import release_pools, start_ray  # imports ray: only when a pool is asked for
 
         self.fmt, self.quality, self.device, self.address = fmt, quality, device, address
         try:
             self.started = start_ray(address, num_cpus=None if address else max(workers, os.cpu_count() or 1))
         except RendererError as e:
             raise ViewerError(str(e)) from None
+        release_pools()  # render-job actors cached in this process would hold the CPUs/GPUs the viewer needs
         gpus = 1 if device == "cuda" else 0
         actor: Any = ray.remote(TileWorker).options(num_cpus=1, num_gpus=gpus, max_restarts=2, max_task_retries=2)
         self.actors: list[Any] = [actor.remote(spec, device, 1) for _ in range(workers)]
@@ -265,7 +266,8 @@ class EndlessTiles:
         if self.cache is not None:
             data = self.cache.get(self._path(key))
             if data is not None:
-                self.from_store += 1
+                with self._lock:
+                    self.from_store += 1
                 self._remember(key, data)
                 return self._served(data, t0, "cache", key)
         job, waiter = self.scheduler.submit(key, client, alive)

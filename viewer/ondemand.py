@@ -169,14 +169,16 @@ class LineCache:
             wait.wait()  # another thread is making this block; then take it from memory
         try:
             feats = self._load(key, device)
+            loaded = feats is not None
             if feats is None:
                 feats = compute()
-                self.computed += 1
                 if self.store is not None:
                     self.store.put(line_path(*key), encode_lines(feats))
-            else:
-                self.loaded += 1
             with self._lock:
+                if loaded:
+                    self.loaded += 1
+                else:
+                    self.computed += 1
                 self._lru[key] = feats
                 self.bytes += feats.numel() * feats.element_size()
                 while self.bytes > self.max_bytes and len(self._lru) > 1:

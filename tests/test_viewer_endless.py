@@ -162,6 +162,26 @@ def test_full_resolution_tiles_equal_the_bytes_a_render_job_writes(tmp_path, ren
         np.testing.assert_array_equal(got, render_reference(lh, lw, seed, psi, view)[:, : got.shape[1], : got.shape[2]])
 
 
+@pytest.mark.parametrize("width,height", [(1, 1), (3, 1), (1, 700), (257, 255)])
+def test_any_size_serves_every_level(width, height, render_reference):
+    """Down to 1 x 1: every tile of every level is served, the full-resolution ones equal the render."""
+    src = endless(checkpoint="preset:tiny", width=width, height=height, view=(0.0, 1.0, 0.0, 1.0), threads=1)
+    top = max_level(width, height)
+    full = render_reference(height, width)
+    try:
+        for level in range(top + 1):
+            ncols, nrows = tile_grid(width, height, level)
+            for col in range(ncols):
+                for row in range(nrows):
+                    got = decode(src.tile(level, col, row))
+                    y0, y1, x0, x1 = tile_bounds(width, height, level, col, row)
+                    assert got.shape == (3, y1 - y0, x1 - x0)
+                    if level == top:
+                        np.testing.assert_array_equal(got, full[:, y0:y1, x0:x1])
+    finally:
+        src.close()
+
+
 # ---------------------------------------------------------------- the cache lasts
 def test_a_restarted_server_serves_the_same_tiles_from_the_cache(tmp_path):
     cache = tmp_path / "cache"

@@ -124,7 +124,12 @@ def browser_zoom(device: str, steps: int = 10, start_level: int = 10) -> dict[st
             z = 2.0 ** (start_level - 20)  # screen px per full-resolution px at the start level
             page.goto(f"{server.url}#x=524288&y=524288&z={z}")
             page.wait_for_function(settled, timeout=600000)
-            levels = [page.evaluate("() => window.creps.level")]
+            levels = [page.evaluate("() => window.creps.currentLevel()")]
+            # the next frame notices a zoom: wait for the new level's first tile, then for the view to settle
+            drawn = (
+                "() => { const l = window.creps.currentLevel();"
+                " return window.creps.tileUrls.some(u => u.includes('/image_files/' + l + '/')); }"
+            )
             t_all = time.perf_counter()
             n_all = source.stats()["tiles_rendered"]
             for _ in range(steps):
@@ -132,9 +137,10 @@ def browser_zoom(device: str, steps: int = 10, start_level: int = 10) -> dict[st
                 page.evaluate(
                     "() => { viewer.viewport.zoomBy(2, null, true); viewer.viewport.applyConstraints(true); }"
                 )
+                page.wait_for_function(drawn, timeout=600000)
                 page.wait_for_function(settled, timeout=600000)
                 dt, dn = time.perf_counter() - t0, source.stats()["tiles_rendered"] - n0
-                levels.append(page.evaluate("() => window.creps.level"))
+                levels.append(page.evaluate("() => window.creps.currentLevel()"))
                 per_step.append({"level": levels[-1], "tiles": dn, "seconds": round(dt, 3)})
                 print(f"  zoom to level {levels[-1]}: {dn} tiles in {dt:.2f} s = {dn / dt:.1f} tiles/s", flush=True)
             seconds = time.perf_counter() - t_all

@@ -59,6 +59,7 @@
       setTimeout(() => { e.tile.exists = true; e.tile.loading = false; }, 0);
     }
   });
+  viewer.addHandler("viewport-change", () => { showView(); loader.pump(); });  // also immediate moves
   viewer.addHandler("animation", () => { showView(); loader.pump(); });
   viewer.addHandler("animation-finish", () => { showView(); saveHashView(); loader.pump(); });
 

@@ -214,6 +214,20 @@ def _exports(url: str, storage_options: dict) -> None:
         return
     print(f"exports: {tiff}, {dzi}")
     print(f"view it: {_python()} render.py view {dzi}")
+    print(f"endless zoom: {_python()} render.py view {ENDLESS_ZOOM_ARGS.format(checkpoint=_bundled())}")
+
+
+# The bundled model on a 1048576² canvas over a wide window (every level has detail), rendered as it is looked at.
+ENDLESS_ZOOM_ARGS = "--checkpoint {checkpoint} --size 1048576x1048576 --view 0,1024,0,1024"
+
+
+def _bundled() -> str:
+    """The bundled weights as the user would type them (relative to here when inside), else the default."""
+    from .spec import default_checkpoint
+
+    ckpt = default_checkpoint()
+    rel = os.path.relpath(ckpt) if not ckpt.startswith("preset:") else ckpt
+    return rel if not rel.startswith("..") else ckpt
 
 
 def _python() -> str:

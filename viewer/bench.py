@@ -178,15 +178,15 @@ def picture(path: str, side: int = 2048, k: int = 3, span: float = 32.0, crop: i
 
     G = creps.load(BUNDLED)
     z = G.z_from_seed(0)
-    window = {"y": (0.0, span), "x": (0.0, span)}
+    window = (0.0, span)
     with torch.no_grad():
-        full = creps.to_uint8(G.render(z, creps.Canvas(side, side, **window)))[0].numpy()
+        full = creps.to_uint8(G.render(z, creps.Canvas(side, side, y=window, x=window)))[0].numpy()
     mean, diffs = full, {}
     for level in range(1, k + 1):
         mean = downsample(mean)
         n = side // 2**level
         with torch.no_grad():
-            direct = creps.to_uint8(G.render(z, creps.Canvas(n, n, **window)))[0].numpy()
+            direct = creps.to_uint8(G.render(z, creps.Canvas(n, n, y=window, x=window)))[0].numpy()
         d = np.abs(direct.astype(np.int16) - mean.astype(np.int16))
         diffs[level] = {"mean_abs": round(float(d.mean()), 2), "max_abs": int(d.max())}
     diff = np.clip(np.abs(direct.astype(np.int16) - mean.astype(np.int16)) * 4, 0, 255).astype(np.uint8)

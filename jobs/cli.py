@@ -165,6 +165,20 @@ def _dry_run(job: Prepared) -> int:
     return 0
 
 
+class ExportError(JobSpecError):
+    """The render finished but its exports did not: exit 1 (part-way), the line says how to retry.
+
+    Exit 0 would let a script believe the TIFF and DZI exist; the render
+    itself is complete and kept, so retrying is one ``assemble``.
+    """
+
+    exit_code = 1
+
+    def __init__(self, message: str, retry: str) -> None:
+        super().__init__(message)
+        self.hint = f" (retry them with `{retry}`)"
+
+
 def _exports(url: str, storage_options: dict) -> None:
     """Pyramid, TIFF and DZI next to a local store (remote stores: say how to build them)."""
     from .assemble import assemble
@@ -180,9 +194,9 @@ def _exports(url: str, storage_options: dict) -> None:
     tiff, dzi = f"{stem}.tif", f"{stem}.dzi"
     try:
         assemble(str(base), tiff=tiff, dzi=dzi, storage_options=storage_options or None)
-    except Exception as e:  # exports are a convenience; the render itself is done
-        print(f"exports failed: {first_line(e)}; run `render.py assemble {url}` to retry", file=sys.stderr)
-        return
+    except Exception as e:  # the render is done and kept; the command still failed, so say how to finish it
+        retry = f"{_python()} render.py assemble {url} --tiff {tiff} --dzi {dzi}"
+        raise ExportError(f"exports failed: {first_line(e)}; the render in {url} is kept", retry) from None
     print(f"exports: {tiff}, {dzi}")
     print(f"view it: {_python()} render.py view {dzi}")
 

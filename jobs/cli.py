@@ -4,8 +4,9 @@
   render.py render jobs/examples/demo.toml --workers 2      (flags override the TOML)
   render.py                                                 (the default demo job)
 
-CKPT is a .safetensors file of ours, an official CREPS .pkl, or preset:NAME
-(fresh weights of that preset from --init-seed).  --scale S renders an N x N
+CKPT is a .safetensors file of ours, a training checkpoint (ckpt-*.safetensors:
+its G_ema), a training run directory (its newest G_ema), an official CREPS
+.pkl, or preset:NAME (fresh weights of that preset from --init-seed).  --scale S renders an N x N
 canvas with N = int(R * S), R the checkpoint's training resolution.  Without
 --address a quiet embedded Ray starts on 127.0.0.1; with it, the job joins an
 existing cluster (`ray start --head`).  Bad input exits with code 2 and one
@@ -37,7 +38,12 @@ if TYPE_CHECKING:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("job", nargs="?", help="job TOML file (flags override its values)")
     g = p.add_argument_group("what to render")
-    g.add_argument("--checkpoint", metavar="CKPT", help="weights file (.safetensors / official .pkl) or preset:NAME")
+    g.add_argument(
+        "--checkpoint",
+        metavar="CKPT",
+        help="weights: .safetensors (ours, or a training ckpt-*.safetensors), official .pkl, "
+        "a training run directory (its newest G_ema) or preset:NAME",
+    )
     g.add_argument("--init-seed", type=int, metavar="N", help="weights seed for preset:NAME (default 0)")
     g.add_argument("--seed", type=int, metavar="N", help="latent seed (default 0)")
     g.add_argument("--psi", type=float, metavar="F", help="truncation psi (default 1)")

@@ -127,7 +127,13 @@ class Prepared:
 
 
 def prepare(spec: JobSpec) -> Prepared:
-    """Check the checkpoint and canvas without loading weights or touching the output."""
+    """Check the checkpoint and canvas without loading weights or touching the output.
+
+    A training run directory given as the checkpoint is resolved here, once,
+    to its newest G_ema file: the hash, the job record and every worker then
+    name the same weights even if training writes a newer snapshot meanwhile.
+    """
+    spec = dataclasses.replace(spec, checkpoint=creps.resolve_checkpoint(spec.checkpoint))
     cfg = creps.read_config(spec.checkpoint, init_seed=spec.init_seed)
     sha = creps.checkpoint_hash(spec.checkpoint, spec.init_seed)
     spec = spec.resolved(cfg.resolution)

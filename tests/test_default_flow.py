@@ -91,7 +91,12 @@ def test_export_failure_exits_1_keeps_the_render_and_says_how_to_retry(tmp_path,
     retry = shlex.split(errors[0].split("retry them with `", 1)[1].rstrip(")").rstrip("`"))
     assert retry[1:3] == ["render.py", "assemble"], retry
     again = subprocess.run(
-        [sys.executable, str(REPO / "render.py"), *retry[2:]], env=render_cli_env(), capture_output=True, text=True, timeout=600, cwd=tmp_path
+        [sys.executable, str(REPO / "render.py"), *retry[2:]],
+        env=render_cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
     )
     assert again.returncode == 0, again.stderr[-2000:]
     assert (tmp_path / "kept.tif").is_file() and (tmp_path / "kept.dzi").is_file()

@@ -55,7 +55,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--name", help="job name (default demo)")
     g.add_argument("--storage-options", metavar="JSON", help="fsspec storage options as a JSON object")
     g.add_argument("--tile", type=int, metavar="T", help="tile = chunk side, a multiple of 16 (default 512)")
-    g.add_argument("--shard", type=int, metavar="N", help="tiles per shard side (default 1: no sharding)")
+    g.add_argument(
+        "--shard",
+        type=int,
+        metavar="N",
+        help="tiles per shard side: one stored object and one marker per shard (1: no sharding; default: "
+        "1 on local disks, on object stores the smallest power of two that keeps level 0 at <= 1,024 objects)",
+    )
     g.add_argument("--compressor", choices=["zstd", "none"], help="chunk compressor (default zstd)")
     g.add_argument("--overwrite", action="store_true", help="replace an existing store made by another job")
     g.add_argument(

@@ -9,9 +9,11 @@ half), on object stores with one PUT, which is atomic by itself.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import tempfile
+import threading
 from typing import Any
 
 import fsspec
@@ -29,13 +31,64 @@ def local_path(url: str) -> str:
     return url[len("file://") :] if url.startswith("file://") else url
 
 
+# gcsfs >= 2025.10 probes every bucket over gRPC for "zonal" buckets (an experimental layer,
+# on by default); where that API is not reachable (emulators, restricted networks) each probe
+# waits 60 s and is never cached.  Off unless the user turned it on: set before gcsfs is imported.
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+
+
 def filesystem(url: str, storage_options: dict | None = None) -> tuple[Any, str]:
     """(fsspec filesystem, path inside it without a trailing slash) for a URL or plain path."""
     try:
         fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
     except (ValueError, ImportError, TypeError) as e:
         raise RendererError(f"cannot open {url!r}: {e}") from None
+    count_io(fs)
     return fs, root.rstrip("/")
+
+
+# ---------------------------------------------------------------- storage calls of this process
+# Object stores bill and throttle per request, so a job reports what it cost: every storage
+# call that reaches a remote filesystem (each is one HTTP request for the small objects and
+# records we write; a multipart upload or a HEAD-then-LIST lookup is counted once) and every
+# object written.  Counted per process, by wrapping the async primitives of each remote
+# filesystem instance we use (ours and zarr's); workers report their deltas with their results.
+_READS = ("_cat_file", "_info", "_ls", "_rm_file", "_cp_file", "_get_file")
+_WRITES = ("_pipe_file", "_put_file")
+_io_lock = threading.Lock()
+_io = {"requests": 0, "objects_written": 0}
+
+
+def io_counts() -> tuple[int, int]:
+    """(requests, objects written) made by this process so far."""
+    with _io_lock:
+        return _io["requests"], _io["objects_written"]
+
+
+def _counted(fn: Any, write: bool) -> Any:
+    @functools.wraps(fn)
+    async def call(*args: Any, **kwargs: Any) -> Any:
+        with _io_lock:
+            _io["requests"] += 1
+        out = await fn(*args, **kwargs)
+        if write:
+            with _io_lock:
+                _io["objects_written"] += 1
+        return out
+
+    return call
+
+
+def count_io(fs: Any) -> Any:
+    """Count the storage calls of a remote async filesystem instance (once; local ones are not counted)."""
+    if fs_is_local(fs) or not getattr(fs, "async_impl", False) or getattr(fs, "_creps_counted", False):
+        return fs
+    for name in _READS + _WRITES:
+        fn = getattr(fs, name, None)
+        if fn is not None:
+            setattr(fs, name, _counted(fn, name in _WRITES))
+    fs._creps_counted = True
+    return fs
 
 
 def fs_is_local(fs: Any) -> bool:

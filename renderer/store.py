@@ -393,6 +393,7 @@ def open_store(url: str, storage_options: dict | None = None, mode: str = "a") -
             zstore: Any = LocalStore(path, read_only=mode == "r")
         else:
             zstore = FsspecStore.from_url(url, storage_options=storage_options or None, read_only=mode == "r")
+            fsio.count_io(zstore.fs)
         group = zarr.open_group(zstore, mode=mode, zarr_format=3)  # type: ignore[arg-type]
     except Exception as e:  # zarr passes on whatever the filesystem raises
         raise RendererError(f"cannot open store {url!r}: {first_line(e)}") from None

@@ -23,6 +23,7 @@ import torch
 
 import creps
 
+from . import fsio
 from . import lines as line_store
 from .errors import RendererError
 from .store import ImageStore, open_store
@@ -78,12 +79,13 @@ class TileRenderer:
 
     def lines(self, which: str, start: int, stop: int) -> LineResult:
         """Compute and store line features of positions [start, stop) (``which`` = row | col)."""
-        t0 = time.perf_counter()
+        t0, io0 = time.perf_counter(), fsio.io_counts()
         coords = self.canvas.row_coords() if which == "row" else self.canvas.col_coords()
         with torch.no_grad():
             feats = self.G.lines(self.ws, coords.to(self.device), which, start, stop, weights=self._line_weights)
         line_store.write_lines(self.store, which, start, feats)
-        return LineResult(which, start, stop, time.perf_counter() - t0, peak_rss_mb())
+        requests, objects = (b - a for a, b in zip(io0, fsio.io_counts(), strict=True))
+        return LineResult(which, start, stop, time.perf_counter() - t0, peak_rss_mb(), requests, objects)
 
     def render_tile(self, r0: int, r1: int, c0: int, c1: int, name: str | None = None) -> np.ndarray:
         """uint8 (3, r1-r0, c1-c0) of the canvas, chunk by chunk, from the stored lines.
@@ -126,6 +128,9 @@ class TileRenderer:
 
     def tiles(self, start: int, stop: int) -> list[TileResult]:
         """Render tiles [start, stop) of the job's plan, then mark them done with one marker."""
+        io0 = fsio.io_counts()
         results = [self.tile(t) for t in self.ctx.plan.tiles(start, stop)]
         self.store.mark_tiles(start, stop, [r.marker() for r in results])
+        requests, objects = (b - a for a, b in zip(io0, fsio.io_counts(), strict=True))
+        results[-1] = dataclasses.replace(results[-1], requests=requests, objects_written=objects)
         return results

@@ -9,6 +9,7 @@ half), on object stores with one PUT, which is atomic by itself.
 
 from __future__ import annotations
 
+import atexit
 import functools
 import json
 import os
@@ -47,6 +48,45 @@ def filesystem(url: str, storage_options: dict | None = None) -> tuple[Any, str]
     return fs, root.rstrip("/")
 
 
+_released: set[type] = set()
+
+
+def _release_at_exit(cls: type) -> None:
+    """Close the Azure clients of zarr's adlfs instances at exit, on zarr's event loop.
+
+    zarr opens its filesystem with ``asynchronous=True``; adlfs then registers
+    a ``weakref.finalize`` that closes the client through
+    ``sync(self.loop, ...)`` with ``self.loop`` None, which can only fail: every
+    process that touched an ``az://`` store ended with a "Loop is not running"
+    traceback and "Unclosed client session" warnings on stderr.  Registered
+    after zarr's own exit hook, this runs before zarr stops its loop: it closes
+    those clients there and drops the finalizers that would fail.
+    """
+    if cls in _released:
+        return
+    _released.add(cls)
+
+    def release() -> None:
+        import weakref
+
+        try:
+            from zarr.core.sync import sync as zarr_sync
+        except ImportError:
+            return
+        doomed = [fs for fs in list(getattr(cls, "_cache", {}).values()) if getattr(fs, "asynchronous", False)]
+        for fs in doomed:
+            try:
+                zarr_sync(fs.service_client.close())
+            except Exception:  # already closed, or never connected
+                pass
+        registry = getattr(weakref.finalize, "_registry", {})
+        for fin, info in list(registry.items()):
+            if info.args and info.args[0] is None and any(info.weakref() is fs for fs in doomed):
+                fin.detach()
+
+    atexit.register(release)
+
+
 # ---------------------------------------------------------------- storage calls of this process
 # Object stores bill and throttle per request, so a job reports what it cost: every storage
 # call that reaches a remote filesystem (each is one HTTP request for the small objects and
@@ -83,6 +123,8 @@ def count_io(fs: Any) -> Any:
     """Count the storage calls of a remote async filesystem instance (once; local ones are not counted)."""
     if fs_is_local(fs) or not getattr(fs, "async_impl", False) or getattr(fs, "_creps_counted", False):
         return fs
+    if "abfs" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+        _release_at_exit(type(fs))
     for name in _READS + _WRITES:
         fn = getattr(fs, name, None)
         if fn is not None:
@@ -168,14 +210,26 @@ def list_names(fs: Any, folder: str, suffix: str = ".json") -> set[str]:
     processes, and a stale listing would make finished work look missing.
     """
     try:
-        try:
-            names = fs.ls(folder, detail=False, refresh=True)
-        except TypeError:  # filesystems without ``refresh``
-            names = fs.ls(folder, detail=False)
+        names = fresh_ls(fs, folder)
     except (FileNotFoundError, NotADirectoryError):
         return set()
     base = (os.path.basename(str(n).rstrip("/")) for n in names)
     return {n[: -len(suffix)] for n in base if n.endswith(suffix) and not n.startswith(".")}
+
+
+def fresh_ls(fs: Any, folder: str) -> list[str]:
+    """Names in ``folder`` as the store has them now, never from a listing cache.
+
+    ``refresh=True`` alone is not enough: adlfs takes it without a word and
+    answers from its cache (its flag is ``invalidate_cache``), so a
+    long-running process would never see markers written by others.  The
+    folder's cache entry is dropped first, which every fsspec filesystem supports.
+    """
+    fs.invalidate_cache(folder)
+    try:
+        return list(fs.ls(folder, detail=False, refresh=True))
+    except TypeError:  # filesystems without ``refresh``
+        return list(fs.ls(folder, detail=False))
 
 
 def remove_tree(fs: Any, path: str) -> None:

@@ -101,10 +101,8 @@ class ImageStore:
 
     def delete_levels_from(self, first: int) -> None:
         """Remove levels ``first``, ``first``+1, ... (a deeper pyramid of an older plan)."""
-        try:  # one fsspec listing (gaps are possible); zarr's own listing would trip on our non-zarr entries
-            names = {os.path.basename(str(n).rstrip("/")) for n in self.fs.ls(self.root, detail=False, refresh=True)}
-        except TypeError:
-            names = {os.path.basename(str(n).rstrip("/")) for n in self.fs.ls(self.root, detail=False)}
+        # one fsspec listing (gaps are possible); zarr's own listing would trip on our non-zarr entries
+        names = {os.path.basename(str(n).rstrip("/")) for n in fsio.fresh_ls(self.fs, self.root)}
         for name in sorted(n for n in names if n.isdigit() and int(n) >= first):
             if self.has_level(int(name)):
                 del self.group[name]

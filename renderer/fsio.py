@@ -18,6 +18,7 @@ import threading
 from typing import Any
 
 import fsspec
+import fsspec.asyn
 
 from .errors import RendererError
 
@@ -105,11 +106,21 @@ def io_counts() -> tuple[int, int]:
         return _io["requests"], _io["objects_written"]
 
 
+_by_call: dict[str, int] = {}
+
+
+def io_by_call() -> dict[str, int]:
+    """Storage calls of this process so far by primitive (``_cat_file``, ``_pipe_file``, ...)."""
+    with _io_lock:
+        return dict(_by_call)
+
+
 def _counted(fn: Any, write: bool) -> Any:
     @functools.wraps(fn)
     async def call(*args: Any, **kwargs: Any) -> Any:
         with _io_lock:
             _io["requests"] += 1
+            _by_call[fn.__name__] = _by_call.get(fn.__name__, 0) + 1
         out = await fn(*args, **kwargs)
         if write:
             with _io_lock:
@@ -127,8 +138,12 @@ def count_io(fs: Any) -> Any:
         _release_at_exit(type(fs))
     for name in _READS + _WRITES:
         fn = getattr(fs, name, None)
-        if fn is not None:
-            setattr(fs, name, _counted(fn, name in _WRITES))
+        if fn is None:
+            continue
+        counted = _counted(fn, name in _WRITES)
+        setattr(fs, name, counted)
+        if name[1:] in vars(fs):  # fsspec bound a sync twin to the original at construction: rebind it
+            setattr(fs, name[1:], fsspec.asyn.sync_wrapper(counted, obj=fs))
     fs._creps_counted = True
     return fs
 

@@ -71,6 +71,7 @@ class TileRenderer:
         self.canvas = ctx.canvas
         # a copy: botocore rewrites nested config dicts, and ctx must stay equal to the next task's
         self.store: ImageStore = open_store(ctx.url, copy.deepcopy(ctx.storage_options) or None, mode="a")
+        self.store.cache_arrays = True  # this job's arrays stay as they are while it renders
         with torch.no_grad():
             z = G.z_from_seed(ctx.seed).to(device)
             self.ws = G.ws(z, ctx.psi)

@@ -182,9 +182,9 @@ def test_render_kill_resume_assemble_view(cloud, tmp_path, render_ray, render_re
     assert bfs.cat_file(f"{broot[: -len('_files')]}.dzi") == (tmp_path / "img.dzi").read_bytes()
     # 4. view: `render.py view` serves the DeepZoom pyramid straight from the bucket
     port = free_port()
+    view = [sys.executable, str(REPO / "render.py"), "view", f"{dzi}.dzi", "--port", str(port)]
     server = subprocess.Popen(
-        [sys.executable, str(REPO / "render.py"), "view", f"{dzi}.dzi", "--port", str(port)]
-        + ["--storage-options", json.dumps(options)],
+        [*view, "--storage-options", json.dumps(options)],
         env=render_cli_env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

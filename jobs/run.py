@@ -85,8 +85,9 @@ class RunSummary:
     # driver and every worker (renderer.fsio.io_counts; 0 for local disks, which are not counted)
     requests: int = 0
     objects_written: int = 0
-    # cluster faults: nodes whose workers died with their node during the run, and the tiles of
-    # the tasks that were sent again because a worker failed or was lost
+    # the cluster: the nodes whose workers rendered for this run, the nodes that died under a
+    # worker during it, and the tiles of the tasks sent again because a worker failed or was lost
+    nodes: tuple[str, ...] = ()
     nodes_lost: tuple[str, ...] = ()
     tiles_retried: int = 0
 
@@ -465,7 +466,8 @@ def _run(
     )
     if pool is not None and (n_todo or lines_needed):
         tally.fields["workers"] = workers
-        retried0, replaced0 = pool.retries, pool.replaced
+        retried0, replaced0, tiles0 = pool.retries, pool.replaced, pool.tiles_retried
+        lost0 = set(pool.nodes_lost)
         store.update_meta(status="running", error=None)
         t_lines = time.perf_counter()
         if lines_needed:
@@ -476,6 +478,11 @@ def _run(
             _tile_stage(store, job, todo, pool, workers, lease, progress, on_progress, tally)
         tally.fields["workers_replaced"] = pool.replaced - replaced0
         tally.fields["tasks_retried"] = pool.retries - retried0
+        tally.fields["tiles_retried"] = pool.tiles_retried - tiles0
+        tally.fields["nodes"] = tuple(sorted(pool.nodes_used.values()))
+        tally.fields["nodes_lost"] = tuple(d for n, d in sorted(pool.nodes_lost.items()) if n not in lost0)
+        for lost in tally.fields["nodes_lost"]:
+            log(f"lost node {lost}: its tasks were rendered again on the other workers")
     pixels = plan.pixels(todo)
     left = len(plan) - int(store.done_mask(plan).sum())
     runs_ = list(store.meta.get("runs", []))[-20:]

@@ -391,7 +391,7 @@ def run_job(
         store = existing or create_output(job)
         if existing is None:
             todo, lines_needed = _todo(job, None, redo, max_tiles), True
-        summary = _run(
+        summary, io_mark = _run(
             job, store, todo, lines_needed, pool, workers, lease, progress, on_progress, log, t_start, io_start
         )
     except BaseException as e:
@@ -403,7 +403,14 @@ def run_job(
         if started_ray:  # our own Ray: leave nothing behind; else keep the actors for the next job
             release_pools()
             stop_ray()
-    return summary
+    # the requests after the summary was made (its own metadata write, the lease release) belong to
+    # the run too: the summary returned and printed has them, the copy in the store's runs cannot
+    tail_requests, tail_objects = (b - a for a, b in zip(io_mark, io_counts(), strict=True))
+    return dataclasses.replace(
+        summary,
+        requests=summary.requests + tail_requests,
+        objects_written=summary.objects_written + tail_objects,
+    )
 
 
 def _identity_tag(job: Prepared) -> str:
@@ -451,7 +458,8 @@ def _run(
     log: Callable[[str], None],
     t_start: float,
     io_start: tuple[int, int],
-) -> RunSummary:
+) -> tuple[RunSummary, tuple[int, int]]:
+    """Run the stages; the summary, and this process's storage counts when it was made."""
     spec, plan = job.spec, job.plan
     log(f"job:\n{spec.describe()}")
     n_todo = len(todo)
@@ -488,10 +496,10 @@ def _run(
     runs_ = list(store.meta.get("runs", []))[-20:]
     if in_process(spec):  # the workers' calls were this process's: counted once, below
         tally.requests = tally.objects = 0
-    # the driver's own calls, up to the final metadata write below (one more request, one more object)
+    # the driver's own calls so far (run_job adds the ones after the summary)
     requests, objects = (b - a for a, b in zip(io_start, io_counts(), strict=True))
-    remote = not is_local(spec.out)
-    tally.add_io(requests + remote, objects + remote)
+    tally.add_io(requests, objects)
+    io_mark = io_counts()
     seconds = time.perf_counter() - t_start
     summary = tally.summary(
         pixels=pixels,
@@ -503,7 +511,7 @@ def _run(
     )
     runs_ = [*runs_, summary.to_dict()]
     store.update_meta(status=summary.status, tiles_done=len(plan) - left, runs=runs_, last_run=summary.to_dict())
-    return summary
+    return summary, io_mark
 
 
 def _line_stage(

@@ -89,15 +89,20 @@ def _release_at_exit(cls: type) -> None:
 
 
 # ---------------------------------------------------------------- storage calls of this process
-# Object stores bill and throttle per request, so a job reports what it cost: every storage
-# call that reaches a remote filesystem (each is one HTTP request for the small objects and
-# records we write; a multipart upload or a HEAD-then-LIST lookup is counted once) and every
-# object written.  Counted per process, by wrapping the async primitives of each remote
-# filesystem instance we use (ours and zarr's); workers report their deltas with their results.
-_READS = ("_cat_file", "_info", "_ls", "_rm_file", "_cp_file", "_get_file")
+# Object stores bill and throttle per request, so a job reports what it cost: the requests
+# it sent and the objects it wrote.  Counted per process by wrapping methods of each remote
+# filesystem instance we use (ours and zarr's); workers report their deltas with their
+# results.  Where the filesystem has one method per HTTP request, that is what is counted:
+# s3fs's ``_call_s3`` (one S3 API call; botocore's own retries inside it are not seen) and
+# gcsfs's ``_request`` (one HTTP request, each retry included).  Elsewhere (adlfs: the Azure
+# SDK has no such seam) the fsspec primitives are counted, one request each, which is what
+# they cost for the small objects and records we write.
+_PRIMITIVES = ("_cat_file", "_info", "_ls", "_rm_file", "_cp_file", "_get_file", "_pipe_file", "_put_file")
+_REQUEST_SEAMS = ("_call_s3", "_request")  # s3fs, gcsfs
 _WRITES = ("_pipe_file", "_put_file")
 _io_lock = threading.Lock()
 _io = {"requests": 0, "objects_written": 0}
+_by_call: dict[str, int] = {}
 
 
 def io_counts() -> tuple[int, int]:
@@ -106,21 +111,21 @@ def io_counts() -> tuple[int, int]:
         return _io["requests"], _io["objects_written"]
 
 
-_by_call: dict[str, int] = {}
-
-
 def io_by_call() -> dict[str, int]:
-    """Storage calls of this process so far by primitive (``_cat_file``, ``_pipe_file``, ...)."""
+    """This process's counted calls so far, by the method counted (``_call_s3``, ``_pipe_file``, ...)."""
     with _io_lock:
         return dict(_by_call)
 
 
-def _counted(fn: Any, write: bool) -> Any:
+def _counted(fn: Any, request: bool, write: bool) -> Any:
+    name = getattr(fn, "__name__", "call")
+
     @functools.wraps(fn)
     async def call(*args: Any, **kwargs: Any) -> Any:
-        with _io_lock:
-            _io["requests"] += 1
-            _by_call[fn.__name__] = _by_call.get(fn.__name__, 0) + 1
+        if request:
+            with _io_lock:
+                _io["requests"] += 1
+                _by_call[name] = _by_call.get(name, 0) + 1
         out = await fn(*args, **kwargs)
         if write:
             with _io_lock:
@@ -131,16 +136,18 @@ def _counted(fn: Any, write: bool) -> Any:
 
 
 def count_io(fs: Any) -> Any:
-    """Count the storage calls of a remote async filesystem instance (once; local ones are not counted)."""
+    """Count the requests and object writes of a remote async filesystem instance (once; local ones are not counted)."""
     if fs_is_local(fs) or not getattr(fs, "async_impl", False) or getattr(fs, "_creps_counted", False):
         return fs
     if "abfs" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
         _release_at_exit(type(fs))
-    for name in _READS + _WRITES:
+    seam = next((n for n in _REQUEST_SEAMS if callable(getattr(fs, n, None))), None)
+    names = (seam, *_WRITES) if seam else _PRIMITIVES
+    for name in names:
         fn = getattr(fs, name, None)
         if fn is None:
             continue
-        counted = _counted(fn, name in _WRITES)
+        counted = _counted(fn, request=seam is None or name == seam, write=name in _WRITES)
         setattr(fs, name, counted)
         if name[1:] in vars(fs):  # fsspec bound a sync twin to the original at construction: rebind it
             setattr(fs, name[1:], fsspec.asyn.sync_wrapper(counted, obj=fs))

@@ -42,7 +42,7 @@ def test_store_layout_metadata_and_lines(tmp_path, render_ray):
     assert list(arr.metadata.dimension_names) == ["c", "y", "x"]
     assert type(arr.compressors[0]).__name__.startswith("Zstd")
     meta = store.meta
-    assert meta["spec"] == spec.to_dict() and meta["status"] == "done"
+    assert meta["spec"] == {**spec.to_dict(), "shard": 1} and meta["status"] == "done"  # auto shard: 1 on a local disk
     assert meta["checkpoint_sha256"] == creps.checkpoint_hash("preset:tiny", 0)
     assert meta["tiles_total"] == meta["tiles_done"] == 12 and meta["version"].startswith("creps-gigapixel")
     assert meta["last_run"]["tiles_rendered"] == 12

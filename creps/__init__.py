@@ -1,7 +1,7 @@
 """CREPS generator: the model, its presets, checkpoints and cost model."""
 
 from .canvas import Canvas
-from .checkpoint import checkpoint_hash, load, read_config, save
+from .checkpoint import checkpoint_hash, load, read_config, resolve_checkpoint, save
 from .errors import CheckpointError, UserError
 from .flops import Flops, flops
 from .layers import Affine
@@ -37,6 +37,7 @@ __all__ = [
     "load",
     "preset",
     "read_config",
+    "resolve_checkpoint",
     "save",
     "to_uint8",
 ]

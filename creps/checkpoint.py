@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -29,10 +30,25 @@ from .network import Generator
 from .official import read_official
 from .presets import GeneratorConfig, preset
 
-__all__ = ["FORMAT", "PRESET_PREFIX", "CheckpointError", "checkpoint_hash", "load", "read_config", "save"]
+__all__ = [
+    "FORMAT",
+    "PRESET_PREFIX",
+    "TRAIN_FORMAT",
+    "CheckpointError",
+    "checkpoint_hash",
+    "load",
+    "read_config",
+    "resolve_checkpoint",
+    "save",
+]
 
 FORMAT = "creps-gigapixel/1"
 PRESET_PREFIX = "preset:"
+# training/state.py writes these; only the G_ema part is read here, so creps needs nothing of training
+TRAIN_FORMAT = "creps-train/1"
+TRAIN_EMA_PREFIX = "G_ema/"
+TRAIN_CKPT = re.compile(r"^ckpt-(\d+)\.safetensors$")
+RUN_EXPORT = "G_ema.safetensors"
 
 
 def save(G: Generator, path: str | os.PathLike[str]) -> Path:
@@ -114,6 +130,28 @@ def read_config(spec: str | os.PathLike[str], init_seed: int = 0) -> GeneratorCo
     return cfg
 
 
+def resolve_checkpoint(spec: str | os.PathLike[str]) -> str:
+    """The file a checkpoint spec stands for: a training run directory becomes its newest G_ema.
+
+    That is the highest-step ``ckpt-*.safetensors`` (written before the
+    exported ``G_ema.safetensors`` of the same snapshot, so it is never older),
+    else ``G_ema.safetensors``.  A render job resolves its spec once, before it
+    starts, so every worker loads the file that was hashed even if training
+    writes a newer snapshot meanwhile.  Presets and files come back unchanged.
+    """
+    if isinstance(spec, str) and spec.startswith(PRESET_PREFIX):
+        return spec
+    path = Path(spec)
+    if not path.is_dir():
+        return str(spec)
+    steps = sorted((int(m.group(1)), p) for p in path.iterdir() if (m := TRAIN_CKPT.match(p.name)) and p.is_file())
+    if steps:
+        return str(steps[-1][1])
+    if (path / RUN_EXPORT).is_file():
+        return str(path / RUN_EXPORT)
+    raise CheckpointError(f"{path} is a directory without ckpt-*.safetensors or {RUN_EXPORT}; not a training run")
+
+
 def checkpoint_hash(spec: str | os.PathLike[str], init_seed: int = 0) -> str:
     """Identity of a checkpoint for job manifests: sha256 of the file bytes, or
     ``preset:NAME@init<seed>`` for seeded preset weights."""
@@ -136,7 +174,7 @@ def _preset_config(spec: str) -> GeneratorConfig:
 
 
 def _existing(spec: str | os.PathLike[str]) -> Path:
-    path = Path(spec)
+    path = Path(resolve_checkpoint(spec))
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     return path
@@ -166,23 +204,37 @@ def _read_safetensors(path: Path, tensors: bool) -> tuple[GeneratorConfig, dict[
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             meta = f.metadata() or {}
-            if meta.get("format") != FORMAT or "creps_config" not in meta:
+            training = meta.get("format") == TRAIN_FORMAT and "creps_train" in meta
+            if not training and (meta.get("format") != FORMAT or "creps_config" not in meta):
                 raise CheckpointError(
                     f"{path}: safetensors file is not a creps-gigapixel checkpoint "
-                    f"(metadata format={meta.get('format')!r}, expected {FORMAT!r} with creps_config)"
+                    f"(metadata format={meta.get('format')!r}, expected {FORMAT!r} with creps_config "
+                    f"or a training checkpoint {TRAIN_FORMAT!r})"
                 )
+            # a training checkpoint holds G, G_ema, D and optimiser state: only G_ema renders
+            keys = (
+                {k[len(TRAIN_EMA_PREFIX) :]: k for k in f.keys() if k.startswith(TRAIN_EMA_PREFIX)}
+                if training
+                else {k: k for k in f.keys()}
+            )
             if tensors:
-                sd = {k: f.get_tensor(k) for k in f.keys()}
+                sd = {name: f.get_tensor(k) for name, k in keys.items()}
             else:  # shapes from the header, as data-less tensors on the meta device
-                sd = {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}
+                sd = {name: torch.empty(f.get_slice(k).get_shape(), device="meta") for name, k in keys.items()}
     except CheckpointError:
         raise
     except Exception as e:  # safetensors raises its own error type, and OS errors
         raise CheckpointError(f"{path}: corrupt or truncated safetensors file ({e})") from None
     try:
-        cfg = GeneratorConfig.from_dict(json.loads(meta["creps_config"]))
-    except (ValueError, TypeError) as e:
-        raise CheckpointError(f"{path}: bad creps_config metadata ({e})") from None
+        if training:
+            cfg = GeneratorConfig.from_dict(json.loads(meta["creps_train"])["config"]["generator"])
+        else:
+            cfg = GeneratorConfig.from_dict(json.loads(meta["creps_config"]))
+    except (ValueError, TypeError, KeyError) as e:
+        what = "creps_train config.generator" if training else "creps_config"
+        raise CheckpointError(f"{path}: bad {what} metadata ({e})") from None
+    if training and not sd:
+        raise CheckpointError(f"{path}: training checkpoint without G_ema tensors")
     return cfg, sd
 
 

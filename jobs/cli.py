@@ -4,8 +4,9 @@
   render.py render jobs/examples/demo.toml --workers 2      (flags override the TOML)
   render.py                                                 (the default demo job)
 
-CKPT is a .safetensors file of ours, an official CREPS .pkl, or preset:NAME
-(fresh weights of that preset from --init-seed).  --scale S renders an N x N
+CKPT is a .safetensors file of ours, a training checkpoint (ckpt-*.safetensors:
+its G_ema), a training run directory (its newest G_ema), an official CREPS
+.pkl, or preset:NAME (fresh weights of that preset from --init-seed).  --scale S renders an N x N
 canvas with N = int(R * S), R the checkpoint's training resolution.  Without
 --address a quiet embedded Ray starts on 127.0.0.1; with it, the job joins an
 existing cluster (`ray start --head`).  Bad input exits with code 2 and one
@@ -37,7 +38,12 @@ if TYPE_CHECKING:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("job", nargs="?", help="job TOML file (flags override its values)")
     g = p.add_argument_group("what to render")
-    g.add_argument("--checkpoint", metavar="CKPT", help="weights file (.safetensors / official .pkl) or preset:NAME")
+    g.add_argument(
+        "--checkpoint",
+        metavar="CKPT",
+        help="weights: .safetensors (ours, or a training ckpt-*.safetensors), official .pkl, "
+        "a training run directory (its newest G_ema) or preset:NAME",
+    )
     g.add_argument("--init-seed", type=int, metavar="N", help="weights seed for preset:NAME (default 0)")
     g.add_argument("--seed", type=int, metavar="N", help="latent seed (default 0)")
     g.add_argument("--psi", type=float, metavar="F", help="truncation psi (default 1)")
@@ -50,7 +56,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--name", help="job name (default demo)")
     g.add_argument("--storage-options", metavar="JSON", help="fsspec storage options as a JSON object")
     g.add_argument("--tile", type=int, metavar="T", help="tile = chunk side, a multiple of 16 (default 512)")
-    g.add_argument("--shard", type=int, metavar="N", help="tiles per shard side (default 1: no sharding)")
+    g.add_argument(
+        "--shard",
+        type=int,
+        metavar="N",
+        help="tiles per shard side: one stored object and one marker per shard (1: no sharding; default: "
+        "1 on local disks, on object stores the smallest power of two that keeps level 0 at <= 1,024 objects)",
+    )
     g.add_argument("--compressor", choices=["zstd", "none"], help="chunk compressor (default zstd)")
     g.add_argument("--overwrite", action="store_true", help="replace an existing store made by another job")
     g.add_argument(
@@ -194,6 +206,20 @@ def _dry_run(job: Prepared) -> int:
     return 0
 
 
+class ExportError(JobSpecError):
+    """The render finished but its exports did not: exit 1 (part-way), the line says how to retry.
+
+    Exit 0 would let a script believe the TIFF and DZI exist; the render
+    itself is complete and kept, so retrying is one ``assemble``.
+    """
+
+    exit_code = 1
+
+    def __init__(self, message: str, retry: str) -> None:
+        super().__init__(message)
+        self.hint = f" (retry them with `{retry}`)"
+
+
 def _exports(url: str, storage_options: dict) -> None:
     """Pyramid, TIFF and DZI next to a local store (remote stores: say how to build them)."""
     from .assemble import assemble
@@ -209,9 +235,9 @@ def _exports(url: str, storage_options: dict) -> None:
     tiff, dzi = f"{stem}.tif", f"{stem}.dzi"
     try:
         assemble(str(base), tiff=tiff, dzi=dzi, storage_options=storage_options or None)
-    except Exception as e:  # exports are a convenience; the render itself is done
-        print(f"exports failed: {first_line(e)}; run `render.py assemble {url}` to retry", file=sys.stderr)
-        return
+    except Exception as e:  # the render is done and kept; the command still failed, so say how to finish it
+        retry = f"{_python()} render.py assemble {url} --tiff {tiff} --dzi {dzi}"
+        raise ExportError(f"exports failed: {first_line(e)}; the render in {url} is kept", retry) from None
     print(f"exports: {tiff}, {dzi}")
     print(f"view it: {_python()} render.py view {dzi}")
     print(f"endless zoom: {_python()} render.py view {ENDLESS_ZOOM_ARGS.format(checkpoint=_bundled())}")

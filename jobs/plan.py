@@ -21,13 +21,15 @@ from creps import LINE_BLOCK
 from renderer.tasks import Tile, TilePlan
 
 from . import JobSpecError
-from .spec import JobSpec
+from .spec import MAX_SHARD_SIDE, JobSpec
 
 __all__ = [
     "MAX_TILES",
+    "OBJECTS_PER_LEVEL",
     "Tile",
     "TilePlan",
     "auto_batch",
+    "auto_shard",
     "job_plan",
     "line_chunk",
     "line_ranges",
@@ -49,6 +51,31 @@ def job_plan(spec: JobSpec) -> TilePlan:
             f"{MAX_TILES:,}); use a larger --tile or --shard"
         )
     return plan
+
+
+# Object stores bill and throttle per request and list slowly: level 0 of a job on one is
+# sharded so it has at most about this many objects (and as many tile markers, one per shard).
+OBJECTS_PER_LEVEL = 1024
+
+
+def auto_shard(height: int, width: int, tile: int, object_store: bool) -> int:
+    """Tiles per shard side for ``--shard`` auto: 1 on local disks and in memory; on an object
+    store the smallest power of two that keeps level 0 at <= OBJECTS_PER_LEVEL shard objects,
+    within a shard side of MAX_SHARD_SIDE (a worker renders a whole shard in memory).
+
+    A power of two keeps shards aligned with the 2x2 pyramid.  1 Gpx (32768^2) at tile 512 is
+    4,096 chunks, so shards of 2x2 tiles: 1,024 objects; 262144^2 is 16x16 tiles: 1,024.
+    """
+    if not object_store:
+        return 1
+    s = 1
+    while (
+        -(-height // (tile * s)) * -(-width // (tile * s)) > OBJECTS_PER_LEVEL
+        and tile * s * 2 <= MAX_SHARD_SIDE
+        and s * 2 <= 64
+    ):
+        s *= 2
+    return s
 
 
 def tile_plan(height: int, width: int, tile: int, shard: int = 1) -> list[Tile]:

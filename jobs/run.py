@@ -29,7 +29,7 @@ import torch
 import creps
 from creps.errors import first_line
 from renderer.errors import RendererError
-from renderer.fsio import filesystem
+from renderer.fsio import filesystem, io_counts, is_local
 from renderer.lease import Lease
 from renderer.pool import LocalPool, Pool, cluster_resources, get_pool, release_pools, start_ray, stop_ray
 from renderer.store import (
@@ -41,11 +41,11 @@ from renderer.store import (
     store_exists,
     store_lease,
 )
-from renderer.tasks import LineTask, Result, Task, TileResult, TileTask
+from renderer.tasks import LineResult, LineTask, Result, Task, TileResult, TileTask
 from renderer.tiles import RenderContext, peak_rss_mb
 
 from . import JobSpecError
-from .plan import TilePlan, auto_batch, job_plan, line_chunk, line_ranges, runs
+from .plan import TilePlan, auto_batch, auto_shard, job_plan, line_chunk, line_ranges, runs
 from .spec import JobSpec
 
 CONNECT_TIMEOUT_S = 5.0
@@ -81,6 +81,15 @@ class RunSummary:
     status: str = "running"  # running | done | partial
     driver_peak_rss_mb: float = 0.0
     worker_peak_rss_mb: float = 0.0
+    # what the run cost an object store: storage calls (requests) and objects written, by the
+    # driver and every worker (renderer.fsio.io_counts; 0 for local disks, which are not counted)
+    requests: int = 0
+    objects_written: int = 0
+    # the cluster: the nodes whose workers rendered for this run, the nodes that died under a
+    # worker during it, and the tiles of the tasks sent again because a worker failed or was lost
+    nodes: tuple[str, ...] = ()
+    nodes_lost: tuple[str, ...] = ()
+    tiles_retried: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -129,10 +138,16 @@ class Prepared:
 
 
 def prepare(spec: JobSpec) -> Prepared:
-    """Check the checkpoint and canvas without loading weights or touching the output."""
+    """Check the checkpoint and canvas without loading weights or touching the output.
+
+    A training run directory given as the checkpoint is resolved here, once,
+    to its newest G_ema file: the hash, the job record and every worker then
+    name the same weights even if training writes a newer snapshot meanwhile.
+    """
+    spec = dataclasses.replace(spec, checkpoint=creps.resolve_checkpoint(spec.checkpoint))
     cfg = creps.read_config(spec.checkpoint, init_seed=spec.init_seed)
     sha = creps.checkpoint_hash(spec.checkpoint, spec.init_seed)
-    spec = spec.resolved(cfg.image_size)
+    spec = _resolve_shard(spec.resolved(cfg.image_size), sha)
     y0, y1, x0, x1 = spec.view
     try:
         canvas = creps.Canvas(
@@ -143,6 +158,26 @@ def prepare(spec: JobSpec) -> Prepared:
     except ValueError as e:
         raise JobSpecError(str(e)) from None
     return Prepared(spec, cfg, sha, job_plan(spec))
+
+
+def _resolve_shard(spec: JobSpec, sha: str) -> JobSpec:
+    """``shard = 0`` (auto) made concrete: the shard of the store this job resumes, else ``auto_shard``.
+
+    A store of the same job made with another shard (an explicit one, or an
+    older default) is resumed as it is rather than refused as another job.
+    """
+    if spec.shard:
+        return spec
+    shard = auto_shard(spec.height, spec.width, spec.tile, object_store=not (is_local(spec.out) or in_process(spec)))
+    try:
+        if store_exists(spec.out, _options(spec)):
+            old = open_store(spec.out, _options(spec), mode="r").meta.get("identity") or {}
+            mine = {**spec.identity(), "checkpoint_sha256": sha}
+            if isinstance(old.get("shard"), int) and all(old.get(k) == v for k, v in mine.items() if k != "shard"):
+                shard = old["shard"]
+    except Exception:  # unreachable or unreadable: inspect_output reports it with one line
+        pass
+    return dataclasses.replace(spec, shard=shard)
 
 
 def in_process(spec: JobSpec) -> bool:
@@ -302,13 +337,21 @@ class _Tally:
         self.tiles_rendered = 0
         self.pixels = 0
         self.worker_rss = 0.0
+        self.requests = 0  # the workers' storage calls (the driver's are added at the end)
+        self.objects = 0
         self.fields: dict[str, Any] = {}
+
+    def add_io(self, requests: int, objects: int) -> None:
+        self.requests += requests
+        self.objects += objects
 
     def summary(self, **more: Any) -> RunSummary:
         values = {
             "tiles_rendered": self.tiles_rendered,
             "pixels": self.pixels,
             "worker_peak_rss_mb": round(self.worker_rss, 1),
+            "requests": self.requests,
+            "objects_written": self.objects,
             **self.fields,
             **more,
         }
@@ -332,7 +375,7 @@ def run_job(
     or change the store.  ``redo`` names tiles to render again even though
     they are marked done (e.g. tiles whose chunks failed verification).
     """
-    t_start = time.perf_counter()
+    t_start, io_start = time.perf_counter(), io_counts()
     job = prepare(spec)
     spec = job.spec
     existing = inspect_output(job, overwrite)
@@ -354,7 +397,9 @@ def run_job(
         store = existing or create_output(job)
         if existing is None:
             todo, lines_needed = _todo(job, None, redo, max_tiles), True
-        summary = _run(job, store, todo, lines_needed, pool, workers, lease, progress, on_progress, log, t_start)
+        summary, io_mark = _run(
+            job, store, todo, lines_needed, pool, workers, lease, progress, on_progress, log, t_start, io_start
+        )
     except BaseException as e:
         release_pools()  # a failed or interrupted job leaves no half-busy actors behind
         _record_failure(spec, e, lease)
@@ -364,7 +409,14 @@ def run_job(
         if started_ray:  # our own Ray: leave nothing behind; else keep the actors for the next job
             release_pools()
             stop_ray()
-    return summary
+    # the requests after the summary was made (its own metadata write, the lease release) belong to
+    # the run too: the summary returned and printed has them, the copy in the store's runs cannot
+    tail_requests, tail_objects = (b - a for a, b in zip(io_mark, io_counts(), strict=True))
+    return dataclasses.replace(
+        summary,
+        requests=summary.requests + tail_requests,
+        objects_written=summary.objects_written + tail_objects,
+    )
 
 
 def _identity_tag(job: Prepared) -> str:
@@ -411,7 +463,9 @@ def _run(
     on_progress: Callable[[RunSummary, Pool], None] | None,
     log: Callable[[str], None],
     t_start: float,
-) -> RunSummary:
+    io_start: tuple[int, int],
+) -> tuple[RunSummary, tuple[int, int]]:
+    """Run the stages; the summary, and this process's storage counts when it was made."""
     spec, plan = job.spec, job.plan
     log(f"job:\n{spec.describe()}")
     n_todo = len(todo)
@@ -426,20 +480,33 @@ def _run(
     )
     if pool is not None and (n_todo or lines_needed):
         tally.fields["workers"] = workers
-        retried0, replaced0 = pool.retries, pool.replaced
+        retried0, replaced0, tiles0 = pool.retries, pool.replaced, pool.tiles_retried
+        lost0 = set(pool.nodes_lost)
         store.update_meta(status="running", error=None)
         t_lines = time.perf_counter()
         if lines_needed:
-            tally.fields["line_ranges_computed"] = _line_stage(store, job, pool, workers, log)
+            tally.fields["line_ranges_computed"] = _line_stage(store, job, pool, workers, log, tally)
         tally.fields["line_seconds"] = round(time.perf_counter() - t_lines, 3)
         if n_todo:
             store.invalidate_pyramid(f"{n_todo} level-0 tiles (re)rendered")
             _tile_stage(store, job, todo, pool, workers, lease, progress, on_progress, tally)
         tally.fields["workers_replaced"] = pool.replaced - replaced0
         tally.fields["tasks_retried"] = pool.retries - retried0
-    seconds = time.perf_counter() - t_start
+        tally.fields["tiles_retried"] = pool.tiles_retried - tiles0
+        tally.fields["nodes"] = tuple(sorted(pool.nodes_used.values()))
+        tally.fields["nodes_lost"] = tuple(d for n, d in sorted(pool.nodes_lost.items()) if n not in lost0)
+        for lost in tally.fields["nodes_lost"]:
+            log(f"lost node {lost}: its tasks were rendered again on the other workers")
     pixels = plan.pixels(todo)
     left = len(plan) - int(store.done_mask(plan).sum())
+    runs_ = list(store.meta.get("runs", []))[-20:]
+    if in_process(spec):  # the workers' calls were this process's: counted once, below
+        tally.requests = tally.objects = 0
+    # the driver's own calls so far (run_job adds the ones after the summary)
+    requests, objects = (b - a for a, b in zip(io_start, io_counts(), strict=True))
+    tally.add_io(requests, objects)
+    io_mark = io_counts()
+    seconds = time.perf_counter() - t_start
     summary = tally.summary(
         pixels=pixels,
         seconds=round(seconds, 3),
@@ -448,12 +515,14 @@ def _run(
         status="done" if left == 0 else "partial",
         driver_peak_rss_mb=round(peak_rss_mb(), 1),
     )
-    runs_ = [*list(store.meta.get("runs", []))[-20:], summary.to_dict()]
+    runs_ = [*runs_, summary.to_dict()]
     store.update_meta(status=summary.status, tiles_done=len(plan) - left, runs=runs_, last_run=summary.to_dict())
-    return summary
+    return summary, io_mark
 
 
-def _line_stage(store: ImageStore, job: Prepared, pool: Pool, workers: int, log: Callable[[str], None]) -> int:
+def _line_stage(
+    store: ImageStore, job: Prepared, pool: Pool, workers: int, log: Callable[[str], None], tally: _Tally
+) -> int:
     spec, ctx = job.spec, job.context()
     chunk = line_chunk(spec.tile)
     done = store.line_ranges_done()
@@ -464,7 +533,12 @@ def _line_stage(store: ImageStore, job: Prepared, pool: Pool, workers: int, log:
                 tasks.append(LineTask(which, a, b))
     t0 = time.perf_counter()
     log(f"line stage: {len(tasks)} ranges of {spec.height} rows + {spec.width} columns on {workers} workers")
-    pool.run(ctx, tasks, lambda task, result: None)
+
+    def on_result(task: Task, result: Result) -> None:
+        if isinstance(result, LineResult):
+            tally.add_io(result.requests, result.objects_written)
+
+    pool.run(ctx, tasks, on_result)
     log(f"line stage done in {time.perf_counter() - t0:.1f} s (stored under {spec.out}/lines)")
     store.mark_lines_complete({"height": spec.height, "width": spec.width, "chunk": chunk})
     return len(tasks)
@@ -500,6 +574,7 @@ def _tile_stage(
         for info in tiles:
             tally.pixels += info.pixels
             tally.worker_rss = max(tally.worker_rss, info.peak_rss_mb)
+            tally.add_io(info.requests, info.objects_written)
         tally.tiles_rendered += len(tiles)
         bar.update(len(tiles))
         dt = time.perf_counter() - t0

@@ -25,6 +25,7 @@ from . import JobSpecError
 
 MAX_SIDE = 2**20
 MAX_TILE = 8192
+MAX_SHARD_SIDE = 16384  # a worker holds one shard (uint8): 16384^2 x 3 = 768 MiB
 TILE_MULTIPLE = 16
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_WEIGHTS = REPO_ROOT / "creps" / "weights" / "default.safetensors"
@@ -53,7 +54,7 @@ class JobSpec:
     warp_rows: str = ""  # creps.warp text mapping the row coordinates ("" = none)
     warp_cols: str = ""  # the same for the column coordinates
     tile: int = 512  # tile side = chunk side
-    shard: int = 1  # tiles per shard side (1 = no sharding)
+    shard: int = 0  # tiles per shard side; 1 = no sharding, 0 = auto (jobs.plan.auto_shard: object stores shard)
     compressor: str = "zstd"
     # where
     name: str = "demo"
@@ -101,9 +102,11 @@ class JobSpec:
             raise JobSpecError(f"tile must be a positive multiple of {TILE_MULTIPLE}, got {self.tile!r}")
         if self.tile > MAX_TILE:
             raise JobSpecError(f"tile {self.tile} is larger than {MAX_TILE}; use a smaller tile (and --shard)")
-        _int("shard", self.shard, 1, 64, hint="tiles per shard side")
-        if self.tile * self.shard > 16384:
-            raise JobSpecError(f"shard side tile*shard = {self.tile * self.shard} > 16384; a worker holds one shard")
+        _int("shard", self.shard, 0, 64, hint="tiles per shard side; 0 = auto")
+        if self.tile * self.shard > MAX_SHARD_SIDE:
+            raise JobSpecError(
+                f"shard side tile*shard = {self.tile * self.shard} > {MAX_SHARD_SIDE}; a worker holds one shard"
+            )
         if self.compressor not in ("zstd", "none"):
             raise JobSpecError(f"compressor must be zstd or none, got {self.compressor!r}")
         if not isinstance(self.out, str) or not self.out.strip():

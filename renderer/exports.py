@@ -76,7 +76,7 @@ from creps.errors import UserError, first_line
 
 from .dzi import DziWriter
 from .errors import RendererError
-from .fsio import atomic_local_write, filesystem, is_local, local_path, write_bytes
+from .fsio import atomic_local_write, filesystem, fresh_ls, is_local, local_path, write_bytes
 from .pyramid import RULE, build_pyramid, pyramid_complete, pyramid_plan, read_rows, source_state
 from .store import ImageStore
 from .tiff import COMPRESSIONS, TIFF_TILES, write_levels
@@ -206,10 +206,7 @@ class Target:
                     _rm_local(path)
             return
         try:
-            try:
-                entries = self.fs.ls(self.folder, detail=False, refresh=True)
-            except TypeError:
-                entries = self.fs.ls(self.folder, detail=False)
+            entries = fresh_ls(self.fs, self.folder)
         except FileNotFoundError:
             return
         for entry in entries:

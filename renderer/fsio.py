@@ -9,12 +9,16 @@ half), on object stores with one PUT, which is atomic by itself.
 
 from __future__ import annotations
 
+import atexit
+import functools
 import json
 import os
 import tempfile
+import threading
 from typing import Any
 
 import fsspec
+import fsspec.asyn
 
 from .errors import RendererError
 
@@ -29,13 +33,126 @@ def local_path(url: str) -> str:
     return url[len("file://") :] if url.startswith("file://") else url
 
 
+# gcsfs >= 2025.10 probes every bucket over gRPC for "zonal" buckets (an experimental layer,
+# on by default); where that API is not reachable (emulators, restricted networks) each probe
+# waits 60 s and is never cached.  Off unless the user turned it on: set before gcsfs is imported.
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+
+
 def filesystem(url: str, storage_options: dict | None = None) -> tuple[Any, str]:
     """(fsspec filesystem, path inside it without a trailing slash) for a URL or plain path."""
     try:
         fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
     except (ValueError, ImportError, TypeError) as e:
         raise RendererError(f"cannot open {url!r}: {e}") from None
+    count_io(fs)
     return fs, root.rstrip("/")
+
+
+_released: set[type] = set()
+
+
+def _release_at_exit(cls: type) -> None:
+    """Close the Azure clients of zarr's adlfs instances at exit, on zarr's event loop.
+
+    zarr opens its filesystem with ``asynchronous=True``; adlfs then registers
+    a ``weakref.finalize`` that closes the client through
+    ``sync(self.loop, ...)`` with ``self.loop`` None, which can only fail: every
+    process that touched an ``az://`` store ended with a "Loop is not running"
+    traceback and "Unclosed client session" warnings on stderr.  Registered
+    after zarr's own exit hook, this runs before zarr stops its loop: it closes
+    those clients there and drops the finalizers that would fail.
+    """
+    if cls in _released:
+        return
+    _released.add(cls)
+
+    def release() -> None:
+        import weakref
+
+        try:
+            from zarr.core.sync import sync as zarr_sync
+        except ImportError:
+            return
+        doomed = [fs for fs in list(getattr(cls, "_cache", {}).values()) if getattr(fs, "asynchronous", False)]
+        for fs in doomed:
+            try:
+                zarr_sync(fs.service_client.close())
+            except Exception:  # already closed, or never connected
+                pass
+        registry = getattr(weakref.finalize, "_registry", {})
+        for fin, info in list(registry.items()):
+            if info.args and info.args[0] is None and any(info.weakref() is fs for fs in doomed):
+                fin.detach()
+
+    atexit.register(release)
+
+
+# ---------------------------------------------------------------- storage calls of this process
+# Object stores bill and throttle per request, so a job reports what it cost: the requests
+# it sent and the objects it wrote.  Counted per process by wrapping methods of each remote
+# filesystem instance we use (ours and zarr's); workers report their deltas with their
+# results.  Where the filesystem has one method per HTTP request, that is what is counted:
+# s3fs's ``_call_s3`` (one S3 API call; botocore's own retries inside it are not seen) and
+# gcsfs's ``_request`` (one HTTP request, each retry included).  Elsewhere (adlfs: the Azure
+# SDK has no such seam) the fsspec primitives are counted, one request each, which is what
+# they cost for the small objects and records we write.
+_PRIMITIVES = ("_cat_file", "_info", "_ls", "_rm_file", "_cp_file", "_get_file", "_pipe_file", "_put_file")
+_REQUEST_SEAMS = ("_call_s3", "_request")  # s3fs, gcsfs
+_WRITES = ("_pipe_file", "_put_file")
+_io_lock = threading.Lock()
+_io = {"requests": 0, "objects_written": 0}
+_by_call: dict[str, int] = {}
+
+
+def io_counts() -> tuple[int, int]:
+    """(requests, objects written) made by this process so far."""
+    with _io_lock:
+        return _io["requests"], _io["objects_written"]
+
+
+def io_by_call() -> dict[str, int]:
+    """This process's counted calls so far, by the method counted (``_call_s3``, ``_pipe_file``, ...)."""
+    with _io_lock:
+        return dict(_by_call)
+
+
+def _counted(fn: Any, request: bool, write: bool) -> Any:
+    name = getattr(fn, "__name__", "call")
+
+    @functools.wraps(fn)
+    async def call(*args: Any, **kwargs: Any) -> Any:
+        if request:
+            with _io_lock:
+                _io["requests"] += 1
+                _by_call[name] = _by_call.get(name, 0) + 1
+        out = await fn(*args, **kwargs)
+        if write:
+            with _io_lock:
+                _io["objects_written"] += 1
+        return out
+
+    return call
+
+
+def count_io(fs: Any) -> Any:
+    """Count the requests and object writes of a remote async filesystem instance (once; local ones are not counted)."""
+    if fs_is_local(fs) or not getattr(fs, "async_impl", False) or getattr(fs, "_creps_counted", False):
+        return fs
+    if "abfs" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+        _release_at_exit(type(fs))
+    seam = next((n for n in _REQUEST_SEAMS if callable(getattr(fs, n, None))), None)
+    names = (seam, *_WRITES) if seam else _PRIMITIVES
+    for name in names:
+        fn = getattr(fs, name, None)
+        if fn is None:
+            continue
+        counted = _counted(fn, request=seam is None or name == seam, write=name in _WRITES)
+        setattr(fs, name, counted)
+        if name[1:] in vars(fs):  # fsspec bound a sync twin to the original at construction: rebind it
+            setattr(fs, name[1:], fsspec.asyn.sync_wrapper(counted, obj=fs))
+    fs._creps_counted = True
+    return fs
 
 
 def fs_is_local(fs: Any) -> bool:
@@ -115,14 +232,26 @@ def list_names(fs: Any, folder: str, suffix: str = ".json") -> set[str]:
     processes, and a stale listing would make finished work look missing.
     """
     try:
-        try:
-            names = fs.ls(folder, detail=False, refresh=True)
-        except TypeError:  # filesystems without ``refresh``
-            names = fs.ls(folder, detail=False)
+        names = fresh_ls(fs, folder)
     except (FileNotFoundError, NotADirectoryError):
         return set()
     base = (os.path.basename(str(n).rstrip("/")) for n in names)
     return {n[: -len(suffix)] for n in base if n.endswith(suffix) and not n.startswith(".")}
+
+
+def fresh_ls(fs: Any, folder: str) -> list[str]:
+    """Names in ``folder`` as the store has them now, never from a listing cache.
+
+    ``refresh=True`` alone is not enough: adlfs takes it without a word and
+    answers from its cache (its flag is ``invalidate_cache``), so a
+    long-running process would never see markers written by others.  The
+    folder's cache entry is dropped first, which every fsspec filesystem supports.
+    """
+    fs.invalidate_cache(folder)
+    try:
+        return list(fs.ls(folder, detail=False, refresh=True))
+    except TypeError:  # filesystems without ``refresh``
+        return list(fs.ls(folder, detail=False))
 
 
 def remove_tree(fs: Any, path: str) -> None:

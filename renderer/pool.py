@@ -25,7 +25,7 @@ from .ray_env import token_auth_like_ray_start
 
 token_auth_like_ray_start()  # Ray reads RAY_AUTH_MODE once, when it is imported: before `import ray`
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
+from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayError, RayTaskError
 
 import creps
 from creps.errors import first_line
@@ -63,6 +63,10 @@ class RenderWorker:
 
     def pid(self) -> int:
         return os.getpid()
+
+    def node(self) -> str:
+        """The Ray node this actor runs on (the pool reports the nodes a job used and lost)."""
+        return str(ray.get_runtime_context().get_node_id())
 
     def run(self, ctx: RenderContext, task: Task) -> Result:
         """Do one task of job ``ctx``; the task's type says what."""
@@ -123,6 +127,9 @@ class Pool(Protocol):
 
     retries: int
     replaced: int
+    tiles_retried: int  # tiles of the tile tasks sent again
+    nodes_used: dict[str, str]  # node id -> description, of nodes whose workers returned results
+    nodes_lost: dict[str, str]  # node id -> description, of nodes that died under a worker
 
     def run(self, ctx: RenderContext, tasks: list[Task], on_result: OnResult) -> None: ...
 
@@ -136,6 +143,10 @@ class _Slot:
     actor: Any
     generation: int = 0
     in_flight: int = 0
+    node_ref: Any = None  # the actor's answer to node(): it runs before any task of the actor
+    node: str = ""
+    suspect: Any = None  # the ping sent when the actor became unreachable; no tasks until it is settled
+    retired: bool = False  # its node is gone and the cluster has no room for a replacement
 
 
 @dataclass
@@ -169,14 +180,22 @@ class WorkerPool:
         self.actor_failures: list[str] = []
         self.replaced = 0
         self.retries = 0
-        self.slots = [_Slot(self._new_actor()) for _ in range(n)]
+        self.tiles_retried = 0
+        self.nodes_used: dict[str, str] = {}
+        self.nodes_lost: dict[str, str] = {}
+        self._node_check = 0.0
+        self.slots = [self._slot(self._new_actor()) for _ in range(n)]
 
     def _new_actor(self) -> Any:
         return self._cls.remote(self.checkpoint, self.init_seed, self.threads, self.device)
 
+    @staticmethod
+    def _slot(actor: Any) -> _Slot:
+        return _Slot(actor, node_ref=actor.node.remote())
+
     def pids(self, timeout: float = 120.0) -> list[int]:
         """Process ids of the live actors (waits for them to start)."""
-        return ray.get([s.actor.pid.remote() for s in self.slots], timeout=timeout)
+        return ray.get([s.actor.pid.remote() for s in self.slots if not s.retired], timeout=timeout)
 
     def shutdown(self) -> None:
         for s in self.slots:
@@ -196,10 +215,91 @@ class WorkerPool:
             ray.kill(slot.actor)
         except Exception:
             pass
-        slot.actor = self._new_actor()
         slot.generation += 1
         slot.in_flight = 0
+        slot.suspect = None
+        if slot.node and not _node_alive(slot.node):
+            # described as it was while alive: a dead node's record has no resources left
+            self.nodes_lost[slot.node] = self.nodes_used.get(slot.node) or _describe_node(slot.node)
+            if not self._room_for_one():  # a replacement could never start: go on with the others
+                slot.retired = True
+                if all(s.retired for s in self.slots):
+                    raise RendererError(
+                        f"every worker's node is gone ({', '.join(self.nodes_lost.values())}); "
+                        "add nodes or re-run without --address"
+                    )
+                return
+        fresh = self._slot(self._new_actor())
+        slot.actor, slot.node_ref, slot.node = fresh.actor, fresh.node_ref, ""
         self.replaced += 1
+
+    def _room_for_one(self) -> bool:
+        """Whether the cluster has the CPUs (GPUs) for one more actor right now."""
+        free = ray.available_resources()
+        need_cpu = self.threads if self.gpus == 0 else 1
+        return float(free.get("CPU", 0)) >= need_cpu and float(free.get("GPU", 0)) >= self.gpus
+
+    def _started(self, i: int, slot: _Slot) -> bool:
+        """Whether the slot's actor is up (it answered node()); only then does it get tasks.
+
+        A replacement that cannot be placed (its node died and no other has
+        room) never answers, so it never holds work the others could do.
+        """
+        if slot.node:
+            return True
+        ready, _ = ray.wait([slot.node_ref], timeout=0)
+        if not ready:
+            return False
+        try:
+            ray.get(ready[0])
+        except RayError as e:
+            self._replace(i, f"starting: {_root_cause(e)}")
+            return False
+        self._learn_node(slot)
+        return bool(slot.node)
+
+    def _learn_node(self, slot: _Slot) -> None:
+        """Record the node of an actor that answered (its node() ran before its first task)."""
+        if slot.node or slot.node_ref is None:
+            return
+        try:
+            slot.node = str(ray.get(slot.node_ref, timeout=0))
+        except Exception:
+            return
+        if slot.node not in self.nodes_used:
+            self.nodes_used[slot.node] = _describe_node(slot.node)
+
+    def _settle_suspects(self, final: bool = False) -> None:
+        """Decide about actors that became unreachable (``ActorUnavailableError``).
+
+        Such an actor is either back (its ping answers: it gets tasks again),
+        dead (its ping fails: replaced), or on a node that died: the GCS marks
+        the node dead once its heartbeats stop (seconds), and the slot is
+        replaced or retired.  Checked at most once a second; ``final`` (the
+        tasks are done) waits for the verdict, so the summary names a lost node.
+        """
+        waiting = [(i, s) for i, s in enumerate(self.slots) if s.suspect is not None and not s.retired]
+        if not waiting or (not final and time.monotonic() - self._node_check < 1.0):
+            return
+        t_end = time.monotonic() + NODE_VERDICT_S
+        while waiting:
+            self._node_check = time.monotonic()
+            for i, slot in waiting:
+                ready, _ = ray.wait([slot.suspect], timeout=0)
+                if slot.node and not _node_alive(slot.node):
+                    self._replace(i, f"its node {slot.node[:12]} died")
+                elif ready:
+                    try:
+                        ray.get(ready[0])
+                        slot.suspect = None  # it answers again: a blip
+                    except ActorUnavailableError:
+                        slot.suspect = slot.actor.pid.remote()  # still unreachable: ask again, wait for the GCS
+                    except RayError as e:
+                        self._replace(i, f"unreachable, then: {_root_cause(e)}")
+            waiting = [(i, s) for i, s in enumerate(self.slots) if s.suspect is not None and not s.retired]
+            if not final or time.monotonic() > t_end:
+                return
+            time.sleep(1.0)
 
     def run(self, ctx: RenderContext, tasks: list[Task], on_result: OnResult) -> None:
         """Run the tasks of job ``ctx`` on the actors; ``on_result(task, result)`` for each, in this thread."""
@@ -207,7 +307,10 @@ class WorkerPool:
         pending: dict[Any, tuple[int, int, _Attempts]] = {}
         while queue or pending:
             now = time.monotonic()
+            self._settle_suspects()
             for i, slot in enumerate(self.slots):
+                if slot.retired or slot.suspect is not None or not self._started(i, slot):
+                    continue
                 while slot.in_flight < self.in_flight and queue:
                     task = self._next_ready(queue, now)
                     if task is None:
@@ -226,18 +329,30 @@ class WorkerPool:
                     slot.in_flight -= 1
                 try:
                     value = ray.get(ref)
+                except ActorUnavailableError as e:
+                    # unreachable: a blip, or its node is dying; its tasks go elsewhere meanwhile
+                    if gen == slot.generation and slot.suspect is None:
+                        self._learn_node(slot)
+                        slot.suspect = slot.actor.pid.remote()
+                    self._retry(queue, task, _root_cause(e), backoff=False)
                 except RayActorError as e:
                     if gen == slot.generation:  # first news of this actor's death: replace it
+                        self._learn_node(slot)
                         self._replace(i, f"{task.task.key}: {_root_cause(e)}")
                     self._retry(queue, task, _root_cause(e), backoff=False)
                 except (RayTaskError, RayError, GetTimeoutError) as e:
                     self._retry(queue, task, _root_cause(e), backoff=True)
                 else:
+                    if gen == slot.generation:
+                        self._learn_node(slot)
                     on_result(task.task, value)
+        self._settle_suspects(final=True)
 
     def _retry(self, queue: collections.deque, task: _Attempts, error: str, backoff: bool) -> None:
         task.attempts += 1
         self.retries += 1
+        if isinstance(task.task, TileTask):
+            self.tiles_retried += task.task.stop - task.task.start
         task.errors.append(error)
         if task.attempts > self.max_failures:
             raise RendererError(
@@ -265,7 +380,9 @@ class LocalPool:
 
     def __init__(self, checkpoint: str, init_seed: int, threads: int, device: str) -> None:
         self.worker = RenderWorker(checkpoint, init_seed, threads, device)
-        self.retries = self.replaced = 0
+        self.retries = self.replaced = self.tiles_retried = 0
+        self.nodes_used: dict[str, str] = {}
+        self.nodes_lost: dict[str, str] = {}
 
     def pids(self, timeout: float = 0.0) -> list[int]:
         return [os.getpid()]
@@ -300,6 +417,32 @@ def release_pools() -> None:
     """Kill every cached pool's actors (before ``ray.shutdown`` or to free resources)."""
     while _POOLS:
         _POOLS.popitem()[1].shutdown()
+
+
+# How long a pool whose tasks are done waits for the GCS to say whether an unreachable
+# actor's node died (it marks a node dead after missed heartbeats: ~15-30 s by default).
+NODE_VERDICT_S = 90.0
+
+_STANDARD_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
+
+
+def _node_alive(node: str) -> bool:
+    """Whether the GCS still counts ``node`` as alive (an unknown node counts as gone)."""
+    return any(n.get("NodeID") == node and n.get("Alive") for n in ray.nodes())
+
+
+def _describe_node(node: str) -> str:
+    """``<id12> (<address>; <custom resources>)``: enough to tell which machine it was."""
+    for n in ray.nodes():
+        if n.get("NodeID") == node:
+            custom = sorted(
+                k
+                for k in n.get("Resources", {})
+                if k not in _STANDARD_RESOURCES and not k.startswith(("node:", "accelerator_type:"))
+            )
+            extra = f"; {', '.join(custom)}" if custom else ""
+            return f"{node[:12]} ({n.get('NodeManagerAddress', '?')}{extra})"
+    return node[:12]
 
 
 def _root_cause(e: BaseException) -> str:

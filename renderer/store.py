@@ -25,7 +25,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -71,6 +71,11 @@ class ImageStore:
     fs: Any
     root: str
     group: zarr.Group
+    # Keep array handles (their metadata) once opened: a render worker's arrays do not change
+    # during its job, and reopening them cost two requests to an object store on every tile.
+    # Off by default: readers beside a writer (viewer, assemble) must see arrays it recreates.
+    cache_arrays: bool = False
+    _arrays: dict[str, zarr.Array] = field(default_factory=dict, repr=False)
 
     def _path(self, rel: str) -> str:
         return f"{self.root}/{rel}"
@@ -81,11 +86,17 @@ class ImageStore:
 
     def _array(self, key: str) -> zarr.Array | None:
         """The array at ``key`` or None; a lookup by name, never a listing of the group."""
+        if key in self._arrays:
+            return self._arrays[key]
         try:
             node = self.group[key]
         except KeyError:
             return None
-        return node if isinstance(node, zarr.Array) else None
+        if not isinstance(node, zarr.Array):
+            return None
+        if self.cache_arrays:
+            self._arrays[key] = node
+        return node
 
     def level(self, level: int = 0) -> zarr.Array:
         arr = self._array(str(level))
@@ -101,13 +112,12 @@ class ImageStore:
 
     def delete_levels_from(self, first: int) -> None:
         """Remove levels ``first``, ``first``+1, ... (a deeper pyramid of an older plan)."""
-        try:  # one fsspec listing (gaps are possible); zarr's own listing would trip on our non-zarr entries
-            names = {os.path.basename(str(n).rstrip("/")) for n in self.fs.ls(self.root, detail=False, refresh=True)}
-        except TypeError:
-            names = {os.path.basename(str(n).rstrip("/")) for n in self.fs.ls(self.root, detail=False)}
+        # one fsspec listing (gaps are possible); zarr's own listing would trip on our non-zarr entries
+        names = {os.path.basename(str(n).rstrip("/")) for n in fsio.fresh_ls(self.fs, self.root)}
         for name in sorted(n for n in names if n.isdigit() and int(n) >= first):
             if self.has_level(int(name)):
                 del self.group[name]
+            self._arrays.pop(name, None)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -134,6 +144,7 @@ class ImageStore:
         else:
             raise RendererError(f"unknown compressor {compressor!r}; use zstd or none")
         shards = (3, chunk * shard, chunk * shard) if shard and shard > 1 else None
+        self._arrays.pop(str(level), None)
         return self.group.create_array(
             str(level),
             shape=(3, height, width),
@@ -254,6 +265,7 @@ class ImageStore:
     def create_line_arrays(self, height: int, width: int, shape: LineShape) -> None:
         """Create (or replace) the empty row/column line arrays of a job, and clear their markers."""
         fsio.remove_tree(self.fs, self._path(LINES_DONE_DIR))
+        self._arrays.clear()
         grp = self.group.require_group(LINES_GROUP)
         for which, length in (("row", height), ("col", width)):
             grp.create_array(
@@ -393,6 +405,7 @@ def open_store(url: str, storage_options: dict | None = None, mode: str = "a") -
             zstore: Any = LocalStore(path, read_only=mode == "r")
         else:
             zstore = FsspecStore.from_url(url, storage_options=storage_options or None, read_only=mode == "r")
+            fsio.count_io(zstore.fs)
         group = zarr.open_group(zstore, mode=mode, zarr_format=3)  # type: ignore[arg-type]
     except Exception as e:  # zarr passes on whatever the filesystem raises
         raise RendererError(f"cannot open store {url!r}: {first_line(e)}") from None

@@ -125,6 +125,8 @@ class LineResult:
     stop: int
     seconds: float
     peak_rss_mb: float
+    requests: int = 0  # storage calls of the task (renderer.fsio.io_counts)
+    objects_written: int = 0
 
 
 @dataclass(frozen=True)
@@ -139,15 +141,19 @@ class TileResult:
     pid: int
     host: str
     peak_rss_mb: float = 0.0
+    # storage calls and objects written by the task; all on its last tile (the run's marker is written after it)
+    requests: int = 0
+    objects_written: int = 0
 
     @property
     def pixels(self) -> int:
         return (self.rows[1] - self.rows[0]) * (self.cols[1] - self.cols[0])
 
     def marker(self) -> dict[str, Any]:
-        """The marker record (JSON): everything but the worker's memory figure."""
+        """The marker record (JSON): everything but the worker's memory and storage figures."""
         d = asdict(self)
-        d.pop("peak_rss_mb")
+        for key in ("peak_rss_mb", "requests", "objects_written"):
+            d.pop(key)
         d["rows"], d["cols"] = list(self.rows), list(self.cols)
         return d
 

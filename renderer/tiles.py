@@ -23,6 +23,7 @@ import torch
 
 import creps
 
+from . import fsio
 from . import lines as line_store
 from .errors import RendererError
 from .store import ImageStore, open_store
@@ -72,8 +73,11 @@ class TileRenderer:
     def __init__(self, G: creps.Generator, ctx: RenderContext, device: str = "cpu") -> None:
         self.G, self.ctx, self.device = G, ctx, device
         self.canvas = ctx.canvas
+        io0 = fsio.io_counts()
         # a copy: botocore rewrites nested config dicts, and ctx must stay equal to the next task's
         self.store: ImageStore = open_store(ctx.url, copy.deepcopy(ctx.storage_options) or None, mode="a")
+        self.store.cache_arrays = True  # this job's arrays stay as they are while it renders
+        self._io_mark = io0  # opening the store is reported with the first task's requests
         with torch.no_grad():
             z = G.z_from_seed(ctx.seed).to(device)
             self.ws = G.ws(z, ctx.psi)
@@ -87,7 +91,15 @@ class TileRenderer:
         with torch.no_grad():
             feats = self.G.lines(self.ws, coords.to(self.device), which, start, stop, weights=self._line_weights)
         line_store.write_lines(self.store, which, start, feats)
-        return LineResult(which, start, stop, time.perf_counter() - t0, peak_rss_mb())
+        requests, objects = self._io_since_last()
+        return LineResult(which, start, stop, time.perf_counter() - t0, peak_rss_mb(), requests, objects)
+
+    def _io_since_last(self) -> tuple[int, int]:
+        """(requests, objects written) since the previous task ended (or the store was opened)."""
+        now = fsio.io_counts()
+        requests, objects = (b - a for a, b in zip(self._io_mark, now, strict=True))
+        self._io_mark = now
+        return requests, objects
 
     def render_tile(self, r0: int, r1: int, c0: int, c1: int, name: str | None = None) -> np.ndarray:
         """uint8 (3, r1-r0, c1-c0) of the canvas, chunk by chunk, from the stored lines.
@@ -132,4 +144,6 @@ class TileRenderer:
         """Render tiles [start, stop) of the job's plan, then mark them done with one marker."""
         results = [self.tile(t) for t in self.ctx.plan.tiles(start, stop)]
         self.store.mark_tiles(start, stop, [r.marker() for r in results])
+        requests, objects = self._io_since_last()
+        results[-1] = dataclasses.replace(results[-1], requests=requests, objects_written=objects)
         return results

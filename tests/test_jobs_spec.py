@@ -69,7 +69,8 @@ def test_scale_resolves_from_training_resolution():
         ({"tile": 16384}, "larger than 8192"),
         ({"psi": float("nan")}, "psi"),
         ({"view": (0, 0, 0, 1)}, "empty"),
-        ({"shard": 0}, "shard"),
+        ({"shard": -1}, "shard"),
+        ({"shard": 65}, "shard"),
     ],
 )
 def test_bad_specs(kwargs, message):
@@ -177,3 +178,24 @@ def test_cli_dry_run_prints_resolved_job(capsys, tmp_path):
     out = capsys.readouterr().out
     assert rc == 0 and '"height": 96' in out and "plan: 9 tiles" in out
     assert not (tmp_path / "d.zarr").exists()
+
+
+@pytest.mark.parametrize(
+    "h, w, tile, object_store, want",
+    [
+        (32768, 32768, 512, False, 1),  # local disks: never sharded by default
+        (8192, 8192, 512, True, 1),  # 256 chunks: already few objects
+        (32768, 32768, 512, True, 2),  # 1 Gpx: 4,096 chunks -> 1,024 shards
+        (262144, 262144, 512, True, 16),  # 262,144 chunks -> 1,024 shards of 8192^2
+        (2**20, 2**20, 512, True, 32),  # capped by the 16384 shard side: 4,096 shards
+        (100, 40000, 16, True, 8),  # 7 x 2,500 chunks; x4: 2 x 625 = 1,250; x8: 1 x 313
+    ],
+)
+def test_auto_shard_keeps_object_store_levels_small(h, w, tile, object_store, want):
+    from jobs.plan import OBJECTS_PER_LEVEL, auto_shard
+
+    s = auto_shard(h, w, tile, object_store)
+    assert s == want
+    side = tile * s
+    if object_store and side < 16384:
+        assert -(-h // side) * -(-w // side) <= OBJECTS_PER_LEVEL

@@ -42,7 +42,7 @@ def test_store_layout_metadata_and_lines(tmp_path, render_ray):
     assert list(arr.metadata.dimension_names) == ["c", "y", "x"]
     assert type(arr.compressors[0]).__name__.startswith("Zstd")
     meta = store.meta
-    assert meta["spec"] == spec.to_dict() and meta["status"] == "done"
+    assert meta["spec"] == {**spec.to_dict(), "shard": 1} and meta["status"] == "done"  # auto shard: 1 on a local disk
     assert meta["checkpoint_sha256"] == creps.checkpoint_hash("preset:tiny", 0)
     assert meta["tiles_total"] == meta["tiles_done"] == 12 and meta["version"].startswith("creps-gigapixel")
     assert meta["last_run"]["tiles_rendered"] == 12
@@ -107,18 +107,18 @@ def test_multiworker_bytes_equal_single_process(tmp_path, render_ray, render_ref
     np.testing.assert_array_equal(_level0(spec.out), ref)
 
 
-@pytest.mark.slow
 def test_peak_memory_bounded_by_tiles_not_canvas(tmp_path):
-    """The same number of 512^2 tiles rendered from a 4096^2 and a 16384^2 canvas (16x the
+    """The same number of 256^2 tiles rendered from a 2048^2 and an 8192^2 canvas (16x the
     pixels, 4x the lines), each job in a fresh process: peak RSS of the driver and of the
-    workers does not grow with the canvas."""
+    workers does not grow with the canvas (an 8192^2 uint8 image alone is 192 MB).  Was
+    4096^2 vs 16384^2 at tile 512, run by hand; the same ratios fit the suite."""
     import subprocess
     import sys
 
     from conftest import REPO, render_cli_env
 
     peaks = {}
-    for side in (4096, 16384):
+    for side in (2048, 8192):
         out = subprocess.run(
             [
                 sys.executable,
@@ -129,7 +129,7 @@ def test_peak_memory_bounded_by_tiles_not_canvas(tmp_path):
                 "--size",
                 str(side),
                 "--tile",
-                "512",
+                "256",
                 "--workers",
                 "2",
                 "--threads-per-worker",
@@ -153,7 +153,7 @@ def test_peak_memory_bounded_by_tiles_not_canvas(tmp_path):
         assert s["tiles_rendered"] == 24
         peaks[side] = (s["driver_peak_rss_mb"], s["worker_peak_rss_mb"])
         print(json.dumps({"side": side, **{k: s[k] for k in ("driver_peak_rss_mb", "worker_peak_rss_mb", "seconds")}}))
-    (d4, w4), (d16, w16) = peaks[4096], peaks[16384]
+    (d4, w4), (d16, w16) = peaks[2048], peaks[8192]
     assert d16 < d4 * 1.2 + 30 and w16 < w4 * 1.2 + 30, peaks
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import socket
 import threading
 import time
@@ -15,6 +16,7 @@ from zarr.storage import FsspecStore
 
 import render
 from jobs.run import run_job
+from renderer.store import open_store
 
 s3fs = pytest.importorskip("s3fs")
 
@@ -94,6 +96,9 @@ def test_unreachable_endpoint_is_one_clear_error(render_ray, capsys):
     assert rc == 2 and len(err) == 1 and err[0].startswith("error: cannot access 's3://renders/x.zarr'"), err
 
 
+REQUEST_LINE = re.compile(rb"(?:GET|PUT|POST|HEAD|DELETE) /\S* HTTP/1\.1\r\n")
+
+
 class Outage:
     """A TCP relay in front of the S3 endpoint that can go down and come back on the same
     port: the job sees its S3 endpoint restart (connections reset, then refused) while the
@@ -103,6 +108,7 @@ class Outage:
         self.target, self.port = target_port, free_port()
         self.conns: list[socket.socket] = []
         self.lock = threading.Lock()
+        self.requests = 0  # HTTP requests relayed (request lines seen from clients)
         self.up()
 
     def up(self) -> None:
@@ -132,13 +138,19 @@ class Outage:
             upstream = socket.create_connection(("127.0.0.1", self.target))
             with self.lock:
                 self.conns += [client, upstream]
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+            for a, b, count in ((client, upstream, True), (upstream, client, False)):
+                threading.Thread(target=self._pump, args=(a, b, count), daemon=True).start()
 
-    @staticmethod
-    def _pump(a: socket.socket, b: socket.socket) -> None:
+    def _pump(self, a: socket.socket, b: socket.socket, count: bool) -> None:
+        tail = b""
         try:
             while data := a.recv(65536):
+                if count:  # request lines, also when one is split across two reads
+                    seen = tail + data
+                    n = len(REQUEST_LINE.findall(seen)) - len(REQUEST_LINE.findall(tail))
+                    tail = seen[-256:]
+                    with self.lock:
+                        self.requests += n
                 b.sendall(data)
         except OSError:
             pass
@@ -174,3 +186,30 @@ def test_s3_endpoint_outage_mid_job(moto_s3, render_ray, render_reference):
         time.sleep(max(0.0, 3.5 - (time.monotonic() - t0)))
     np.testing.assert_array_equal(_level0(spec.out, _options(moto_s3)), render_reference(160, 128))
     print(json.dumps({"tasks_retried": summary["tasks_retried"], "seconds": summary["seconds"]}))
+
+
+def test_object_store_default_shards_and_counted_requests(moto_s3, render_ray, render_reference, monkeypatch):
+    """On an object store level 0 is sharded by default (here with the per-level object budget
+    lowered to 16 so a small canvas shows it): one object and one marker per shard, and the run
+    summary's requests equal the HTTP requests that reached the endpoint (counted by a relay)."""
+    import jobs.plan
+
+    monkeypatch.setattr(jobs.plan, "OBJECTS_PER_LEVEL", 16)
+    _bucket(moto_s3, "scale")
+    relay = Outage(int(moto_s3.rsplit(":", 1)[1]))
+    options = {**_options(f"http://127.0.0.1:{relay.port}"), "max_concurrency": 1}
+    spec = tiny_job("s3://scale/img.zarr", height=256, width=256, tile=16, storage_options=options, batch=0)
+    before = relay.requests
+    summary = run_job(spec, progress=False, log=lambda s: None)
+    relayed = relay.requests - before
+    assert summary["status"] == "done" and summary["tiles_total"] == 16  # 256 chunks of 16^2 -> 16 shards of 64^2
+    fs = s3fs.S3FileSystem(**_options(moto_s3))
+    level0 = [p for p in fs.find("scale/img.zarr/0") if not p.endswith("zarr.json")]
+    markers = fs.ls("scale/img.zarr/tiles")
+    assert len(level0) == 16 and len(markers) == 16, (level0, markers)
+    store = open_store(spec.out, _options(moto_s3), mode="r")
+    assert store.level(0).shards == (3, 64, 64) and store.meta["spec"]["shard"] == 4
+    np.testing.assert_array_equal(_level0(spec.out, _options(moto_s3)), render_reference(256, 256))
+    # every object there was written by this run (workers' counts came back), and every request is counted
+    assert summary["objects_written"] >= len(fs.find("scale/img.zarr")), summary
+    assert summary["requests"] == relayed, (summary["requests"], relayed)

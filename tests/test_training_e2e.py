@@ -291,3 +291,41 @@ def test_device_training_script_runs_end_to_end_on_cpu(dataset, tmp_path):
     import creps
 
     assert creps.load(out / "G_ema.safetensors").cfg == creps.preset("tiny")
+
+
+def test_run_dir_and_training_checkpoint_render(dataset, tmp_path, capsys):
+    """`--checkpoint RUN_DIR` renders the run's newest G_ema, and so does a training-state
+    ckpt-*.safetensors given directly; a folder that is no run is refused with one line."""
+    import zarr
+
+    import render
+
+    run = tmp_path / "run"
+    Trainer(config(dataset, 0.008, snap=0.004), str(run), log=lambda s: None).run(progress=False)
+    ckpts = sorted(p.name for p in run.glob("ckpt-*.safetensors"))
+    assert ckpts == ["ckpt-00000001.safetensors", "ckpt-00000002.safetensors"]
+    newest = run / "ckpt-00000002.safetensors"
+    assert creps.resolve_checkpoint(str(run)) == str(newest)
+    G = load(newest)
+    for k, v in G.state_dict().items():  # the training state's G_ema, nothing else
+        assert torch.equal(v, read_checkpoint(newest).tensors[f"G_ema/{k}"]), k
+    assert creps.read_config(str(run)) == G.cfg
+    with torch.no_grad():
+        want = creps.to_uint8(G.render(G.z_from_seed(2), creps.Canvas(24, 40)))[0].numpy()
+    for i, ckpt in enumerate((str(run), str(newest))):
+        url = f"memory://ckpt{i}.zarr"
+        argv = ["render", "--checkpoint", ckpt, "--size", "40x24", "--tile", "16", "--seed", "2", "--out", url]
+        assert render.main([*argv, "--quiet", "--no-exports"]) == 0, capsys.readouterr().err
+        assert np.array_equal(np.asarray(zarr.open_group(url, mode="r")["0"][:]), want)
+        meta = zarr.open_group(url, mode="r").attrs["creps_gigapixel"]
+        assert meta["spec"]["checkpoint"] == str(newest)  # the job names the file it rendered
+    # only the exported G_ema left (checkpoints pruned by hand): that one renders
+    for p in run.glob("ckpt-*.safetensors"):
+        p.unlink()
+    assert creps.resolve_checkpoint(str(run)) == str(run / "G_ema.safetensors")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    capsys.readouterr()
+    rc = render.main(["render", "--checkpoint", str(empty), "--out", "memory://no.zarr", "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "not a training run" in err[0], err

@@ -23,24 +23,36 @@ def _reflect(idx: torch.Tensor, n: int) -> torch.Tensor:
     return torch.where(idx >= n, period - idx, idx)
 
 
-def augment(img: torch.Tensor, p: float, gen: torch.Generator) -> torch.Tensor:
-    """Augmented copy of ``img`` [B, C, H, W] (float, about [-1, 1])."""
+def augment(img: torch.Tensor, p: float, gen: torch.Generator, share: tuple[int, int] = (0, 1)) -> torch.Tensor:
+    """Augmented copy of ``img`` [B, C, H, W] (float, about [-1, 1]).
+
+    ``share = (rank, world)``: ``img`` is images ``rank, rank + world, ...`` of
+    a global batch of ``B * world`` split over ``world`` processes.  Every
+    random draw is made for the whole global batch (the same on every rank,
+    from the same generator) and each rank takes its images' values, so a
+    distributed step augments each image exactly as a single process would.
+    """
     if p <= 0:
         return img
     b, _, h, w = img.shape
     dev = img.device
+    rank, world = share
+    n = b * world
+
+    def mine(t: torch.Tensor) -> torch.Tensor:
+        return t[rank::world]
 
     def mask() -> torch.Tensor:
-        return (torch.rand(b, generator=gen) < p).to(dev).reshape(b, 1, 1, 1)
+        return mine(torch.rand(n, generator=gen) < p).to(dev).reshape(b, 1, 1, 1)
 
     def normal(std: float) -> torch.Tensor:
-        return (torch.randn(b, generator=gen) * std).to(dev).reshape(b, 1, 1, 1)
+        return (mine(torch.randn(n, generator=gen)) * std).to(dev).reshape(b, 1, 1, 1)
 
     x = torch.where(mask(), img.flip(3), img)
     # integer translation up to 1/8 of the size, reflect padding
     m = mask().reshape(b)
-    ty = (torch.randint(-(h // 8), h // 8 + 1, (b,), generator=gen).to(dev) * m).reshape(b, 1)
-    tx = (torch.randint(-(w // 8), w // 8 + 1, (b,), generator=gen).to(dev) * m).reshape(b, 1)
+    ty = (mine(torch.randint(-(h // 8), h // 8 + 1, (n,), generator=gen)).to(dev) * m).reshape(b, 1)
+    tx = (mine(torch.randint(-(w // 8), w // 8 + 1, (n,), generator=gen)).to(dev) * m).reshape(b, 1)
     rows = _reflect(torch.arange(h, device=dev).reshape(1, h) - ty, h)  # [B, H]
     cols = _reflect(torch.arange(w, device=dev).reshape(1, w) - tx, w)  # [B, W]
     bi = torch.arange(b, device=dev).reshape(b, 1, 1)

@@ -3,7 +3,8 @@
   train.py --data DS --out RUNDIR [options]         `train` is the default subcommand
   train.py train --data DS --out RUNDIR [options]   the same, spelled out
 
-Multi-GPU: torchrun --nproc_per_node=N train.py --data ... (one process on CPU).
+Several processes: torchrun --nproc_per_node=N train.py --data ... (NCCL on GPUs, gloo on
+CPUs); it trains the same run as one process with --batch-gpu batch/N.
 """
 
 from __future__ import annotations
@@ -53,6 +54,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "(same network, coordinate vectors twice as long)",
     )
     g.add_argument("--batch", type=int, default=16, metavar="B", help="total batch size [default: 16]")
+    g.add_argument(
+        "--batch-gpu",
+        type=int,
+        default=0,
+        metavar="B",
+        help="images per process per pass; fewer than batch/processes accumulates gradients "
+        "(the result depends on batch and B, not on the number of processes) [default: batch/processes]",
+    )
     g.add_argument(
         "--kimg",
         type=kimg_amount,

@@ -57,6 +57,7 @@ class TrainConfig:
     preset: str = "small64"
     resolution: int = 0  # 0 = the dataset's resolution
     batch: int = 16
+    batch_gpu: int = 0  # images per process per pass; 0 = batch / processes (less: gradient accumulation)
     kimg: float = 100.0
     gamma: float = -1.0  # < 0: default_gamma(resolution)
     aug: str = "ada"  # ada | noaug
@@ -93,6 +94,8 @@ class TrainConfig:
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):
                 raise TrainError(f"{f.name} must be a finite number, got {value}")
+        if self.batch_gpu < 0 or (self.batch_gpu and self.batch % self.batch_gpu):
+            raise TrainError(f"--batch-gpu must divide --batch {self.batch}, got {self.batch_gpu}")
         if self.kimg <= 0:
             raise TrainError(f"--kimg must be positive, got {self.kimg}")
         if self.minutes < 0:

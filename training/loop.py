@@ -3,15 +3,27 @@
 controller.
 
 Determinism (CPU): every random draw of step s (latents, augmentation, x-flip)
-comes from a generator seeded by (seed, s, rank), and the data order from
+comes from a generator seeded by (seed, s), and the data order from
 (seed, epoch), so the state at step s is a function of the checkpointed state
 only: an interrupted and resumed run equals an uninterrupted one, bit for bit.
 
 Resume = re-run the same command: the latest ``ckpt-*.safetensors`` in the
 run directory is loaded.  ``--resume PATH`` starts a new run from other
 weights (a training checkpoint, one of our generator files, an official CREPS
-pickle).  Multi-GPU: launched by ``torchrun``, each rank takes ``batch/world``
-images and gradients are averaged with all-reduce (untested here: no GPUs).
+pickle).
+
+Distributed (``torchrun --nproc_per_node N``; NCCL on GPUs, gloo on CPUs):
+rank r of W takes images r, r+W, r+2W, ... of the global batch.  Every random
+draw is made for the whole global batch from the same (seed, step) generator on
+every rank and each rank keeps its images' share, gradients are averaged
+with one all-reduce, and the two pieces of state a rank would otherwise
+compute from its own images alone are reduced too: the ADA sign statistic and
+the mapping's ``w_avg`` (the mean of the global batch's w).  So W processes
+train the same run as one process with the same global batch, to float
+rounding (the test holds them within 1e-5), as long as ``mbstd_group``
+divides the per-rank batch (minibatch-std groups are images r, r+W, ...;
+the official code also groups per GPU).  Rank 0 writes the run directory;
+every rank reads the checkpoint it resumes from.
 """
 
 from __future__ import annotations
@@ -171,6 +183,11 @@ class Trainer:
         cfg = cfg.resolve(self.ds.resolution, transfer_from)
         if cfg.batch % self.world:
             raise TrainError(f"--batch {cfg.batch} is not divisible by {self.world} processes")
+        self.batch_gpu = cfg.batch_gpu or cfg.batch // self.world
+        if cfg.batch % (self.batch_gpu * self.world):
+            raise TrainError(
+                f"--batch {cfg.batch} is not a multiple of --batch-gpu {self.batch_gpu} x {self.world} processes"
+            )
         self.run_dir = Path(run_dir)
         self.latest = latest_checkpoint(self.run_dir)
         self._check_run_dir(cfg, force)
@@ -239,82 +256,155 @@ class Trainer:
             torch.cuda.set_device(local)
             self.device = torch.device("cuda", local)
 
-    def _sync(self, module: nn.Module) -> None:
-        """Average gradients over ranks (one flat all-reduce)."""
+    def _finish_distributed(self) -> None:
         if self.world == 1:
             return
         import torch.distributed as dist
 
+        if dist.is_initialized():
+            dist.barrier()  # no rank leaves while another may still need the group
+            dist.destroy_process_group()
+
+    def _sync(self, module: nn.Module) -> None:
+        """Gradients of the global batch: this process's shares' sum, divided by the number of
+        shares, summed over ranks (one flat all-reduce).  With two shares, halving is exact, so
+        ``(g0 + g1) / 2`` here equals ``g0 / 2 + g1 / 2`` of two ranks bit for bit."""
+        if self.shares == 1:
+            return
         grads = [(p, p.grad) for p in module.parameters() if p.grad is not None]
-        flat = torch.cat([g.flatten() for _, g in grads]) / self.world
-        dist.all_reduce(flat)
+        flat = torch.cat([g.flatten() for _, g in grads]) / self.shares
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(flat)
         for (p, g), avg in zip(grads, flat.split([p.numel() for p, _ in grads]), strict=False):
             g.copy_(avg.view_as(p))
 
+    @property
+    def shares(self) -> int:
+        """Parts of the global batch per step, over all ranks: ``batch / batch_gpu``."""
+        return self.cfg.batch // self.batch_gpu
+
     # ---------------------------------------------------------------- step
     def train_step(self) -> dict:
-        cfg, dev = self.cfg, self.device
-        local = cfg.batch // self.world
-        gen = step_generator(cfg.seed, self.step, self.rank)
-        idx = self.ds.order(self.step * cfg.batch + self.rank * local, local)
-        real = self.ds.batch(idx).to(dev, torch.float32) / 127.5 - 1
-        if cfg.mirror:
-            flip = (torch.rand(local, generator=gen) < 0.5).to(dev).reshape(-1, 1, 1, 1)
-            real = torch.where(flip, real.flip(3), real)
-        z = torch.randn(local, cfg.gen.z_dim, generator=gen).to(dev)
+        """One step on the global batch, done as ``shares`` parts of ``batch_gpu`` images.
+
+        Part s of S is images s, s+S, s+2S, ... of the step's batch; this rank
+        does parts rank, rank+world, ...  Each part draws its randomness from
+        its own copy of the (seed, step) generator, for the whole global batch,
+        and keeps its images' values, so a part computes the same whichever
+        process runs it, and a run's result depends on ``batch`` and
+        ``batch_gpu`` only, not on how many processes share the parts.
+        """
+        cfg, dev, n = self.cfg, self.device, self.shares
+        mine = range(self.rank, n, self.world)
+        order = self.ds.order(self.step * cfg.batch, cfg.batch)
+        parts = []
+        for s in mine:
+            gen = step_generator(cfg.seed, self.step)
+            take = slice(s, None, n)
+            real = self.ds.batch(order[take]).to(dev, torch.float32) / 127.5 - 1
+            if cfg.mirror:
+                flip = (torch.rand(cfg.batch, generator=gen)[take] < 0.5).to(dev).reshape(-1, 1, 1, 1)
+                real = torch.where(flip, real.flip(3), real)
+            z = torch.randn(cfg.batch, cfg.gen.z_dim, generator=gen)[take].to(dev)
+            parts.append((s, gen, real, z))
         p = self.ada.p if cfg.aug == "ada" else 0.0
         autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp)
+        keep_graph = len(parts) == 1  # one part: keep G's graph for the G update; several: recompute it there
 
-        fake = self.G(z, update_w_avg=True)  # graph kept for the G update below
+        if n == 1:
+            fakes = [self.G(parts[0][3], update_w_avg=True)]
+        else:
+            with torch.set_grad_enabled(keep_graph):
+                fakes = [self.G(z) for _, _, _, z in parts]
+            self._update_w_avg([z for _, _, _, z in parts])
 
         # D: logistic loss on real vs fake; lazy R1 on the (augmented) reals every r1_interval steps.
         self.D.requires_grad_(True)
         do_r1 = cfg.r1_interval > 0 and cfg.r1_gamma > 0 and self.step % cfg.r1_interval == 0
-        real_aug = augment(real, p, gen).detach().requires_grad_(do_r1)
-        with autocast:
-            real_logits = self.D(real_aug)
-            fake_logits = self.D(augment(fake.detach(), p, gen))
-        loss_d = d_loss(real_logits, fake_logits)
-        total_d = loss_d
-        r1 = torch.zeros(())
-        if do_r1:
-            r1 = r1_loss(real_aug, real_logits, cfg.r1_gamma, cfg.r1_interval)
-            total_d = total_d + r1
         self.opt_D.zero_grad(set_to_none=True)
-        total_d.backward()
+        loss_d_sum, r1_sum, signs = 0.0, 0.0, []
+        for (s, gen, real, _), fake in zip(parts, fakes, strict=True):
+            real_aug = augment(real, p, gen, (s, n)).detach().requires_grad_(do_r1)
+            with autocast:
+                real_logits = self.D(real_aug)
+                fake_logits = self.D(augment(fake.detach(), p, gen, (s, n)))
+            loss_d = d_loss(real_logits, fake_logits)
+            total_d = loss_d
+            if do_r1:
+                r1 = r1_loss(real_aug, real_logits, cfg.r1_gamma, cfg.r1_interval)
+                total_d = total_d + r1
+                r1_sum += r1.item()
+            total_d.backward()
+            loss_d_sum += loss_d.item()
+            signs.append(real_logits.detach())
         self._sync(self.D)
         self.opt_D.step()
-        self.ada.accumulate(real_logits)
+        self._accumulate_ada(signs)
 
         # G: non-saturating loss through the updated D.
         self.D.requires_grad_(False)
-        with autocast:
-            loss_g = g_loss(self.D(augment(fake, p, gen)))
         self.opt_G.zero_grad(set_to_none=True)
-        loss_g.backward()
+        loss_g_sum = 0.0
+        for (s, gen, _, z), fake in zip(parts, fakes, strict=True):
+            if not keep_graph:
+                fake = self.G(z)  # the same values as above, now with a graph
+            with autocast:
+                loss_g = g_loss(self.D(augment(fake, p, gen, (s, n))))
+            loss_g.backward()
+            loss_g_sum += loss_g.item()
         self._sync(self.G)
         self.opt_G.step()
 
         self.step += 1
         ema_update(self.G_ema, self.G, ema_beta(cfg.batch, self.step * cfg.batch, cfg.ema_nimg, cfg.ema_rampup))
         if cfg.aug == "ada":
-            if self.world > 1:
-                self._sync_ada()
             self.ada.step(self.step - 1, cfg.batch)
+        k = len(parts)
         return {
-            "loss_G": loss_g.item(),
-            "loss_D": loss_d.item(),
-            "r1": r1.item() if do_r1 else None,
-            "real_sign": float(real_logits.detach().sign().mean()),
+            "loss_G": loss_g_sum / k,
+            "loss_D": loss_d_sum / k,
+            "r1": r1_sum / k if do_r1 else None,
+            "real_sign": float(torch.cat(signs).sign().mean()),
         }
 
-    def _sync_ada(self) -> None:
-        import torch.distributed as dist
+    def _accumulate_ada(self, real_logits: list[torch.Tensor]) -> None:
+        """Add this step's sign statistic of D(real) over the global batch to the ADA controller.
 
-        t = torch.tensor([self.ada.sign_sum, float(self.ada.count)], device=self.device, dtype=torch.float64)
-        dist.all_reduce(t)
-        # every rank sees the global statistic; divide back so repeated syncs do not double count
-        self.ada.sign_sum, self.ada.count = float(t[0]) / self.world, int(t[1]) // self.world
+        The step's sums are integers (so exact in any order); with several
+        ranks they are all-reduced and every rank adds the same totals: the
+        controller's state, and so p, is the single-process one on every rank.
+        """
+        if self.shares == 1:
+            self.ada.accumulate(real_logits[0])
+            return
+        logits = torch.cat(real_logits)
+        t = torch.tensor([float(logits.sign().sum()), float(logits.numel())], dtype=torch.float64, device=self.device)
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(t)
+        self.ada.sign_sum += float(t[0])
+        self.ada.count += int(t[1])
+
+    def _update_w_avg(self, zs: list[torch.Tensor]) -> None:
+        """The mapping's running w average from the mean w of the *global* batch.
+
+        ``G(z, update_w_avg=True)`` would move it by one part's images only, so
+        ranks would drift apart (and G_ema copies it); the sum of w over every
+        part (all-reduced over ranks) is used instead, the same on every rank.
+        """
+        mapping = self.G.mapping
+        with torch.no_grad():
+            total = mapping(zs[0])[:, 0].sum(dim=0)  # the same w the forward pass computed
+            for z in zs[1:]:
+                total = total + mapping(z)[:, 0].sum(dim=0)
+            if self.world > 1:
+                import torch.distributed as dist
+
+                dist.all_reduce(total)
+            mapping.w_avg.copy_((total / self.cfg.batch).lerp(mapping.w_avg, self.cfg.gen.w_avg_beta))
 
     # ---------------------------------------------------------------- io
     def grid_latents(self, n: int = 0) -> torch.Tensor:
@@ -400,6 +490,7 @@ class Trainer:
                 if cfg.metrics:
                     self._metrics()
         bar.close()
+        self._finish_distributed()
         return last
 
     def _out_of_time(self, elapsed: float, minutes: float) -> bool:

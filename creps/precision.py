@@ -72,7 +72,7 @@ def _native_bf16_fp32_out(device: str) -> bool:
     """Whether ``torch.mm(bf16, bf16, out_dtype=float32)`` runs on ``device`` (CUDA, torch >= 2.8)."""
     try:
         a = torch.ones(16, 16, dtype=torch.bfloat16, device=device)
-        return torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32  # type: ignore[call-arg]
+        return torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32
     except (RuntimeError, TypeError, NotImplementedError):
         return False
 
@@ -128,7 +128,7 @@ def low_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, mode: 
         return torch.addmm(bias, x.float(), weight).to(torch.float16)
     hi, lo = _hi_lo(x)
     if mode == "bf16":
-        y = torch.mm(torch.cat([hi, lo, hi], dim=1), weight, out_dtype=torch.float32)  # type: ignore[call-arg]
+        y = torch.mm(torch.cat([hi, lo, hi], dim=1), weight, out_dtype=torch.float32)
         return y.add_(bias)
     if mode == "bf16-emulated":
         return torch.addmm(bias, torch.cat([hi.float(), lo.float()], dim=1), weight)

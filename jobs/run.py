@@ -4,9 +4,12 @@ Everything that can be wrong with a job is checked before anything expensive
 starts or anything is written: the spec, the checkpoint (its config is read
 from the file's header, no weights are loaded), the canvas, the output URL
 and, for an existing store, that it was made by the same job (else
-``--overwrite``).  Then Ray starts (embedded, or ``address``), the actors
-compute the missing line ranges, and render the missing tiles.  Resume is
-re-running the same job: markers in the store say what is already there.
+``--overwrite``).  Then the pool starts: Ray actors (embedded, or
+``address``), or lanes in this process (``workers = 0`` and ``memory://``
+stores, renderer.local); they compute the missing line ranges and render the
+missing tiles.  Resume is re-running the same job: markers in the store say
+what is already there.  Ray is imported only when the job uses it, so the
+in-process path runs where Ray is not installed.
 """
 
 from __future__ import annotations
@@ -31,7 +34,6 @@ from creps.errors import first_line
 from renderer.errors import RendererError
 from renderer.fsio import filesystem
 from renderer.lease import Lease
-from renderer.pool import LocalPool, Pool, cluster_resources, get_pool, release_pools, start_ray, stop_ray
 from renderer.store import (
     ImageStore,
     LineShape,
@@ -41,12 +43,12 @@ from renderer.store import (
     store_exists,
     store_lease,
 )
-from renderer.tasks import LineTask, Result, Task, TileResult, TileTask
+from renderer.tasks import LineTask, Pool, Result, Task, TileResult, TileTask
 from renderer.tiles import RenderContext, peak_rss_mb
 
 from . import JobSpecError
 from .plan import TilePlan, auto_batch, job_plan, line_chunk, line_ranges, runs
-from .spec import JobSpec
+from .spec import IDENTITY_DEFAULTS, JobSpec, same_identity
 
 CONNECT_TIMEOUT_S = 5.0
 
@@ -119,6 +121,7 @@ class Prepared:
             view=s.view,
             chunk=s.tile,
             tile_side=s.tile * s.shard,
+            precision=s.precision,
         )
 
     def line_shape(self) -> LineShape:
@@ -140,8 +143,29 @@ def prepare(spec: JobSpec) -> Prepared:
 
 
 def in_process(spec: JobSpec) -> bool:
-    """memory:// stores exist only in this process: render them here, without Ray."""
-    return spec.out.startswith("memory://")
+    """Render in this process, without Ray: ``workers = 0``, or a memory:// store (only here)."""
+    return spec.in_process
+
+
+def local_device(spec: JobSpec) -> str:
+    """The device of an in-process job: ``spec.device``, else cuda when visible; one line if absent."""
+    if spec.device == "cuda" and not torch.cuda.is_available():
+        raise JobSpecError("--device cuda, but this process sees no CUDA GPU; use --device cpu")
+    if spec.device is not None:
+        return spec.device
+    if spec.gpus_per_worker == 0:
+        return "cpu"
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def local_lanes(spec: JobSpec, device: str) -> int:
+    """Render threads of an in-process job: one per core on a CPU (``--threads-per-worker`` sets it), one on a GPU."""
+    if device == "cuda":
+        return 1
+    cpus = os.cpu_count() or 1
+    if spec.threads_per_worker > cpus:
+        raise JobSpecError(f"--threads-per-worker {spec.threads_per_worker} is more than the {cpus} CPUs here")
+    return spec.threads_per_worker or cpus
 
 
 def inspect_output(job: Prepared, overwrite: bool) -> ImageStore | None:
@@ -169,9 +193,10 @@ def inspect_output(job: Prepared, overwrite: bool) -> ImageStore | None:
     except RendererError as e:
         raise JobSpecError(f"{e} (use --overwrite to replace it)") from None
     old = store.meta.get("identity")
-    if old is None or not store.has_level(0):
+    if not isinstance(old, dict) or not store.has_level(0):
         raise JobSpecError(f"{spec.out} is an image store not made by a render job; use --overwrite to replace it")
-    if old != job.identity:
+    if not same_identity(old, job.identity):
+        old = {**IDENTITY_DEFAULTS, **old}  # a store from before a key existed holds its default (fp32)
         diff = ", ".join(f"{k}: {old.get(k)!r} -> {v!r}" for k, v in job.identity.items() if old.get(k) != v)
         raise JobSpecError(f"{spec.out} holds a different job ({diff}); re-run with the same job or --overwrite")
     return store
@@ -217,7 +242,14 @@ def open_output(job: Prepared, overwrite: bool) -> ImageStore:
 
 def pool_shape(spec: JobSpec, cpus: float, gpus: float) -> tuple[int, int, float]:
     """(workers, threads per worker, GPUs per worker) that fit ``cpus`` and ``gpus``; else one line."""
-    gpw = spec.gpus_per_worker if spec.gpus_per_worker >= 0 else (1.0 if gpus >= 1 else 0.0)
+    if spec.gpus_per_worker >= 0:
+        gpw = spec.gpus_per_worker
+    elif spec.device == "cpu":
+        gpw = 0.0
+    else:
+        gpw = 1.0 if gpus >= 1 else 0.0
+    if spec.device == "cuda" and gpw == 0:
+        raise JobSpecError("--device cuda with --gpus-per-worker 0 is a contradiction; drop one")
     where = "the cluster" if spec.address else "this machine"
     if gpw > 0:
         if gpus <= 0:
@@ -258,15 +290,22 @@ def _probe_address(address: str) -> None:
 
 
 def connect(spec: JobSpec) -> tuple[Pool, int, bool]:
-    """Start or join Ray and make the worker pool: (pool, workers, whether we started Ray).
+    """Make the pool: (pool, workers, whether we started Ray).  In process (``workers = 0``,
+    memory://): lanes of this process, Ray not imported.  Else start or join Ray.
 
-    Runs before anything is written: a cluster that cannot be reached or does
-    not fit the requested workers is refused with one line.
+    Runs before anything is written: a device that is absent, or a cluster that
+    cannot be reached or does not fit the requested workers, is refused with
+    one line.
     """
     if in_process(spec):
-        cuda = spec.gpus_per_worker > 0 or (spec.gpus_per_worker < 0 and torch.cuda.is_available())
-        threads = spec.threads_per_worker or (os.cpu_count() or 1)
-        return LocalPool(spec.checkpoint, spec.init_seed, threads, "cuda" if cuda else "cpu"), 1, False
+        from renderer.local import LocalPool
+
+        device = local_device(spec)
+        lanes = local_lanes(spec, device)
+        return LocalPool(spec.checkpoint, spec.init_seed, lanes, device, spec.max_retries), lanes, False
+    # Ray only from here on: renderer.pool sets Ray's environment before `import ray`
+    from renderer.pool import cluster_resources, get_pool, start_ray, stop_ray
+
     if spec.address:
         _probe_address(spec.address)
         try:
@@ -350,15 +389,26 @@ def run_job(
             todo, lines_needed = _todo(job, None, redo, max_tiles), True
         summary = _run(job, store, todo, lines_needed, pool, workers, lease, progress, on_progress, log, t_start)
     except BaseException as e:
-        release_pools()  # a failed or interrupted job leaves no half-busy actors behind
+        if pool is not None and not in_process(spec):
+            _release_ray_pools()  # a failed or interrupted job leaves no half-busy actors behind
         _record_failure(spec, e, lease)
         raise
     finally:
         lease.release()
+        if pool is not None and in_process(spec):
+            pool.shutdown()  # lanes and writer threads stop; torch gets its thread count back
         if started_ray:  # our own Ray: leave nothing behind; else keep the actors for the next job
+            from renderer.pool import release_pools, stop_ray
+
             release_pools()
             stop_ray()
     return summary
+
+
+def _release_ray_pools() -> None:
+    from renderer.pool import release_pools
+
+    release_pools()
 
 
 def _identity_tag(job: Prepared) -> str:

@@ -263,21 +263,21 @@ class TileRenderer:
     def _write_group(self, group: list[Tile], fetch: Fetch, t0: float) -> list[TileResult]:
         """Writer thread: check a group, write its chunks in one store call, crc32 each tile (no marker).
 
-        One ``write_region`` for the whole group (its tiles are whole chunks or
-        shards side by side) costs one zarr round trip instead of one per tile:
-        measured 0.8 instead of 2.0 ms per 32x32 tile here.
+        One ``write_chunks`` for the whole group (its tiles are whole chunks or
+        shards side by side): on a local store each chunk is encoded and stored
+        directly, elsewhere one zarr call serves the group.
         """
         u8, finite = fetch()
         g0 = group[0].c0
         for t in group:  # all checked before anything is written
             if not bool(finite[t.c0 - g0 : t.c1 - g0].all()):
                 raise _non_finite(t.id)
-        self.store.write_region(0, group[0].r0, g0, u8)
+        self.store.write_chunks(0, group[0].r0, g0, u8)
         seconds = round((time.perf_counter() - t0) / len(group), 4)
         return [self._result(t, np.ascontiguousarray(u8[:, :, t.c0 - g0 : t.c1 - g0]), seconds) for t in group]
 
     def _write_tile(self, tile: Tile, data: np.ndarray, t0: float) -> list[TileResult]:
-        self.store.write_region(0, tile.r0, tile.c0, data)
+        self.store.write_chunks(0, tile.r0, tile.c0, data)
         return [self._result(tile, data, round(time.perf_counter() - t0, 4))]
 
     @staticmethod

@@ -237,7 +237,7 @@ class TileRenderer:
                 return creps.to_uint8(img)[0].numpy(), finite.numpy()
 
             return fetch_cpu
-        u8 = creps.to_uint8(img)[0]
+        u8 = creps.to_uint8(img)[0].contiguous()  # (3, h, w) as the store wants it, made on the compute stream
         finite = torch.isfinite(img[0]).all(dim=0).all(dim=0)
         stream = self._copy_stream
         assert stream is not None

@@ -159,9 +159,10 @@ def local_device(spec: JobSpec) -> str:
 
 
 def local_lanes(spec: JobSpec, device: str) -> int:
-    """Render threads of an in-process job: one per core on a CPU (``--threads-per-worker`` sets it), one on a GPU."""
+    """Render threads of an in-process job: one per core on a CPU (``--threads-per-worker`` sets it);
+    two on a GPU, so one computes while the other waits for its run's writes before the marker."""
     if device == "cuda":
-        return 1
+        return 2
     cpus = os.cpu_count() or 1
     if spec.threads_per_worker > cpus:
         raise JobSpecError(f"--threads-per-worker {spec.threads_per_worker} is more than the {cpus} CPUs here")
@@ -529,7 +530,7 @@ def _tile_stage(
 
     spec = job.spec
     tile_px = spec.tile * spec.tile * spec.shard * spec.shard
-    size = spec.batch or auto_batch(len(todo), workers, tile_px)
+    size = spec.batch or auto_batch(len(todo), workers, tile_px, getattr(pool, "device", "cpu"))
     plan = job.plan
     tasks: list[Task] = [TileTask(a, b, _label(plan, a, b)) for a, b in runs(todo, size)]
     t0 = time.perf_counter()

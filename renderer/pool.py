@@ -118,8 +118,14 @@ class WorkerPool:
         self.n, self.threads, self.gpus = n, threads, gpus
         self.in_flight, self.max_failures = in_flight, max_failures
         self.device = "cuda" if gpus > 0 else "cpu"
+        # A GPU actor runs two tasks at once (threads): while one waits for its run's writes
+        # before the marker, the other keeps the device busy.  A CPU actor runs one.
         self._cls = ray.remote(RenderWorker).options(
-            num_cpus=threads if gpus == 0 else 1, num_gpus=gpus, max_restarts=0, max_task_retries=0
+            num_cpus=threads if gpus == 0 else 1,
+            num_gpus=gpus,
+            max_restarts=0,
+            max_task_retries=0,
+            max_concurrency=2 if gpus > 0 else 1,
         )
         self.actor_failures: list[str] = []
         self.replaced = 0

@@ -171,6 +171,7 @@ class Pool(Protocol):
 
     retries: int
     replaced: int
+    device: str  # where the workers render: cpu | cuda
 
     def run(self, ctx: RenderContext, tasks: list[Task], on_result: OnResult) -> None: ...
 

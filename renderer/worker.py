@@ -10,6 +10,7 @@ worker serves several jobs of one checkpoint without reloading it.
 from __future__ import annotations
 
 import os
+import threading
 
 import torch
 
@@ -46,14 +47,16 @@ class RenderWorker:
         self.writers = writers
         self._ctx: RenderContext | None = None
         self._r: TileRenderer | None = None
+        self._lock = threading.Lock()  # tasks may run on two threads (GPU actors, in-process lanes)
 
     def renderer(self, ctx: RenderContext) -> TileRenderer:
         """The renderer of job ``ctx`` (made on its first task, replaced when the job changes)."""
-        if self._r is None or ctx != self._ctx:
-            if self._r is not None:
-                self._r.close()
-            self._r, self._ctx = TileRenderer(self.G, ctx, self.device, writers=self.writers), ctx
-        return self._r
+        with self._lock:
+            if self._r is None or ctx != self._ctx:
+                if self._r is not None:
+                    self._r.close()
+                self._r, self._ctx = TileRenderer(self.G, ctx, self.device, writers=self.writers), ctx
+            return self._r
 
     def pid(self) -> int:
         return os.getpid()

@@ -15,6 +15,7 @@ from conftest import REPO, render_cli_env
 from jobs import JobSpecError
 from jobs.run import run_job
 from jobs.spec import JobSpec
+from jobs.verify import spec_of_store
 from renderer.lease import StoreBusyError
 from renderer.store import open_store, store_lease
 
@@ -101,3 +102,14 @@ def test_cuda_without_a_gpu_is_refused_before_anything_is_written(tmp_path):
     assert out.returncode == 2 and out.stderr.strip().splitlines() == [
         "error: --device cuda, but this process sees no CUDA GPU; use --device cpu"
     ]
+
+
+def test_specs_saved_before_workers_0_meant_in_process_keep_their_meaning(tmp_path):
+    spec = _spec(str(tmp_path / "old.zarr"), workers=0)
+    assert run_job(spec, progress=False, log=lambda s: None)["status"] == "done"
+    store = open_store(spec.out, mode="a")
+    old = {k: v for k, v in store.meta["spec"].items() if k not in ("precision", "device")}
+    store.update_meta(spec={**old, "workers": 0})  # as written before: 0 = one worker per core or GPU
+    assert spec_of_store(store, spec.out, None).workers is None
+    store.update_meta(spec=spec.to_dict())
+    assert spec_of_store(store, spec.out, None).workers == 0

@@ -100,7 +100,9 @@ def test_low_precision_within_error_budget_on_the_gpu(ffhq_dev, model, precision
         low = G.render(z, cv, precision=precision)
         d = _levels(ref, low)
         within, worst = float((d <= 1).mean()), int(d.max())
-        print(f"{model} {precision} ({creps.matmul_mode(precision, DEV)}) seed {seed}: {within:.4%} within 1, max {worst}")
+        print(
+            f"{model} {precision} ({creps.matmul_mode(precision, DEV)}) seed {seed}: {within:.4%} within 1, max {worst}"
+        )
         assert within >= 0.99 and worst <= 4
 
 

@@ -248,7 +248,7 @@ def pool_shape(spec: JobSpec, cpus: float, gpus: float) -> tuple[int, int, float
     elif spec.device == "cpu":
         gpw = 0.0
     else:
-        gpw = 1.0 if gpus >= 1 else 0.0
+        gpw = 1.0 if gpus >= 1 or spec.device == "cuda" else 0.0
     if spec.device == "cuda" and gpw == 0:
         raise JobSpecError("--device cuda with --gpus-per-worker 0 is a contradiction; drop one")
     where = "the cluster" if spec.address else "this machine"

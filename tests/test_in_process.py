@@ -113,3 +113,16 @@ def test_specs_saved_before_workers_0_meant_in_process_keep_their_meaning(tmp_pa
     assert spec_of_store(store, spec.out, None).workers is None
     store.update_meta(spec=spec.to_dict())
     assert spec_of_store(store, spec.out, None).workers == 0
+
+
+def test_device_picks_the_ray_pool_shape():
+    from jobs.run import pool_shape
+
+    assert pool_shape(JobSpec(checkpoint="preset:tiny", device="cpu"), cpus=4, gpus=1) == (4, 1, 0.0)
+    assert pool_shape(JobSpec(checkpoint="preset:tiny"), cpus=4, gpus=1) == (1, 1, 1.0)
+    with pytest.raises(JobSpecError, match="has no GPU"):
+        pool_shape(JobSpec(checkpoint="preset:tiny", device="cuda"), cpus=4, gpus=0)
+    with pytest.raises(JobSpecError, match="contradiction"):
+        pool_shape(JobSpec(checkpoint="preset:tiny", device="cuda", gpus_per_worker=0), cpus=4, gpus=1)
+    with pytest.raises(JobSpecError, match="device must be cpu or cuda"):
+        JobSpec(checkpoint="preset:tiny", device="tpu")

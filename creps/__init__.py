@@ -15,11 +15,13 @@ from .network import (
     default_pixel_block,
     to_uint8,
 )
+from .precision import PRECISIONS, check_precision, exact_matmuls, matmul_mode
 from .presets import PRESETS, GeneratorConfig, preset
 
 __all__ = [
     "LINE_BLOCK",
     "PIXEL_BLOCK",
+    "PRECISIONS",
     "PRESETS",
     "Affine",
     "BlockWeights",
@@ -31,10 +33,13 @@ __all__ = [
     "LineWeights",
     "PixelWeights",
     "UserError",
+    "check_precision",
     "checkpoint_hash",
     "default_pixel_block",
+    "exact_matmuls",
     "flops",
     "load",
+    "matmul_mode",
     "preset",
     "read_config",
     "resolve_checkpoint",

@@ -41,7 +41,16 @@ import torch
 from torch import nn
 
 from .canvas import Canvas
-from .layers import Affine, FullyConnected, ModulatedFC, apply
+from .layers import Affine, FullyConnected, ModulatedFC, activate, apply
+from .precision import (
+    activation_dtype,
+    check_precision,
+    exact_matmuls,
+    low_matmul,
+    lower_bias,
+    lower_weight,
+    matmul_mode,
+)
 from .presets import GeneratorConfig
 
 LINE_BLOCK = 64  # line positions per line-stage matmul, aligned to global index
@@ -78,6 +87,14 @@ class BlockWeights:
         """
         return BlockWeights(*(Affine(wt[b], bias[b, 0]) for wt, bias in (self.fc0, self.fc1, self.tores)))
 
+    def lowered(self, mode: str) -> BlockWeights:
+        """The same layers prepared for ``creps.precision.low_matmul`` in ``mode``."""
+        return BlockWeights(*(_lower(a, mode) for a in (self.fc0, self.fc1, self.tores)))
+
+
+def _lower(a: Affine, mode: str) -> Affine:
+    return Affine(lower_weight(a.weight, mode), lower_bias(a.bias, mode))
+
 
 @dataclass(frozen=True, eq=False)
 class LineWeights:
@@ -107,10 +124,27 @@ class PixelWeights:
     last: tuple[Affine, ...]
     img: Affine
     refine: tuple[BlockWeights, ...]
+    mode: str = "fp32"  # how the matrices are prepared (creps.precision.matmul_mode)
 
     def sample(self, b: int) -> PixelWeights:
         """The weights of sample ``b`` alone, every matrix 2-D (see ``BlockWeights.sample``)."""
         return dataclasses.replace(self, refine=tuple(blk.sample(b) for blk in self.refine))
+
+    def lowered(self, mode: str) -> PixelWeights:
+        """Every matrix prepared for ``mode`` (``creps.precision.matmul_mode``): folded once
+        per latent in fp32, then rounded once, so a bf16/fp16 job rounds exactly the
+        weights the fp32 job uses.  A job lowers once and reuses the result."""
+        if mode == self.mode:
+            return self
+        if self.mode != "fp32":
+            raise ValueError(f"weights already prepared for {self.mode}; lower the fp32 weights to {mode}")
+        return PixelWeights(
+            decoders=tuple(tuple(_lower(a, mode) for a in dec) for dec in self.decoders),
+            last=tuple(_lower(a, mode) for a in self.last),
+            img=_lower(self.img, mode),
+            refine=tuple(blk.lowered(mode) for blk in self.refine),
+            mode=mode,
+        )
 
 
 def normalize_2nd_moment(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
@@ -301,11 +335,12 @@ class Generator(nn.Module):
             raise ValueError(f"line range [{start}, {stop}) outside 0..{n}")
         weights = self.line_weights(ws) if weights is None else weights
         parts = []
-        for b0 in _block_starts(start, stop, LINE_BLOCK):
-            idx = torch.arange(b0, b0 + LINE_BLOCK).clamp_(max=n - 1)  # pad by repeating the last position
-            feats = self._line_block(ws, coords[idx].to(torch.float32), 0 if which == "row" else 1, weights)
-            lo, hi = max(start, b0) - b0, min(stop, b0 + LINE_BLOCK) - b0
-            parts.append(feats[:, :, lo:hi])
+        with exact_matmuls(ws.device):  # the line stage is fp32 in every precision; on CUDA: no TF32
+            for b0 in _block_starts(start, stop, LINE_BLOCK):
+                idx = torch.arange(b0, b0 + LINE_BLOCK).clamp_(max=n - 1)  # pad by repeating the last position
+                feats = self._line_block(ws, coords[idx].to(torch.float32), 0 if which == "row" else 1, weights)
+                lo, hi = max(start, b0) - b0, min(stop, b0 + LINE_BLOCK) - b0
+                parts.append(feats[:, :, lo:hi])
         return torch.cat(parts, dim=2) if len(parts) > 1 else parts[0].contiguous()
 
     def _line_block(self, ws: torch.Tensor, t: torch.Tensor, half: int, weights: LineWeights) -> torch.Tensor:
@@ -353,8 +388,9 @@ class Generator(nn.Module):
         col_lines: torch.Tensor,
         pixel_block: int | str | None = "auto",
         weights: PixelWeights | None = None,
+        precision: str = "fp32",
     ) -> torch.Tensor:
-        """Image [B, 3, h, w] from row lines [B, K, h, r, C] and col lines [B, K, w, r, C].
+        """Image [B, 3, h, w] (float32) from row lines [B, K, h, r, C] and col lines [B, K, w, r, C].
 
         ``pixel_block="auto"`` picks ``default_pixel_block(device)``;
         ``pixel_block=None`` runs all pixels in one differentiable pass
@@ -363,14 +399,30 @@ class Generator(nn.Module):
         padded to exactly ``pixel_block`` pixels, so each matmul has one shape.
         The rank-r fusion uses elementwise multiplies and adds only, which
         round the same whatever the block shape.
+
+        ``precision`` (``creps.precision``): ``fp32`` is exact; ``bf16`` /
+        ``fp16`` run the MLP's matmuls in that dtype (``weights`` may come
+        already cast with ``PixelWeights.to``, else they are cast here), while
+        the fusion, the residual sums and the RGB sum stay fp32.  Blocked
+        renders only: the training pass is fp32.
         """
+        check_precision(precision)
         weights = self.pixel_weights(ws) if weights is None else weights
         if pixel_block == "auto":
             pixel_block = default_pixel_block(row_lines.device)
         if pixel_block is None:
+            if precision != "fp32" or weights.mode != "fp32":
+                raise ValueError(f"precision {precision!r} applies to blocked renders; the training pass is fp32")
             return self._pixels_one_pass(row_lines, col_lines, weights)
         if not isinstance(pixel_block, int):
             raise TypeError(f"pixel_block must be 'auto', None or an int, got {pixel_block!r}")
+        weights = weights.lowered(matmul_mode(precision, row_lines.device))
+        with exact_matmuls(row_lines.device):
+            return self._pixels_blocked(row_lines, col_lines, pixel_block, weights)
+
+    def _pixels_blocked(
+        self, row_lines: torch.Tensor, col_lines: torch.Tensor, pixel_block: int, weights: PixelWeights
+    ) -> torch.Tensor:
         bsz, _, h, _, _ = row_lines.shape
         w = col_lines.shape[2]
         out = torch.empty(bsz, h, w, self.cfg.img_channels, dtype=torch.float32, device=row_lines.device)
@@ -397,7 +449,8 @@ class Generator(nn.Module):
                             torch.mul(rr, cc, out=view)
                         else:
                             view.add_(rr * cc)
-                    rgb = self._pixel_mlp(buf.__getitem__, K, wb)
+                    mlp = self._pixel_mlp if wb.mode == "fp32" else self._pixel_mlp_low
+                    rgb = mlp(buf.__getitem__, K, wb)
                     out[b, i0:i1, j0:j1] = rgb[:n].view(i1 - i0, j1 - j0, -1)
         return out.permute(0, 3, 1, 2)
 
@@ -437,6 +490,32 @@ class Generator(nn.Module):
             img = img.add_(y) if not img.requires_grad else img + y
         return img
 
+    def _pixel_mlp_low(self, fuse: Callable[[int], torch.Tensor], K: int, wts: PixelWeights) -> torch.Tensor:
+        """``_pixel_mlp`` with every matmul in ``wts.mode`` (bf16/fp16, creps.precision).
+
+        The fused bi-lines F_k are fp32 and added to the cascade in fp32 (an fp16
+        ``feat`` takes the fp32 sum rounded once); the RGB sum is fp32.  Inference only.
+        """
+        mode, clamp = wts.mode, self.cfg.fc_clamp
+
+        def layer(x: torch.Tensor, a: Affine, lrelu: bool, c: float | None) -> torch.Tensor:
+            return activate(low_matmul(x, a.weight, a.bias, mode), lrelu, c)
+
+        feat = fuse(0).to(activation_dtype(mode), copy=True)
+        for k in range(1, K):
+            for a in wts.decoders[k - 1]:
+                feat = layer(feat, a, True, None)
+            feat.add_(fuse(k))
+        for a in wts.last:
+            feat = layer(feat, a, True, None)
+        img = layer(feat, wts.img, False, None).float()
+        x = feat
+        for blk in wts.refine:
+            x = layer(x, blk.fc0, True, clamp)
+            x = layer(x, blk.fc1, True, clamp)
+            img.add_(layer(x, blk.tores, False, clamp))
+        return img
+
     # ----------------------------------------------------------------- renders
     def render(
         self,
@@ -446,15 +525,22 @@ class Generator(nn.Module):
         cols: tuple[int, int] | None = None,
         psi: float = 1.0,
         pixel_block: int | str | None = "auto",
+        precision: str = "fp32",
     ) -> torch.Tensor:
-        """Tile [B, 3, r1-r0, c1-c0] of ``canvas``, float32, about [-1, 1]."""
+        """Tile [B, 3, r1-r0, c1-c0] of ``canvas``, float32, about [-1, 1].
+
+        Runs on the device of the generator's weights; ``precision`` is the
+        pixel stage's (``creps.precision``: fp32 exact, bf16/fp16 within the
+        documented error budget).
+        """
         r0, r1 = rows if rows is not None else (0, canvas.height)
         c0, c1 = cols if cols is not None else (0, canvas.width)
         canvas.check_window(r0, r1, c0, c1)
-        ws = self.ws(z_or_w, psi)
-        R = self.lines(ws, canvas.row_coords(), "row", r0, r1)
-        C = self.lines(ws, canvas.col_coords(), "col", c0, c1)
-        return self.pixels(ws, R, C, pixel_block=pixel_block)
+        device = self.synthesis.b4.input.freqs.device
+        ws = self.ws(z_or_w.to(device), psi)
+        R = self.lines(ws, canvas.row_coords().to(device), "row", r0, r1)
+        C = self.lines(ws, canvas.col_coords().to(device), "col", c0, c1)
+        return self.pixels(ws, R, C, pixel_block=pixel_block, precision=precision)
 
     def forward(self, z: torch.Tensor, psi: float = 1.0, update_w_avg: bool = False) -> torch.Tensor:
         """Full frame at the training resolution (``cfg.image_size``; the official default grid)."""

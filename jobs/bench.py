@@ -1,17 +1,31 @@
-"""Measure the machine and the renderer: matmul peak, pixel stage, end to end.
+"""Measure the machine and the renderer: matmul peak, pixel stage, end to end, per-tile overhead.
 
 Prints human-readable lines, then as its LAST line one JSON object with at
 least: peak_gflops, pixel_gflops, pixel_fraction, e2e_mpx_s, e2e_fraction,
-line_flop_share.  Fractions are of the measured fp32 matmul peak of this
-machine (2048^3 products: the better of one matmul on all cores and one
-single-threaded matmul per core at once), which is the ceiling the pixel stage
-can approach, so the ratio is comparable across machines.  On a CPU the pixel
-stage runs as the renderer runs it: one single-threaded worker per core.  Record figures in docs/performance.md with the machine.
+line_flop_share, device, precision, tile_overhead_ms, startup_s, gpu_mem_gb,
+gpx_seconds.  Record figures in docs/performance.md with the machine.
 
-The fixed jobs: the pixel stage renders one 512x512 tile of an ``ffhq512``
-model from precomputed lines (357 kFLOP per pixel); end to end renders a
-``--e2e-size`` canvas (default 6144x6144, the default job's size) through the real job runner (Ray,
-store, markers) into a temporary local store.
+* **Peak**: the ceiling the pixel stage can approach, measured in the same run.
+  On a CPU the better of one fp32 2048^3 matmul on all cores and one
+  single-threaded matmul per core at once; on a GPU an 8192^3 matmul in fp32
+  (TF32 off) and in the chosen precision.  ``peak_gflops`` is the peak of the
+  arithmetic the pixel stage really runs: the chosen precision's on a GPU,
+  fp32 on a CPU (where bf16/fp16 are emulated with fp32 matmuls,
+  creps.precision); fractions are of it.
+* **Pixel stage**: one ``--tile``^2 tile of the model from precomputed lines
+  (357 kFLOP per pixel for ffhq512), run as the renderer runs it: on a CPU one
+  single-threaded process per core side by side, on a GPU one stream.
+* **End to end**: a ``--e2e-size`` canvas through the real job runner into a
+  temporary local store (line stage, tiles, zstd chunks, markers, lease).  On a
+  CPU by default the default job's way (Ray actors, one per core); on a GPU in
+  this process (``--e2e-workers 0``), with its peak GPU memory.
+* **Overhead**: a small job (``--overhead-*``, default preset:tiny 1024^2 in
+  32^2 tiles, 1024 tiles) in this process: ``startup_s`` is the time from
+  ``run_job`` to the first finished tile task; ``tile_overhead_ms`` is the
+  render threads' wall time per tile beyond the pixel stage's own (measured
+  alone, one thread, on the same groups of tiles afterwards), and
+  ``tile_overhead_cpu_ms`` the same from the job's CPU time (an upper bound
+  that does not grow when other processes share the cores).
 """
 
 from __future__ import annotations
@@ -29,42 +43,64 @@ import torch
 
 import creps
 from creps.cli import command
+from creps.precision import PRECISIONS, exact_matmuls, precision_dtype
 
-from .spec import JobSpec
+from . import JobSpecError
+from .spec import JobSpec, parse_size
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", default="preset:ffhq512", help="model to measure (default: %(default)s)")
+    p.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="where to measure (default: cuda when a GPU is visible)",
+    )
+    p.add_argument("--precision", choices=list(PRECISIONS), default="fp32", help="pixel-stage precision [fp32]")
     p.add_argument(
         "--threads",
         type=int,
         default=0,
         help="threads for the peak matmul, and single-threaded pixel-stage workers on CPU (0 = all cores)",
     )
-    p.add_argument("--tile", type=int, default=512, help="pixel-stage tile side (default: %(default)s)")
+    p.add_argument("--tile", type=int, default=0, help="pixel-stage tile side (default: 512 on CPU, 2048 on GPU)")
     p.add_argument("--pixel-block", type=int, default=0, help="pixels per block (default: 0 = the device default)")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats, best kept (default: %(default)s)")
     p.add_argument(
         "--e2e-size",
-        default="6144x6144",
-        help="end-to-end canvas WIDTHxHEIGHT (default: the default job's %(default)s; 0 skips)",
+        default="",
+        help="end-to-end canvas WIDTHxHEIGHT (default: 6144x6144 on CPU, 32768x32768 on GPU; 0 skips)",
     )
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument(
+        "--e2e-workers",
+        type=int,
+        default=None,
+        help="workers of the end-to-end job (default: Ray actors on CPU, 0 = in this process on GPU)",
+    )
+    p.add_argument("--overhead-size", default="1024x1024", help="small job for startup/overhead (0 skips)")
+    p.add_argument("--overhead-tile", type=int, default=32, help="tile side of the small job [32]")
+    p.add_argument("--overhead-checkpoint", default="preset:tiny", help="model of the small job [preset:tiny]")
+    p.add_argument("--overhead-workers", type=int, default=2, help="render threads of the small job on CPU [2]")
 
 
-def matmul_peak(threads: int, device: str = "cpu", n: int = 2048, repeats: int = 5) -> float:
-    """Best-of fp32 GFLOP/s of an n^3 matmul: the ceiling for dense fp32 work here."""
-    torch.set_num_threads(threads)
-    a = torch.randn(n, n, device=device)
-    b = torch.randn(n, n, device=device)
+# ---------------------------------------------------------------- peak
+def matmul_peak(threads: int, device: str = "cpu", n: int = 2048, repeats: int = 5, precision: str = "fp32") -> float:
+    """Best-of GFLOP/s of an n^3 matmul in ``precision`` (fp32: TF32 off on CUDA)."""
+    if device == "cpu":
+        torch.set_num_threads(threads)
+    dtype = precision_dtype(precision)
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
     best = float("inf")
-    for i in range(repeats + 2):
-        _sync(device)
-        t = time.perf_counter()
-        a @ b
-        _sync(device)
-        if i >= 2:
-            best = min(best, time.perf_counter() - t)
+    with exact_matmuls(device):
+        for i in range(repeats + 2):
+            _sync(device)
+            t = time.perf_counter()
+            a @ b
+            _sync(device)
+            if i >= 2:
+                best = min(best, time.perf_counter() - t)
     return 2 * n**3 / best / 1e9
 
 
@@ -73,23 +109,27 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+# ---------------------------------------------------------------- pixel stage
 @torch.no_grad()
-def pixel_stage(G: creps.Generator, tile: int, pixel_block: int, repeats: int, device: str) -> dict:
+def pixel_stage(
+    G: creps.Generator, tile: int, pixel_block: int, repeats: int, device: str, precision: str = "fp32"
+) -> dict:
     """GFLOP/s of the pixel stage alone on one tile (lines precomputed, as in a job)."""
     cv = creps.Canvas(tile, tile)
     ws = G.ws(G.z_from_seed(0).to(device))
+    _sync(device)
     t = time.perf_counter()
     R = G.lines(ws, cv.row_coords().to(device), "row")
     C = G.lines(ws, cv.col_coords().to(device), "col")
     _sync(device)
     line_s = time.perf_counter() - t
-    weights = G.pixel_weights(ws)
-    G.pixels(ws, R[:, :, :8], C, pixel_block=pixel_block, weights=weights)  # warm up
+    weights = G.pixel_weights(ws).lowered(creps.matmul_mode(precision, device))
+    G.pixels(ws, R[:, :, :8], C, pixel_block=pixel_block, weights=weights, precision=precision)  # warm up
     best = float("inf")
     for _ in range(repeats):
         _sync(device)
         t = time.perf_counter()
-        G.pixels(ws, R, C, pixel_block=pixel_block, weights=weights)
+        G.pixels(ws, R, C, pixel_block=pixel_block, weights=weights, precision=precision)
         _sync(device)
         best = min(best, time.perf_counter() - t)
     f = creps.flops(G.cfg, tile, tile)
@@ -101,20 +141,22 @@ def pixel_stage(G: creps.Generator, tile: int, pixel_block: int, repeats: int, d
     }
 
 
-def _cpu_worker(checkpoint: str, tile: int, pixel_block: int, repeats: int, barrier: Any, results: Any) -> None:
+def _cpu_worker(
+    checkpoint: str, tile: int, pixel_block: int, repeats: int, precision: str, barrier: Any, results: Any
+) -> None:
     torch.set_num_threads(1)
     G = creps.load(checkpoint)
     barrier.wait()
     peak = matmul_peak(1)  # all workers at once: the per-core ceiling with every core busy
     barrier.wait()
-    out = pixel_stage(G, tile, pixel_block, repeats, "cpu")
+    out = pixel_stage(G, tile, pixel_block, repeats, "cpu", precision)
     out["peak_gflops"] = peak
     results.put(out)
 
 
-def pixel_stage_cpu(checkpoint: str, workers: int, tile: int, pixel_block: int, repeats: int) -> dict:
+def pixel_stage_cpu(checkpoint: str, workers: int, tile: int, pixel_block: int, repeats: int, precision: str) -> dict:
     """The pixel stage as the renderer runs it on a CPU: ``workers`` single-threaded
-    processes side by side (one per core, like the Ray actors), summed.
+    processes side by side (one per core, like the Ray actors or in-process lanes), summed.
 
     Many small ops with a multi-threaded BLAS pay a barrier per op, and any
     other load on the machine turns each barrier into a scheduler time slice;
@@ -122,7 +164,7 @@ def pixel_stage_cpu(checkpoint: str, workers: int, tile: int, pixel_block: int, 
     ctx = mp.get_context("spawn")
     barrier, results = ctx.Barrier(workers), ctx.Queue()
     procs = [
-        ctx.Process(target=_cpu_worker, args=(checkpoint, tile, pixel_block, repeats, barrier, results))
+        ctx.Process(target=_cpu_worker, args=(checkpoint, tile, pixel_block, repeats, precision, barrier, results))
         for _ in range(workers)
     ]
     for p in procs:
@@ -141,10 +183,22 @@ def pixel_stage_cpu(checkpoint: str, workers: int, tile: int, pixel_block: int, 
     }
 
 
-def end_to_end(checkpoint: str, cfg: creps.GeneratorConfig, width: int, height: int) -> dict:
+# ---------------------------------------------------------------- whole jobs
+def end_to_end(
+    checkpoint: str,
+    cfg: creps.GeneratorConfig,
+    width: int,
+    height: int,
+    device: str = "cpu",
+    precision: str = "fp32",
+    workers: int | None = None,
+) -> dict:
     """A whole job through the real runner into a temporary local store."""
     from .run import run_job
 
+    cuda = device == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     with tempfile.TemporaryDirectory(prefix="creps-bench-") as tmp:
         spec = JobSpec(
             checkpoint=checkpoint,
@@ -153,6 +207,9 @@ def end_to_end(checkpoint: str, cfg: creps.GeneratorConfig, width: int, height: 
             name="bench",
             out=os.path.join(tmp, "bench.zarr"),
             exports=False,
+            precision=precision,
+            device=device,
+            workers=workers,
         )
         t = time.perf_counter()
         summary = run_job(spec, progress=False, log=lambda s: None)
@@ -164,56 +221,195 @@ def end_to_end(checkpoint: str, cfg: creps.GeneratorConfig, width: int, height: 
         "e2e_gflops": f.total / seconds / 1e9,
         "line_flop_share": f.line_share,
         "e2e_line_seconds": summary.line_seconds,
+        "e2e_render_seconds": summary.render_seconds,
         "e2e_workers": summary.workers,
+        "gpu_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
     }
+
+
+@torch.no_grad()
+def _group_compute_seconds(checkpoint: str, spec: JobSpec, device: str) -> float:
+    """The pixel stage alone, one thread, on the groups of tiles the renderer forms for this job."""
+    from renderer.tiles import CALL_PIXELS, tile_groups
+
+    from .plan import job_plan
+
+    G = creps.load(checkpoint, device=device)
+    cv = creps.Canvas(spec.height, spec.width)
+    ws = G.ws(G.z_from_seed(spec.seed).to(device))
+    R = G.lines(ws, cv.row_coords().to(device), "row")
+    C = G.lines(ws, cv.col_coords().to(device), "col")
+    mode = creps.matmul_mode(spec.precision, device)
+    weights = G.pixel_weights(ws).lowered(mode)
+    plan = job_plan(spec)
+    groups = list(tile_groups(plan, 0, len(plan), CALL_PIXELS["cuda" if device == "cuda" else "cpu"]))
+    G.pixels(ws, R[:, :, :1], C[:, :, :1], weights=weights, precision=spec.precision)  # warm up
+    best = float("inf")
+    for _ in range(2):
+        _sync(device)
+        t = time.perf_counter()
+        for g in groups:
+            G.pixels(
+                ws, R[:, :, g[0].r0 : g[0].r1], C[:, :, g[0].c0 : g[-1].c1], weights=weights, precision=spec.precision
+            )
+        _sync(device)
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def overhead(checkpoint: str, width: int, height: int, tile: int, lanes: int, device: str, precision: str) -> dict:
+    """A small job in this process: start-up to the first tile, and per-tile time beyond compute."""
+    from .run import RunSummary, run_job
+
+    first: list[float] = []
+    threads_before = torch.get_num_threads()
+    with tempfile.TemporaryDirectory(prefix="creps-overhead-") as tmp:
+        spec = JobSpec(
+            checkpoint=checkpoint,
+            width=width,
+            height=height,
+            tile=tile,
+            name="overhead",
+            out=os.path.join(tmp, "overhead.zarr"),
+            exports=False,
+            precision=precision,
+            device=device,
+            workers=0,
+            threads_per_worker=lanes if device == "cpu" else 0,
+        )
+
+        def on_progress(s: RunSummary, pool: Any) -> None:
+            if not first:
+                first.append(time.perf_counter())
+
+        t0, cpu0 = time.perf_counter(), time.process_time()
+        summary = run_job(spec, progress=False, log=lambda s: None, on_progress=on_progress)
+        total, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    torch.set_num_threads(1)
+    try:
+        compute = _group_compute_seconds(checkpoint, spec, device)
+    finally:
+        torch.set_num_threads(threads_before)
+    n = summary.tiles_rendered
+    lane_seconds = summary.render_seconds * summary.workers
+    return {
+        "startup_s": first[0] - t0 if first else None,
+        "overhead_job_seconds": total,
+        "overhead_tiles": n,
+        "overhead_lanes": summary.workers,
+        "tile_compute_ms": 1000 * compute / n,
+        "tile_overhead_ms": 1000 * (lane_seconds - compute) / n,
+        # CPU time of the whole job (line stage and set-up included) beyond the pixel stage's: an upper
+        # bound that other load on the machine does not inflate, unlike the wall-clock figure above
+        "tile_overhead_cpu_ms": 1000 * (cpu - compute) / n,
+    }
+
+
+def _size(text: str) -> tuple[int, int] | None:
+    if text in ("0", ""):
+        return None
+    return parse_size(text)
 
 
 @command()
 def run(args: argparse.Namespace) -> int:
-    device = args.device
+    device, precision = args.device, args.precision
+    cuda = device == "cuda"
+    if cuda and not torch.cuda.is_available():
+        raise JobSpecError("--device cuda, but no CUDA GPU is visible; use --device cpu")
     threads = args.threads or (os.cpu_count() or 1)
-    peak = matmul_peak(threads, device)
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, device {device}")
-    print(f"matmul peak (fp32, {threads} threads): {peak:.1f} GFLOP/s")
-    cfg = creps.load(args.checkpoint).cfg  # loaded once here; workers load their own copies
+    tile = args.tile or (2048 if cuda else 512)
+    e2e_size = _size(args.e2e_size if args.e2e_size else ("32768x32768" if cuda else "6144x6144"))
+    name = torch.cuda.get_device_name() if cuda else (platform.processor() or platform.machine())
+    print(f"machine: {name}, {os.cpu_count()} cores, device {device}, precision {precision}")
+    n = 8192 if cuda else 2048
+    peak_fp32 = matmul_peak(threads, device, n=n)
+    print(f"matmul peak (fp32 {n}^3, {'TF32 off' if cuda else f'{threads} threads'}): {peak_fp32:.1f} GFLOP/s")
+    mode = creps.matmul_mode(precision, device)
+    native = mode == precision and precision != "fp32"  # emulated modes run fp32 matmuls (creps.precision)
+    peak_prec = matmul_peak(threads, device, n=n, precision=precision) if native else None
+    if peak_prec is not None:
+        print(f"matmul peak ({precision} {n}^3): {peak_prec:.1f} GFLOP/s")
+    elif precision != "fp32":
+        print(f"{precision} on {device} is emulated with fp32 matmuls ({mode}): its ceiling is the fp32 peak")
+    cfg = creps.read_config(args.checkpoint)
     block = args.pixel_block or creps.default_pixel_block(device)
-    if device == "cpu":
-        px = pixel_stage_cpu(args.checkpoint, threads, args.tile, block, args.repeats)
+    if not cuda:
+        px = pixel_stage_cpu(args.checkpoint, threads, tile, block, args.repeats, precision)
         how = f"{threads} single-threaded workers"
         # The ceiling is the better of one multi-threaded matmul and one matmul per core at once.
-        if px["per_process_peak_gflops"] > peak:
+        if px["per_process_peak_gflops"] > peak_fp32:
             print(f"matmul peak ({threads} single-threaded processes): {px['per_process_peak_gflops']:.1f} GFLOP/s")
-            peak = px["per_process_peak_gflops"]
+            peak_fp32 = px["per_process_peak_gflops"]
     else:
-        px = pixel_stage(creps.load(args.checkpoint, device=device), args.tile, block, args.repeats, device)
+        px = pixel_stage(creps.load(args.checkpoint, device=device), tile, block, args.repeats, device, precision)
         how = device
+    peak = peak_prec if peak_prec is not None else peak_fp32  # the ceiling of what the pixel stage really runs
     print(
-        f"pixel stage ({how}): {px['pixel_mpx_s']:.3f} Mpx/s, {px['pixel_gflops']:.1f} GFLOP/s "
-        f"= {px['pixel_gflops'] / peak:.0%} of peak (tile {args.tile}, block {block})"
+        f"pixel stage ({how}, {mode}): {px['pixel_mpx_s']:.3f} Mpx/s, {px['pixel_gflops']:.1f} GFLOP/s "
+        f"= {px['pixel_gflops'] / peak:.0%} of peak (tile {tile}, block {block})"
     )
-    result = {
+    result: dict[str, Any] = {
+        "device": name if cuda else "cpu",
+        "precision": precision,
+        "matmul_mode": mode,
         "peak_gflops": round(peak, 2),
+        "peak_fp32_gflops": round(peak_fp32, 2),
+        "peak_precision_gflops": round(peak_prec, 2) if peak_prec is not None else None,
         "pixel_gflops": round(px["pixel_gflops"], 2),
         "pixel_fraction": round(px["pixel_gflops"] / peak, 4),
         "pixel_mpx_s": round(px["pixel_mpx_s"], 4),
         "line_gflops": round(px["line_gflops"], 2),
     }
-    if args.e2e_size not in ("0", ""):
-        w, h = (int(v) for v in args.e2e_size.lower().split("x"))
-        e2e = end_to_end(args.checkpoint, cfg, w, h)
+    if e2e_size is not None:
+        w, h = e2e_size
+        workers = args.e2e_workers if args.e2e_workers is not None else (0 if cuda else None)
+        e2e = end_to_end(args.checkpoint, cfg, w, h, device, precision, workers)
+        where = "in this process" if workers == 0 else f"{e2e['e2e_workers']} Ray workers"
+        mem = f", peak GPU memory {e2e['gpu_mem_gb']:.2f} GB" if cuda else ""
         print(
-            f"end to end {w}x{h}: {e2e['e2e_seconds']:.1f} s, {e2e['e2e_mpx_s']:.3f} Mpx/s, "
-            f"{e2e['e2e_gflops']:.1f} GFLOP/s = {e2e['e2e_gflops'] / peak:.0%} of peak; "
-            f"line work {e2e['line_flop_share']:.1%} of FLOPs"
+            f"end to end {w}x{h} ({where}): {e2e['e2e_seconds']:.1f} s (line stage {e2e['e2e_line_seconds']:.1f} s), "
+            f"{e2e['e2e_mpx_s']:.3f} Mpx/s, {e2e['e2e_gflops']:.1f} GFLOP/s = {e2e['e2e_gflops'] / peak:.0%} of peak; "
+            f"line work {e2e['line_flop_share']:.1%} of FLOPs{mem}"
         )
         result.update(
             e2e_mpx_s=round(e2e["e2e_mpx_s"], 4),
             e2e_fraction=round(e2e["e2e_gflops"] / peak, 4),
             e2e_seconds=round(e2e["e2e_seconds"], 2),
+            e2e_size=f"{w}x{h}",
+            e2e_workers=e2e["e2e_workers"],
+            line_seconds=e2e["e2e_line_seconds"],
             line_flop_share=round(e2e["line_flop_share"], 4),
+            gpx_seconds=round(e2e["e2e_seconds"] * 1e9 / (w * h), 2),
+            gpu_mem_gb=round(e2e["gpu_mem_gb"], 3) if e2e["gpu_mem_gb"] is not None else None,
         )
     else:
         f = creps.flops(cfg, 6144, 6144)
-        result.update(e2e_mpx_s=None, e2e_fraction=None, line_flop_share=round(f.line_share, 4))
+        result.update(
+            e2e_mpx_s=None,
+            e2e_fraction=None,
+            line_flop_share=round(f.line_share, 4),
+            gpx_seconds=None,
+            gpu_mem_gb=None,
+        )
+    small = _size(args.overhead_size)
+    if small is not None:
+        w, h = small
+        lanes = 1 if cuda else args.overhead_workers
+        o = overhead(args.overhead_checkpoint, w, h, args.overhead_tile, lanes, device, precision)
+        print(
+            f"small job {w}x{h} in {args.overhead_tile}^2 tiles ({args.overhead_checkpoint}, in this process, "
+            f"{o['overhead_lanes']} render threads): first tile after {o['startup_s']:.2f} s, "
+            f"{o['tile_compute_ms']:.2f} ms compute + {o['tile_overhead_ms']:.2f} ms overhead per tile "
+            f"(CPU time: {o['tile_overhead_cpu_ms']:.2f} ms), job {o['overhead_job_seconds']:.2f} s"
+        )
+        result.update(
+            startup_s=round(o["startup_s"], 3) if o["startup_s"] is not None else None,
+            tile_overhead_ms=round(o["tile_overhead_ms"], 3),
+            tile_overhead_cpu_ms=round(o["tile_overhead_cpu_ms"], 3),
+            tile_compute_ms=round(o["tile_compute_ms"], 3),
+        )
+    else:
+        result.update(startup_s=None, tile_overhead_ms=None)
     print(json.dumps(result))
     return 0

@@ -107,8 +107,17 @@ def line_ranges(length: int, chunk: int, parts: int) -> list[tuple[int, int]]:
     return [(a, min(a + step, length)) for a in range(0, length, step)]
 
 
-def auto_batch(n_tiles: int, n_workers: int, tile_pixels: int) -> int:
-    """Tiles per task: small tasks keep the load balanced; several tiny tiles amortise overhead."""
-    by_size = max(1, (256 * 256) // max(1, tile_pixels))  # ~64K pixels per task at least
+TASK_PIXELS = {"cpu": 1 << 16, "cuda": 1 << 22}  # pixels per task at least (when the plan is big enough)
+
+
+def auto_batch(n_tiles: int, n_workers: int, tile_pixels: int, device: str = "cpu") -> int:
+    """Tiles per task: small tasks keep the load balanced; several tiny tiles amortise overhead.
+
+    A GPU task holds ~4M pixels (four device calls of 2^20): a task ends by
+    waiting for its writes before its marker, and that wait is worth paying
+    only once per several calls (a second render thread computes meanwhile).
+    """
+    target = TASK_PIXELS["cuda" if device.startswith("cuda") else "cpu"]
+    by_size = max(1, target // max(1, tile_pixels))
     by_balance = max(1, n_tiles // max(1, 8 * n_workers))  # >= ~8 tasks per worker
     return max(1, min(by_size, by_balance, 64))

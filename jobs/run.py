@@ -4,9 +4,12 @@ Everything that can be wrong with a job is checked before anything expensive
 starts or anything is written: the spec, the checkpoint (its config is read
 from the file's header, no weights are loaded), the canvas, the output URL
 and, for an existing store, that it was made by the same job (else
-``--overwrite``).  Then Ray starts (embedded, or ``address``), the actors
-compute the missing line ranges, and render the missing tiles.  Resume is
-re-running the same job: markers in the store say what is already there.
+``--overwrite``).  Then the pool starts: Ray actors (embedded, or
+``address``), or lanes in this process (``workers = 0`` and ``memory://``
+stores, renderer.local); they compute the missing line ranges and render the
+missing tiles.  Resume is re-running the same job: markers in the store say
+what is already there.  Ray is imported only when the job uses it, so the
+in-process path runs where Ray is not installed.
 """
 
 from __future__ import annotations
@@ -31,7 +34,6 @@ from creps.errors import first_line
 from renderer.errors import RendererError
 from renderer.fsio import filesystem, io_counts, is_local
 from renderer.lease import Lease
-from renderer.pool import LocalPool, Pool, cluster_resources, get_pool, release_pools, start_ray, stop_ray
 from renderer.store import (
     ImageStore,
     LineShape,
@@ -41,12 +43,12 @@ from renderer.store import (
     store_exists,
     store_lease,
 )
-from renderer.tasks import LineResult, LineTask, Result, Task, TileResult, TileTask
+from renderer.tasks import LineResult, LineTask, Pool, Result, Task, TileResult, TileTask
 from renderer.tiles import RenderContext, peak_rss_mb
 
 from . import JobSpecError
 from .plan import TilePlan, auto_batch, auto_shard, job_plan, line_chunk, line_ranges, runs
-from .spec import JobSpec
+from .spec import IDENTITY_DEFAULTS, JobSpec, same_identity
 
 CONNECT_TIMEOUT_S = 5.0
 
@@ -130,6 +132,7 @@ class Prepared:
             tile_side=s.tile * s.shard,
             warp_rows=s.warp_rows,
             warp_cols=s.warp_cols,
+            precision=s.precision,
         )
 
     def line_shape(self) -> LineShape:
@@ -181,8 +184,30 @@ def _resolve_shard(spec: JobSpec, sha: str) -> JobSpec:
 
 
 def in_process(spec: JobSpec) -> bool:
-    """memory:// stores exist only in this process: render them here, without Ray."""
-    return spec.out.startswith("memory://")
+    """Render in this process, without Ray: ``workers = 0``, or a memory:// store (only here)."""
+    return spec.in_process
+
+
+def local_device(spec: JobSpec) -> str:
+    """The device of an in-process job: ``spec.device``, else cuda when visible; one line if absent."""
+    if spec.device == "cuda" and not torch.cuda.is_available():
+        raise JobSpecError("--device cuda, but this process sees no CUDA GPU; use --device cpu")
+    if spec.device is not None:
+        return spec.device
+    if spec.gpus_per_worker == 0:
+        return "cpu"
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def local_lanes(spec: JobSpec, device: str) -> int:
+    """Render threads of an in-process job: one per core on a CPU (``--threads-per-worker`` sets it);
+    two on a GPU, so one computes while the other waits for its run's writes before the marker."""
+    if device == "cuda":
+        return 2
+    cpus = os.cpu_count() or 1
+    if spec.threads_per_worker > cpus:
+        raise JobSpecError(f"--threads-per-worker {spec.threads_per_worker} is more than the {cpus} CPUs here")
+    return spec.threads_per_worker or cpus
 
 
 def inspect_output(job: Prepared, overwrite: bool) -> ImageStore | None:
@@ -210,9 +235,10 @@ def inspect_output(job: Prepared, overwrite: bool) -> ImageStore | None:
     except RendererError as e:
         raise JobSpecError(f"{e} (use --overwrite to replace it)") from None
     old = store.meta.get("identity")
-    if old is None or not store.has_level(0):
+    if not isinstance(old, dict) or not store.has_level(0):
         raise JobSpecError(f"{spec.out} is an image store not made by a render job; use --overwrite to replace it")
-    if old != job.identity:
+    if not same_identity(old, job.identity):
+        old = {**IDENTITY_DEFAULTS, **old}  # a store from before a key existed holds its default (fp32)
         diff = ", ".join(f"{k}: {old.get(k)!r} -> {v!r}" for k, v in job.identity.items() if old.get(k) != v)
         raise JobSpecError(f"{spec.out} holds a different job ({diff}); re-run with the same job or --overwrite")
     return store
@@ -258,7 +284,14 @@ def open_output(job: Prepared, overwrite: bool) -> ImageStore:
 
 def pool_shape(spec: JobSpec, cpus: float, gpus: float) -> tuple[int, int, float]:
     """(workers, threads per worker, GPUs per worker) that fit ``cpus`` and ``gpus``; else one line."""
-    gpw = spec.gpus_per_worker if spec.gpus_per_worker >= 0 else (1.0 if gpus >= 1 else 0.0)
+    if spec.gpus_per_worker >= 0:
+        gpw = spec.gpus_per_worker
+    elif spec.device == "cpu":
+        gpw = 0.0
+    else:
+        gpw = 1.0 if gpus >= 1 or spec.device == "cuda" else 0.0
+    if spec.device == "cuda" and gpw == 0:
+        raise JobSpecError("--device cuda with --gpus-per-worker 0 is a contradiction; drop one")
     where = "the cluster" if spec.address else "this machine"
     if gpw > 0:
         if gpus <= 0:
@@ -299,15 +332,22 @@ def _probe_address(address: str) -> None:
 
 
 def connect(spec: JobSpec) -> tuple[Pool, int, bool]:
-    """Start or join Ray and make the worker pool: (pool, workers, whether we started Ray).
+    """Make the pool: (pool, workers, whether we started Ray).  In process (``workers = 0``,
+    memory://): lanes of this process, Ray not imported.  Else start or join Ray.
 
-    Runs before anything is written: a cluster that cannot be reached or does
-    not fit the requested workers is refused with one line.
+    Runs before anything is written: a device that is absent, or a cluster that
+    cannot be reached or does not fit the requested workers, is refused with
+    one line.
     """
     if in_process(spec):
-        cuda = spec.gpus_per_worker > 0 or (spec.gpus_per_worker < 0 and torch.cuda.is_available())
-        threads = spec.threads_per_worker or (os.cpu_count() or 1)
-        return LocalPool(spec.checkpoint, spec.init_seed, threads, "cuda" if cuda else "cpu"), 1, False
+        from renderer.local import LocalPool
+
+        device = local_device(spec)
+        lanes = local_lanes(spec, device)
+        return LocalPool(spec.checkpoint, spec.init_seed, lanes, device, spec.max_retries), lanes, False
+    # Ray only from here on: renderer.pool sets Ray's environment before `import ray`
+    from renderer.pool import cluster_resources, get_pool, start_ray, stop_ray
+
     if spec.address:
         _probe_address(spec.address)
         try:
@@ -401,12 +441,17 @@ def run_job(
             job, store, todo, lines_needed, pool, workers, lease, progress, on_progress, log, t_start, io_start
         )
     except BaseException as e:
-        release_pools()  # a failed or interrupted job leaves no half-busy actors behind
+        if pool is not None and not in_process(spec):
+            _release_ray_pools()  # a failed or interrupted job leaves no half-busy actors behind
         _record_failure(spec, e, lease)
         raise
     finally:
         lease.release()
+        if pool is not None and in_process(spec):
+            pool.shutdown()  # lanes and writer threads stop; torch gets its thread count back
         if started_ray:  # our own Ray: leave nothing behind; else keep the actors for the next job
+            from renderer.pool import release_pools, stop_ray
+
             release_pools()
             stop_ray()
     # the requests after the summary was made (its own metadata write, the lease release) belong to
@@ -417,6 +462,12 @@ def run_job(
         requests=summary.requests + tail_requests,
         objects_written=summary.objects_written + tail_objects,
     )
+
+
+def _release_ray_pools() -> None:
+    from renderer.pool import release_pools
+
+    release_pools()
 
 
 def _identity_tag(job: Prepared) -> str:
@@ -559,7 +610,7 @@ def _tile_stage(
 
     spec = job.spec
     tile_px = spec.tile * spec.tile * spec.shard * spec.shard
-    size = spec.batch or auto_batch(len(todo), workers, tile_px)
+    size = spec.batch or auto_batch(len(todo), workers, tile_px, getattr(pool, "device", "cpu"))
     plan = job.plan
     tasks: list[Task] = [TileTask(a, b, _label(plan, a, b)) for a, b in runs(todo, size)]
     t0 = time.perf_counter()

@@ -1,9 +1,12 @@
 """The job spec: one frozen dataclass, from a TOML file and/or CLI flags.
 
-A spec says *what* to render (checkpoint, latent, canvas, tiling, output) and
-*how* (workers, threads, Ray address).  Only the first half decides the bytes;
-``identity()`` returns exactly that half, so a resumed job is compared with the
-store it continues on what matters and may change its worker count freely.
+A spec says *what* to render (checkpoint, latent, canvas, tiling, precision,
+output) and *how* (workers, device, threads, Ray address).  Only the first
+half decides the bytes; ``identity()`` returns exactly that half, so a resumed
+job is compared with the store it continues on what matters and may change its
+worker count, device or Ray address freely.  (A GPU's fp32 bytes can differ
+from a CPU's in the last bits, see docs/exactness.md; resuming on another
+device is allowed and is the user's call, like resuming on another CPU.)
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from typing import Any
 import tomllib
 
 from creps import warp
+from creps.precision import PRECISIONS
 from renderer import fsio
 
 from . import JobSpecError
@@ -56,14 +60,16 @@ class JobSpec:
     tile: int = 512  # tile side = chunk side
     shard: int = 0  # tiles per shard side; 1 = no sharding, 0 = auto (jobs.plan.auto_shard: object stores shard)
     compressor: str = "zstd"
+    precision: str = "fp32"  # pixel stage: fp32 (exact) | bf16 | fp16 (creps.precision)
     # where
     name: str = "demo"
     out: str = ""  # default ./out/<name>.zarr
     storage_options: dict = field(default_factory=dict)
     # how (free to change on resume)
-    workers: int = 0  # 0 = one per GPU, else one per CPU core
-    gpus_per_worker: float = -1.0  # -1 = 1 when CUDA is visible, else 0
-    threads_per_worker: int = 0  # 0 = cores / workers
+    workers: int | None = None  # None = one Ray actor per GPU, else per CPU core; 0 = in this process, no Ray
+    device: str | None = None  # cpu | cuda; None = cuda when visible (Ray: via gpus_per_worker)
+    gpus_per_worker: float = -1.0  # -1 = 1 when CUDA is visible (and device is not cpu), else 0
+    threads_per_worker: int = 0  # 0 = cores / workers (in process: lanes = cores on a CPU)
     address: str | None = None  # Ray cluster; None = embedded
     batch: int = 0  # tiles per task; 0 = auto
     exports: bool = True  # TIFF + DZI after the render (when jobs.assemble exists)
@@ -111,7 +117,12 @@ class JobSpec:
             raise JobSpecError(f"compressor must be zstd or none, got {self.compressor!r}")
         if not isinstance(self.out, str) or not self.out.strip():
             raise JobSpecError("out must be a path or URL")
-        _int("workers", self.workers, 0, 4096)
+        if self.workers is not None:
+            _int("workers", self.workers, 0, 4096, hint="0 renders in this process, without Ray")
+        if self.precision not in PRECISIONS:
+            raise JobSpecError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.device not in (None, "cpu", "cuda"):
+            raise JobSpecError(f"device must be cpu or cuda, got {self.device!r}")
         _int("threads_per_worker", self.threads_per_worker, 0, 1024)
         _int("batch", self.batch, 0, 4096)
         _int("max_retries", self.max_retries, 0, 100)
@@ -138,12 +149,20 @@ class JobSpec:
         """The fields that decide the output bytes (the checkpoint enters by hash, see jobs.run).
 
         Warps enter only when set, so stores rendered before warps existed keep their identity.
+        Stores written before ``precision`` existed hold identities without it;
+        ``same_identity`` reads those as fp32, which is what they were.
         """
-        keys = ("init_seed", "seed", "psi", "height", "width", "view", "tile", "shard", "compressor")
+        keys = ("init_seed", "seed", "psi", "height", "width", "view", "tile", "shard", "compressor", "precision")
         d = self.to_dict()
         ident = {k: d[k] for k in keys}
         ident.update({k: d[k] for k in ("warp_rows", "warp_cols") if d[k]})
         return ident
+
+    @property
+    def in_process(self) -> bool:
+        """Rendered in this process, without Ray: ``workers = 0``, or a ``memory://`` store
+        (only this process can see it)."""
+        return self.workers == 0 or self.out.startswith("memory://")
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -190,6 +209,14 @@ class JobSpec:
 
 
 # ---------------------------------------------------------------- parsers (shared with the CLI)
+IDENTITY_DEFAULTS = {"precision": "fp32"}  # identity keys added later, as stores written before them hold
+
+
+def same_identity(stored: dict, current: dict) -> bool:
+    """Whether a store's recorded identity is the current job's (older stores lack newer keys)."""
+    return {**IDENTITY_DEFAULTS, **stored} == {**IDENTITY_DEFAULTS, **current}
+
+
 def parse_size(text: str) -> tuple[int, int]:
     """'WIDTHxHEIGHT' or 'N' (square) -> (width, height)."""
     parts = text.lower().replace("×", "x").split("x")

@@ -131,6 +131,9 @@ def spec_of_store(
     saved = store.meta.get("spec")
     if not isinstance(saved, dict):
         raise JobSpecError(f"{url} was not made by a render job (no saved job spec); cannot re-render its tiles")
+    if "precision" not in saved and saved.get("workers") == 0:
+        # saved before `workers = 0` meant "in this process": then it meant "one actor per core or GPU"
+        saved = {**saved, "workers": None}
     over: dict[str, Any] = {"out": url, "exports": False}
     if storage_options is not None:
         over["storage_options"] = storage_options

@@ -16,10 +16,9 @@ import collections
 import logging
 import os
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from .ray_env import token_auth_like_ray_start
 
@@ -27,55 +26,28 @@ token_auth_like_ray_start()  # Ray reads RAY_AUTH_MODE once, when it is imported
 import ray
 from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayError, RayTaskError
 
-import creps
 from creps.errors import first_line
 
 from .errors import RendererError
-from .tasks import LineTask, Result, Task, TileTask
-from .tiles import RenderContext, TileRenderer
+from .local import Attempts, LocalPool, next_ready, retry_later
+from .tasks import OnResult, Pool, Task, TileTask
+from .tiles import RenderContext
+from .worker import RenderWorker
 
-OnResult = Callable[[Task, Result], None]
+__all__ = [  # Pool, OnResult, RenderWorker and LocalPool live in Ray-free modules; named here for older imports
+    "LocalPool",
+    "OnResult",
+    "Pool",
+    "RenderWorker",
+    "WorkerPool",
+    "cluster_resources",
+    "get_pool",
+    "release_pools",
+    "start_ray",
+    "stop_ray",
+]
 
 REPO_ROOT = str(Path(__file__).resolve().parent.parent)
-
-
-class RenderWorker:
-    """The actor body (wrapped by ``ray.remote`` in ``WorkerPool``): one resident
-    generator; jobs arrive with each task as a ``RenderContext``, so the same
-    actors serve several jobs of one checkpoint without reloading it."""
-
-    def __init__(self, checkpoint: str, init_seed: int, threads: int, device: str) -> None:
-        import torch
-
-        if threads > 0:
-            torch.set_num_threads(threads)
-        if device == "cuda" and not torch.cuda.is_available():
-            device = "cpu"
-        self.G = creps.load(checkpoint, init_seed=init_seed, device=device)
-        self.device = device
-        self._ctx: RenderContext | None = None
-        self._r: TileRenderer | None = None
-
-    def _renderer(self, ctx: RenderContext) -> TileRenderer:
-        if self._r is None or ctx != self._ctx:
-            self._r, self._ctx = TileRenderer(self.G, ctx, self.device), ctx
-        return self._r
-
-    def pid(self) -> int:
-        return os.getpid()
-
-    def node(self) -> str:
-        """The Ray node this actor runs on (the pool reports the nodes a job used and lost)."""
-        return str(ray.get_runtime_context().get_node_id())
-
-    def run(self, ctx: RenderContext, task: Task) -> Result:
-        """Do one task of job ``ctx``; the task's type says what."""
-        r = self._renderer(ctx)
-        if isinstance(task, LineTask):
-            return r.lines(task.which, task.start, task.stop)
-        if isinstance(task, TileTask):
-            return r.tiles(task.start, task.stop)
-        raise TypeError(f"unknown task {task!r}")
 
 
 # ---------------------------------------------------------------- Ray start-up
@@ -122,22 +94,6 @@ def cluster_resources() -> tuple[float, float]:
 
 
 # ---------------------------------------------------------------- the pool
-class Pool(Protocol):
-    """What the job driver needs of a pool: run tasks, report faults, stop."""
-
-    retries: int
-    replaced: int
-    tiles_retried: int  # tiles of the tile tasks sent again
-    nodes_used: dict[str, str]  # node id -> description, of nodes whose workers returned results
-    nodes_lost: dict[str, str]  # node id -> description, of nodes that died under a worker
-
-    def run(self, ctx: RenderContext, tasks: list[Task], on_result: OnResult) -> None: ...
-
-    def pids(self, timeout: float = ...) -> list[int]: ...
-
-    def shutdown(self) -> None: ...
-
-
 @dataclass
 class _Slot:
     actor: Any
@@ -147,14 +103,6 @@ class _Slot:
     node: str = ""
     suspect: Any = None  # the ping sent when the actor became unreachable; no tasks until it is settled
     retired: bool = False  # its node is gone and the cluster has no room for a replacement
-
-
-@dataclass
-class _Attempts:
-    task: Task
-    attempts: int = 0
-    not_before: float = 0.0
-    errors: list[str] = field(default_factory=list)
 
 
 class WorkerPool:
@@ -174,8 +122,14 @@ class WorkerPool:
         self.n, self.threads, self.gpus = n, threads, gpus
         self.in_flight, self.max_failures = in_flight, max_failures
         self.device = "cuda" if gpus > 0 else "cpu"
+        # A GPU actor runs two tasks at once (threads): while one waits for its run's writes
+        # before the marker, the other keeps the device busy.  A CPU actor runs one.
         self._cls = ray.remote(RenderWorker).options(
-            num_cpus=threads if gpus == 0 else 1, num_gpus=gpus, max_restarts=0, max_task_retries=0
+            num_cpus=threads if gpus == 0 else 1,
+            num_gpus=gpus,
+            max_restarts=0,
+            max_task_retries=0,
+            max_concurrency=2 if gpus > 0 else 1,
         )
         self.actor_failures: list[str] = []
         self.replaced = 0
@@ -303,8 +257,8 @@ class WorkerPool:
 
     def run(self, ctx: RenderContext, tasks: list[Task], on_result: OnResult) -> None:
         """Run the tasks of job ``ctx`` on the actors; ``on_result(task, result)`` for each, in this thread."""
-        queue = collections.deque(_Attempts(t) for t in tasks)
-        pending: dict[Any, tuple[int, int, _Attempts]] = {}
+        queue = collections.deque(Attempts(t) for t in tasks)
+        pending: dict[Any, tuple[int, int, Attempts]] = {}
         while queue or pending:
             now = time.monotonic()
             self._settle_suspects()
@@ -312,7 +266,7 @@ class WorkerPool:
                 if slot.retired or slot.suspect is not None or not self._started(i, slot):
                     continue
                 while slot.in_flight < self.in_flight and queue:
-                    task = self._next_ready(queue, now)
+                    task = next_ready(queue, now)
                     if task is None:
                         break
                     ref = slot.actor.run.remote(ctx, task.task)
@@ -348,51 +302,11 @@ class WorkerPool:
                     on_result(task.task, value)
         self._settle_suspects(final=True)
 
-    def _retry(self, queue: collections.deque, task: _Attempts, error: str, backoff: bool) -> None:
-        task.attempts += 1
+    def _retry(self, queue: collections.deque[Attempts], task: Attempts, error: str, backoff: bool) -> None:
         self.retries += 1
         if isinstance(task.task, TileTask):
             self.tiles_retried += task.task.stop - task.task.start
-        task.errors.append(error)
-        if task.attempts > self.max_failures:
-            raise RendererError(
-                f"task {task.task.key} failed {task.attempts} times; giving up. Last error: {task.errors[-1]}"
-            )
-        task.not_before = time.monotonic() + (min(8.0, 0.5 * 2 ** (task.attempts - 1)) if backoff else 0.0)
-        queue.appendleft(task)
-
-    @staticmethod
-    def _next_ready(queue: collections.deque, now: float) -> _Attempts | None:
-        for _ in range(len(queue)):
-            task = queue[0]
-            if task.not_before <= now:
-                queue.popleft()
-                return task
-            queue.rotate(-1)
-        return None
-
-
-class LocalPool:
-    """The same task interface run in this process, one task at a time.
-
-    For stores only this process can see (``memory://``): Ray workers live in
-    other processes and would write into memory filesystems of their own."""
-
-    def __init__(self, checkpoint: str, init_seed: int, threads: int, device: str) -> None:
-        self.worker = RenderWorker(checkpoint, init_seed, threads, device)
-        self.retries = self.replaced = self.tiles_retried = 0
-        self.nodes_used: dict[str, str] = {}
-        self.nodes_lost: dict[str, str] = {}
-
-    def pids(self, timeout: float = 0.0) -> list[int]:
-        return [os.getpid()]
-
-    def shutdown(self) -> None:
-        pass
-
-    def run(self, ctx: RenderContext, tasks: list[Task], on_result: OnResult) -> None:
-        for task in tasks:
-            on_result(task, self.worker.run(ctx, task))
+        retry_later(queue, task, error, self.max_failures, backoff)
 
 
 # ---------------------------------------------------------------- reuse across jobs

@@ -24,13 +24,15 @@ from __future__ import annotations
 
 import os
 import re
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import zarr
-from zarr.codecs import ZstdCodec
+from numcodecs import Zstd
+from zarr.codecs import BytesCodec, ZstdCodec
 from zarr.storage import FsspecStore, LocalStore
 
 from creps.errors import first_line
@@ -76,6 +78,7 @@ class ImageStore:
     # Off by default: readers beside a writer (viewer, assemble) must see arrays it recreates.
     cache_arrays: bool = False
     _arrays: dict[str, zarr.Array] = field(default_factory=dict, repr=False)
+    _direct: dict[int, _DirectChunks | None] = field(default_factory=dict, repr=False, compare=False)
 
     def _path(self, rel: str) -> str:
         return f"{self.root}/{rel}"
@@ -118,6 +121,7 @@ class ImageStore:
             if self.has_level(int(name)):
                 del self.group[name]
             self._arrays.pop(name, None)
+            self._direct.pop(int(name), None)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -145,6 +149,7 @@ class ImageStore:
             raise RendererError(f"unknown compressor {compressor!r}; use zstd or none")
         shards = (3, chunk * shard, chunk * shard) if shard and shard > 1 else None
         self._arrays.pop(str(level), None)
+        self._direct.pop(level, None)
         return self.group.create_array(
             str(level),
             shape=(3, height, width),
@@ -162,6 +167,28 @@ class ImageStore:
         arr = self.level(level)
         _, h, w = data.shape
         arr[:, r0 : r0 + h, c0 : c0 + w] = data
+
+    def write_chunks(self, level: int, r0: int, c0: int, data: np.ndarray) -> None:
+        """Write a (3, h, w) uint8 block of whole chunks (tiles side by side) at (r0, c0).
+
+        The same stored bytes as ``write_region``, faster: on a local store
+        with plain chunks (no shards; bytes + optional zstd codecs) each chunk
+        is encoded here and stored as one file, atomically (temp file +
+        rename), skipping zarr's per-chunk async round trips (measured 0.12
+        instead of 0.4-0.6 ms per 32x32 chunk).  Anything else (object stores,
+        shards, other codecs, a block not aligned to chunks) goes through zarr.
+        """
+        direct = self._direct_chunks(level)
+        if direct is None or not direct.aligned(r0, c0, data.shape[1], data.shape[2]):
+            self.write_region(level, r0, c0, data)
+            return
+        direct.write(r0, c0, data)
+
+    def _direct_chunks(self, level: int) -> _DirectChunks | None:
+        if level not in self._direct:
+            arr = self.level(level)
+            self._direct[level] = _DirectChunks.of(arr, self.url) if fsio.is_local(self.url) else None
+        return self._direct[level]
 
     def read_region(self, level: int, r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
         return np.asarray(self.level(level)[:, r0:r1, c0:c1])
@@ -333,6 +360,90 @@ class ImageStore:
         record = self.pyramid_progress()
         if record is not None and not record.get("stale"):
             self.write_pyramid_progress({**record, "stale": True, "stale_reason": reason})
+
+
+@dataclass(frozen=True)
+class _DirectChunks:
+    """Chunk files of one plain local level array, written without zarr's machinery.
+
+    Replicates exactly what zarr 3 writes for such an array (``of`` refuses
+    any other layout): each chunk's C-order bytes, padded with the fill value
+    at the array's edge, through ``ZstdCodec``'s numcodecs ``Zstd`` when the
+    array has one; the chunk key from the array's own key encoding; a chunk
+    equal to the fill value everywhere is not stored (zarr's
+    ``write_empty_chunks=False``).  tests/test_pipeline.py compares the files
+    with zarr's, byte for byte.
+    """
+
+    folder: str
+    shape: tuple[int, int, int]
+    chunk: tuple[int, int, int]
+    codec: Zstd | None
+    encode_key: Any
+
+    @classmethod
+    def of(cls, arr: zarr.Array, url: str) -> _DirectChunks | None:
+        meta = arr.metadata
+        compressors = tuple(arr.compressors)
+        plain = (
+            getattr(meta, "zarr_format", None) == 3
+            and getattr(arr, "shards", None) is None
+            and arr.dtype == np.uint8
+            and meta.fill_value == 0
+            and isinstance(arr.serializer, BytesCodec)
+            and not arr.filters
+            and (not compressors or (len(compressors) == 1 and isinstance(compressors[0], ZstdCodec)))
+            and not zarr.config.get("array.write_empty_chunks")
+        )
+        if not plain:
+            return None
+        zc = compressors[0] if compressors else None
+        codec = Zstd(level=zc.level, checksum=zc.checksum) if isinstance(zc, ZstdCodec) else None
+        folder = os.path.join(fsio.local_path(url), *arr.path.split("/"))
+        shape = tuple(int(v) for v in arr.shape)
+        chunk = tuple(int(v) for v in arr.chunks)
+        return cls(folder, (shape[0], shape[1], shape[2]), (chunk[0], chunk[1], chunk[2]), codec, meta.encode_chunk_key)
+
+    def aligned(self, r0: int, c0: int, h: int, w: int) -> bool:
+        _, H, W = self.shape
+        _, th, tw = self.chunk
+        return (
+            r0 % th == 0
+            and c0 % tw == 0
+            and (h % th == 0 or r0 + h == H)
+            and (w % tw == 0 or c0 + w == W)
+            and r0 + h <= H
+            and c0 + w <= W
+        )
+
+    def write(self, r0: int, c0: int, data: np.ndarray) -> None:
+        nc, th, tw = self.chunk
+        _, h, w = data.shape
+        for y in range(0, h, th):
+            for x in range(0, w, tw):
+                part = data[:, y : y + th, x : x + tw]
+                if part.shape != (nc, th, tw):  # an edge chunk: zarr stores it whole, padded with the fill value
+                    full = np.zeros((nc, th, tw), dtype=np.uint8)
+                    full[:, : part.shape[1], : part.shape[2]] = part
+                    part = full
+                key = self.encode_key((0, (r0 + y) // th, (c0 + x) // tw))
+                path = os.path.join(self.folder, *key.split("/"))
+                if not part.any():
+                    if os.path.exists(path):
+                        os.unlink(path)
+                    continue
+                raw = np.ascontiguousarray(part)
+                blob = self.codec.encode(raw) if self.codec is not None else raw.tobytes()
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                tmp = f"{path}.{uuid.uuid4().hex}.partial"
+                try:
+                    with open(tmp, "wb") as f:
+                        f.write(blob)
+                    os.replace(tmp, path)
+                except BaseException:
+                    if os.path.exists(tmp):
+                        os.unlink(tmp)
+                    raise
 
 
 def ome_metadata(shapes: list[tuple[int, ...]], name: str = "creps") -> dict:

@@ -8,9 +8,12 @@ into the store and only these records return.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from .tiles import RenderContext
 
 import numpy as np
 
@@ -159,3 +162,28 @@ class TileResult:
 
 
 Result = LineResult | list[TileResult]
+
+
+OnResult = Callable[[Task, Result], None]
+
+
+class Pool(Protocol):
+    """What the job driver needs of a pool: run tasks, report faults, stop.
+
+    ``renderer.pool.WorkerPool`` (Ray actors) and ``renderer.local.LocalPool``
+    (this process) implement it; the protocol lives here, beside the tasks, so
+    the driver can name it without importing Ray.
+    """
+
+    retries: int
+    replaced: int
+    device: str  # where the workers render: cpu | cuda
+    tiles_retried: int  # tiles of the tile tasks sent again
+    nodes_used: dict[str, str]  # node id -> description, of nodes whose workers returned results
+    nodes_lost: dict[str, str]  # node id -> description, of nodes that died under a worker
+
+    def run(self, ctx: RenderContext, tasks: list[Task], on_result: OnResult) -> None: ...
+
+    def pids(self, timeout: float = ...) -> list[int]: ...
+
+    def shutdown(self) -> None: ...

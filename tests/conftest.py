@@ -14,6 +14,20 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
+NO_CUDA = "needs a CUDA GPU: run `python -m pytest -m cuda tests/gpu` or `bash tests/gpu/check.sh` on a GPU machine"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``cuda`` are skipped, all with the same reason, where no GPU is visible
+    (``CREPS_CUDA_DRY_RUN=1`` runs them on the CPU at small sizes instead: tests/gpu/test_cuda.py)."""
+    cuda_items = [item for item in items if "cuda" in item.keywords]
+    if not cuda_items or os.environ.get("CREPS_CUDA_DRY_RUN"):
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        for item in cuda_items:
+            item.add_marker(pytest.mark.skip(reason=NO_CUDA))
 
 
 # ----------------------------------------------------------------------------

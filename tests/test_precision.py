@@ -15,7 +15,7 @@ import creps
 from creps import Canvas
 from creps.precision import exact_matmuls, matmul_mode
 from jobs import JobSpecError
-from jobs.run import run_job
+from jobs.run import prepare, run_job
 from jobs.spec import JobSpec, same_identity
 from renderer.store import open_store
 
@@ -123,8 +123,8 @@ def test_precision_is_part_of_the_identity_and_old_stores_read_as_fp32(tmp_path,
     store = open_store(spec.out, mode="a")
     old = {k: v for k, v in store.meta["identity"].items() if k != "precision"}
     store.update_meta(identity=old)
-    sha = {"checkpoint_sha256": old["checkpoint_sha256"]}
-    assert same_identity(old, {**spec.identity(), **sha}) and not same_identity(old, {**bf16.identity(), **sha})
+    # (prepare resolves what the spec leaves open, e.g. shard 0 = auto, as the stored identity has it)
+    assert same_identity(old, prepare(spec).identity) and not same_identity(old, prepare(bf16).identity)
     again = run_job(spec, progress=False, log=lambda s: None)
     assert again["tiles_rendered"] == 0 and again["status"] == "done"
     with pytest.raises(JobSpecError, match=r"precision: 'fp32' -> 'bf16'"):

@@ -7,6 +7,8 @@
   render.py view URL_OR_DZI      serve an OpenSeadragon viewer on 127.0.0.1
   render.py bench                machine peak and renderer throughput
   render.py convert PKL OUT      official CREPS pickle -> our safetensors format
+  render.py compare --scale 4    Lanczos upsampling next to CREPS at the higher scale (a labelled PNG)
+  render.py video SRC --zoom ... an H.264 zoom (store pyramid or checkpoint) or latent-interpolation video
 
 Each subcommand lives in its own module (jobs/, viewer/, creps/); this file
 only dispatches, so `--help` on every subcommand is the reference.
@@ -27,6 +29,8 @@ SUBCOMMANDS = {
     "view": ("viewer.cli", "serve an OpenSeadragon viewer for a store or a .dzi on 127.0.0.1"),
     "bench": ("jobs.bench", "measure matmul peak and renderer throughput; last line is JSON"),
     "convert": ("creps.convert", "convert an official CREPS .pkl to our safetensors + JSON format"),
+    "compare": ("jobs.compare", "Lanczos upsampling of the R render next to CREPS rendered at a higher scale"),
+    "video": ("jobs.video", "H.264 zoom from the whole image to a deep point, or a latent interpolation"),
 }
 
 

@@ -4,6 +4,7 @@
   train.py --data DS --out RUNDIR [options]     train (resume = re-run the same command)
   train.py dataset SRC DEST --resolution R      folder / zip / glob of images -> dataset
   train.py metrics CKPT --data DS --num N       FID / KID of a generator against a dataset
+  train.py metrics CKPT --scale-consistency     R vs k*R renders against a Lanczos round trip (no dataset)
 
 `train` is the default subcommand: `train.py --data ...` = `train.py train --data ...`.
 Multi-GPU: torchrun --nproc_per_node=N train.py --data ... (one process on CPU).
@@ -25,7 +26,10 @@ from creps import cli
 SUBCOMMANDS = {
     "train": ("training.cli_train", "train a generator (the default subcommand; resume = re-run the same command)"),
     "dataset": ("training.cli_dataset", "convert a folder, zip or glob of images into a dataset"),
-    "metrics": ("training.cli_metrics", "FID / KID of a generator against a dataset; prints one JSON line"),
+    "metrics": (
+        "training.cli_metrics",
+        "FID / KID against a dataset, or --scale-consistency; prints one JSON line",
+    ),
 }
 DEFAULT = "train"
 GLOBAL_FLAGS = ("--debug",)

@@ -29,7 +29,8 @@ def pixel_flops(cfg: GeneratorConfig) -> int:
     k = cfg.num_bilines
     dec = c * 2 * c + 2 * c * 4 * c + 4 * c * 2 * c + 2 * c * c
     macs = k * c * r  # rank-r fusion per block
-    macs += (k - 1) * dec + dec  # decoders per later block + decoder_last
+    between = k - 1 if cfg.decoders == "multiple" else 0  # variants without decoders only add
+    macs += between * dec + dec  # decoders per later block + decoder_last
     macs += c * cfg.img_channels  # decoder_img
     c4, c2 = 4 * c, 2 * c
     macs += c * c4 + c4 * c4 + c4 * cfg.img_channels  # block0

@@ -96,7 +96,8 @@ class LineWeights:
 class PixelWeights:
     """Folded matrices of the pixel stage for one batch of latents.
 
-    ``decoders`` (decoder_16 ... decoder_R, four layers each), ``last`` and
+    ``decoders`` (decoder_16 ... decoder_R, four layers each; empty when the
+    config has ``decoders="none"`` or ``bilines="last"``), ``last`` and
     ``img`` do not depend on the latent, so they are plain 2-D layers shared
     by every sample.  ``refine`` (block0, block1) is modulated by the last w
     and so is per sample; see ``sample``.
@@ -215,9 +216,11 @@ class Synthesis(nn.Module):
         self.cfg = cfg
         for res in cfg.block_resolutions:
             setattr(self, f"b{res}", LineBlock(cfg, res))
-        # decoder_8 exists in the official weights but is never used.
-        for res in cfg.block_resolutions[1:]:
-            setattr(self, f"decoder_{res}", _decoder(cfg.biline_channels))
+        # decoder_8 exists in the official weights but is never used.  Variants without decoders
+        # between blocks (docs/experiments.md) have no decoder_<res> modules at all.
+        if cfg.decoders == "multiple":
+            for res in cfg.block_resolutions[1:]:
+                setattr(self, f"decoder_{res}", _decoder(cfg.biline_channels))
         self.decoder_last = _decoder(cfg.biline_channels)
         self.decoder_img = FullyConnected(cfg.biline_channels, cfg.img_channels)
         c = cfg.biline_channels
@@ -313,12 +316,14 @@ class Generator(nn.Module):
         x = apply(x, *weights.first_fc1, True, clamp)
         res: torch.Tensor | None = None
         out = []
-        for blk in weights.blocks:
+        last = len(weights.blocks) - 1
+        for i, blk in enumerate(weights.blocks):
             x = apply(x, *blk.fc0, True, clamp)
             x = apply(x, *blk.fc1, True, clamp)
             y = apply(x, *blk.tores, False, clamp)
             res = y if res is None else res + y
-            out.append(res * math.sqrt(0.5))
+            if cfg.bilines == "all" or i == last:  # "last": the bi-line baseline keeps bR's only
+                out.append(res * math.sqrt(0.5))
         return torch.stack(out, dim=1).reshape(bsz, len(out), L, r, cfg.biline_channels)
 
     # -------------------------------------------------------------- pixel stage
@@ -328,8 +333,11 @@ class Generator(nn.Module):
         decoder_8 is skipped: the first bi-line enters the cascade undecoded.
         """
         syn, w = self.synthesis, ws[:, -1]
+        has_decoders = self.cfg.decoders == "multiple"
         return PixelWeights(
-            decoders=tuple(_fold(getattr(syn, f"decoder_{res}")) for res in self.cfg.block_resolutions[2:]),
+            decoders=tuple(_fold(getattr(syn, f"decoder_{res}")) for res in self.cfg.block_resolutions[2:])
+            if has_decoders
+            else (),
             last=_fold(syn.decoder_last),
             img=syn.decoder_img.effective(),
             refine=tuple(
@@ -409,11 +417,12 @@ class Generator(nn.Module):
 
         ``fuse(k)`` gives the fused bi-line F_k; it is a callable so that each
         F_k is built only when the cascade reaches it (one live at a time).
+        Without decoders (``decoders="none"``) the cascade is E_k = E_(k-1) + F_k.
         """
         clamp = self.cfg.fc_clamp
         feat = fuse(0)
         for k in range(1, K):
-            for wt, b in wts.decoders[k - 1]:
+            for wt, b in wts.decoders[k - 1] if wts.decoders else ():
                 feat = apply(feat, wt, b, True, None)
             f = fuse(k)
             feat = feat.add_(f) if not feat.requires_grad else feat + f
@@ -448,12 +457,12 @@ class Generator(nn.Module):
         return self.pixels(ws, R, C, pixel_block=pixel_block)
 
     def forward(self, z: torch.Tensor, psi: float = 1.0, update_w_avg: bool = False) -> torch.Tensor:
-        """Full frame at the training resolution (the official default grid)."""
+        """Full frame at the training resolution (``cfg.image_size``; the official default grid)."""
         ws = self.mapping(z, psi=psi, update_w_avg=update_w_avg)
         return self.synthesize(ws)
 
     def synthesize(self, ws: torch.Tensor, size: int | None = None) -> torch.Tensor:
-        n = self.cfg.resolution if size is None else size
+        n = self.cfg.image_size if size is None else size
         t = Canvas(n, n).row_coords().to(ws.device)
         R = self.lines(ws, t, "row")
         C = self.lines(ws, t, "col")

@@ -2,6 +2,14 @@
 
 A config fully determines every parameter shape, so a checkpoint stores its
 config next to its weights and nothing else is needed to rebuild the network.
+
+Three fields go beyond the official configuration (docs/experiments.md): the
+supplementary material's model variants (``decoders``, ``bilines``) and the
+training canvas of a resolution transfer (``size``).  ``to_dict`` leaves them
+out while they hold their defaults, so an official-architecture config writes
+the JSON it always wrote (checkpoint metadata, job stores and training
+``config.json`` compare equal across versions) and a config without them reads
+as the official architecture.
 """
 
 from __future__ import annotations
@@ -10,6 +18,11 @@ import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
+
+DECODERS = ("multiple", "none")
+BILINES = ("all", "last")
+# Fields that are not in the official configuration, with the value that means "as official".
+EXTENSIONS: dict[str, Any] = {"decoders": "multiple", "bilines": "all", "size": 0}
 
 
 @dataclass(frozen=True)
@@ -33,6 +46,15 @@ class GeneratorConfig:
     mapping_lr: float = 0.01
     w_avg_beta: float = 0.998
     fc_clamp: float = 256.0
+    # Fusion between synthesis blocks: "multiple" = a decoder MLP between consecutive bi-lines,
+    # E^(l+1) = decoder_l(E^(l)) + F^(l+1) (official); "none" = E^(l+1) = E^(l) + F^(l+1).
+    decoders: str = "multiple"
+    # Which bi-lines reach the pixel stage: "all" line blocks' (layer-wise composition, official)
+    # or only the "last" one (the supplementary's "bi-line" baseline; needs decoders="none").
+    bilines: str = "all"
+    # Side of the full frame G(z) renders, i.e. of the training images; 0 = resolution.  A
+    # resolution transfer keeps the blocks of R and trains on a 2R canvas of the same window.
+    size: int = 0
 
     def __post_init__(self) -> None:
         r = self.resolution
@@ -41,6 +63,16 @@ class GeneratorConfig:
         for name in ("z_dim", "w_dim", "img_channels", "biline_channels", "rank", "mapping_layers"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.decoders not in DECODERS:
+            raise ValueError(f"decoders must be one of {', '.join(DECODERS)}, got {self.decoders!r}")
+        if self.bilines not in BILINES:
+            raise ValueError(f"bilines must be one of {', '.join(BILINES)}, got {self.bilines!r}")
+        if self.bilines == "last" and self.decoders != "none":
+            raise ValueError(
+                "bilines='last' fuses one bi-line, so there is no decoder between blocks: use decoders='none'"
+            )
+        if not isinstance(self.size, int) or isinstance(self.size, bool) or not 0 <= self.size <= 2**20:
+            raise ValueError(f"size must be 0 (= resolution) or a canvas side in 1..2^20, got {self.size!r}")
 
     @property
     def block_resolutions(self) -> list[int]:
@@ -56,11 +88,21 @@ class GeneratorConfig:
 
     @property
     def num_bilines(self) -> int:
-        """Line blocks whose bi-line enters the fusion (b8..bR)."""
-        return len(self.block_resolutions) - 1
+        """Bi-lines that enter the fusion: one per line block b8..bR, or only bR's (``bilines="last"``)."""
+        return len(self.block_resolutions) - 1 if self.bilines == "all" else 1
+
+    @property
+    def image_size(self) -> int:
+        """Side of the full frame ``G(z)``: the training images' resolution (``--scale`` multiplies it)."""
+        return self.size or self.resolution
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """All fields, less the non-official ones that hold their default (see the module doc)."""
+        d = dataclasses.asdict(self)
+        for key, default in EXTENSIONS.items():
+            if d[key] == default:
+                del d[key]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> GeneratorConfig:
@@ -85,6 +127,19 @@ PRESETS: dict[str, GeneratorConfig] = {
         biline_channels=16,
         rank=4,
         mapping_layers=2,
+    ),
+    # Sized for one H100/H200 and a 9-minute training budget (issue: a bundled model worth
+    # looking at): 3.4 M parameters, 443 kFLOP per rendered pixel (small64: 126 K), 13 MB of
+    # weights; a 6144^2 render stays near a minute on a 2-core CPU.
+    "land128": GeneratorConfig(
+        resolution=128,
+        z_dim=256,
+        w_dim=256,
+        channel_base=16384,
+        channel_max=256,
+        biline_channels=32,
+        rank=8,
+        mapping_layers=4,
     ),
     # Small but trainable on a CPU in reasonable time: the bundled default.
     "small64": GeneratorConfig(

@@ -50,6 +50,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--size", metavar="WxH", help="canvas WIDTHxHEIGHT in pixels (or N for square)")
     g.add_argument("--scale", type=float, metavar="S", help="square canvas of int(R*S) pixels, R = training resolution")
     g.add_argument("--view", metavar="Y0,Y1,X0,X1", help="coordinate window (default 0,1,0,1)")
+    add_warp_arguments(g)
     g = p.add_argument_group("output")
     g.add_argument("--out", metavar="URL", help="store path or fsspec URL (default out/<name>.zarr)")
     g.add_argument("--name", help="job name (default demo)")
@@ -88,6 +89,33 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
+WARP_HELP = (
+    "map the {} coordinates: shift:d, scale:s[,c], mirror[:c], sine:amp,freq[,phase], barrel:k[,c,r]; "
+    "repeat the flag (or join with ';') to chain (see docs/experiments.md)"
+)
+
+
+def add_warp_arguments(g: argparse._ArgumentGroup | argparse.ArgumentParser) -> None:
+    """``--warp-rows`` / ``--warp-cols`` (repeatable), shared by the render and video commands."""
+    g.add_argument("--warp-rows", action="append", metavar="WARP", help=WARP_HELP.format("row"))
+    g.add_argument("--warp-cols", action="append", metavar="WARP", help=WARP_HELP.format("column"))
+
+
+def warp_flags(args: argparse.Namespace) -> dict[str, str]:
+    """The warp fields given on the command line, in canonical text (JobSpecError when bad)."""
+    from creps import warp
+
+    out = {}
+    for name in ("warp_rows", "warp_cols"):
+        given = getattr(args, name, None)
+        if given is not None:
+            try:
+                out[name] = warp.canonical(given)
+            except ValueError as e:
+                raise JobSpecError(f"--{name.replace('_', '-')}: {e}") from None
+    return out
+
+
 FLAG_FIELDS = (
     "checkpoint",
     "init_seed",
@@ -120,6 +148,7 @@ def spec_from_args(args: argparse.Namespace) -> JobSpec:
         over["view"] = parse_view(args.view)
     if args.storage_options is not None:
         over["storage_options"] = parse_storage_options(args.storage_options)
+    over.update(warp_flags(args))
     if args.job:
         return JobSpec.from_toml(args.job, over)
     return JobSpec.from_dict(over)
@@ -211,6 +240,20 @@ def _exports(url: str, storage_options: dict) -> None:
         raise ExportError(f"exports failed: {first_line(e)}; the render in {url} is kept", retry) from None
     print(f"exports: {tiff}, {dzi}")
     print(f"view it: {_python()} render.py view {dzi}")
+    print(f"endless zoom: {_python()} render.py view {ENDLESS_ZOOM_ARGS.format(checkpoint=_bundled())}")
+
+
+# The bundled model on a 1048576² canvas over a wide window (every level has detail), rendered as it is looked at.
+ENDLESS_ZOOM_ARGS = "--checkpoint {checkpoint} --size 1048576x1048576 --view 0,1024,0,1024"
+
+
+def _bundled() -> str:
+    """The bundled weights as the user would type them (relative to here when inside), else the default."""
+    from .spec import default_checkpoint
+
+    ckpt = default_checkpoint()
+    rel = os.path.relpath(ckpt) if not ckpt.startswith("preset:") else ckpt
+    return rel if not rel.startswith("..") else ckpt
 
 
 def _python() -> str:

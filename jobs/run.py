@@ -128,6 +128,8 @@ class Prepared:
             view=s.view,
             chunk=s.tile,
             tile_side=s.tile * s.shard,
+            warp_rows=s.warp_rows,
+            warp_cols=s.warp_cols,
         )
 
     def line_shape(self) -> LineShape:
@@ -145,10 +147,14 @@ def prepare(spec: JobSpec) -> Prepared:
     spec = dataclasses.replace(spec, checkpoint=creps.resolve_checkpoint(spec.checkpoint))
     cfg = creps.read_config(spec.checkpoint, init_seed=spec.init_seed)
     sha = creps.checkpoint_hash(spec.checkpoint, spec.init_seed)
-    spec = _resolve_shard(spec.resolved(cfg.resolution), sha)
+    spec = _resolve_shard(spec.resolved(cfg.image_size), sha)
     y0, y1, x0, x1 = spec.view
     try:
-        creps.Canvas(spec.height, spec.width, y=(y0, y1), x=(x0, x1))
+        canvas = creps.Canvas(
+            spec.height, spec.width, y=(y0, y1), x=(x0, x1), warp_rows=spec.warp_rows, warp_cols=spec.warp_cols
+        )
+        if spec.warp_rows or spec.warp_cols:  # a warp may overflow float32 somewhere: find out before any work
+            canvas.row_coords(), canvas.col_coords()
     except ValueError as e:
         raise JobSpecError(str(e)) from None
     return Prepared(spec, cfg, sha, job_plan(spec))

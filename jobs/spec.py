@@ -18,6 +18,7 @@ from typing import Any
 
 import tomllib
 
+from creps import warp
 from renderer import fsio
 
 from . import JobSpecError
@@ -50,6 +51,8 @@ class JobSpec:
     height: int = 6144
     scale: float | None = None  # N = int(R * scale), square; overrides width/height
     view: tuple[float, float, float, float] = (0.0, 1.0, 0.0, 1.0)  # y0, y1, x0, x1
+    warp_rows: str = ""  # creps.warp text mapping the row coordinates ("" = none)
+    warp_cols: str = ""  # the same for the column coordinates
     tile: int = 512  # tile side = chunk side
     shard: int = 0  # tiles per shard side; 1 = no sharding, 0 = auto (jobs.plan.auto_shard: object stores shard)
     compressor: str = "zstd"
@@ -71,6 +74,11 @@ class JobSpec:
             object.__setattr__(self, "out", f"out/{self.name}.zarr")
         object.__setattr__(self, "view", tuple(float(v) for v in self.view))
         object.__setattr__(self, "storage_options", dict(self.storage_options or {}))
+        for name in ("warp_rows", "warp_cols"):  # canonical text: "mirror" and "mirror:0.5" are one job
+            try:
+                object.__setattr__(self, name, warp.canonical(getattr(self, name)))
+            except ValueError as e:
+                raise JobSpecError(f"{name}: {e}") from None
         self.validate()
 
     # ------------------------------------------------------------ checks
@@ -127,10 +135,15 @@ class JobSpec:
 
     # ------------------------------------------------------------ identity / serialisation
     def identity(self) -> dict:
-        """The fields that decide the output bytes (the checkpoint enters by hash, see jobs.run)."""
+        """The fields that decide the output bytes (the checkpoint enters by hash, see jobs.run).
+
+        Warps enter only when set, so stores rendered before warps existed keep their identity.
+        """
         keys = ("init_seed", "seed", "psi", "height", "width", "view", "tile", "shard", "compressor")
         d = self.to_dict()
-        return {k: d[k] for k in keys}
+        ident = {k: d[k] for k in keys}
+        ident.update({k: d[k] for k in ("warp_rows", "warp_cols") if d[k]})
+        return ident
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

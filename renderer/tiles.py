@@ -45,6 +45,8 @@ class RenderContext:
     view: tuple[float, float, float, float]  # y0, y1, x0, x1
     chunk: int  # level-0 chunk side; tiles are rendered chunk by chunk
     tile_side: int = 0  # side of a plan tile (a chunk, or a shard when sharded); 0 = chunk
+    warp_rows: str = ""  # creps.warp text of the row / column coordinates ("" = none)
+    warp_cols: str = ""
 
     @property
     def plan(self) -> TilePlan:
@@ -53,7 +55,9 @@ class RenderContext:
     @property
     def canvas(self) -> creps.Canvas:
         y0, y1, x0, x1 = self.view
-        return creps.Canvas(self.height, self.width, y=(y0, y1), x=(x0, x1))
+        return creps.Canvas(
+            self.height, self.width, y=(y0, y1), x=(x0, x1), warp_rows=self.warp_rows, warp_cols=self.warp_cols
+        )
 
 
 # ---------------------------------------------------------------- helpers

@@ -248,6 +248,51 @@ def test_dry_run_prints_config_and_writes_nothing(dataset, tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
+def test_minutes_budget_stops_cleanly_with_a_checkpoint(dataset, tmp_path, monkeypatch):
+    """--minutes: the run stops at a step boundary once its wall-clock budget is spent, writes a
+    checkpoint and G_ema, logs the first-window throughput; re-running the same command goes on."""
+    import json
+
+    from training import loop
+
+    monkeypatch.setattr(loop, "FIRST_RATE_S", 0.0)
+    run = tmp_path / "budget"
+    cfg = config(dataset, kimg=1000.0, minutes=0.02, snap=1000.0)
+    Trainer(cfg, str(run), log=lambda s: None).run(progress=False)
+    ckpts = sorted(run.glob("ckpt-*.safetensors"))
+    assert ckpts and (run / "G_ema.safetensors").exists()
+    recs = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
+    assert any("first_kimg_per_s" in r for r in recs)
+    step = int(ckpts[-1].stem.split("-")[1])
+    assert 0 < step < cfg.total_steps
+    Trainer(cfg, str(run), log=lambda s: None).run(progress=False)  # resumes and stops again, later
+    assert int(sorted(run.glob("ckpt-*.safetensors"))[-1].stem.split("-")[1]) > step
+
+
+def test_device_training_script_runs_end_to_end_on_cpu(dataset, tmp_path):
+    """tests/gpu/train_bundled.sh, the prepared device run, on the CPU with the tiny preset."""
+    import json
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parent.parent
+    out = tmp_path / "out"
+    env = {
+        **__import__("os").environ,
+        "OUT": str(out), "DATA": dataset, "MINUTES": "0.05", "PRESET": "tiny", "RESOLUTION": "32",
+        "BATCH": "4", "DEVICE": "cpu", "PY": sys.executable, "RUN": str(tmp_path / "run"),
+    }  # fmt: skip
+    proc = subprocess.run(["bash", str(repo / "tests/gpu/train_bundled.sh")], env=env, capture_output=True,
+                          text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert {p.name for p in out.iterdir()} >= {"G_ema.safetensors", "fakes.png", "log.jsonl", "train.log"}
+    summary = json.loads((out / "summary.txt").read_text().strip().splitlines()[-1])
+    assert summary["kimg"] > 0
+    import creps
+
+    assert creps.load(out / "G_ema.safetensors").cfg == creps.preset("tiny")
+
+
 def test_run_dir_and_training_checkpoint_render(dataset, tmp_path, capsys):
     """`--checkpoint RUN_DIR` renders the run's newest G_ema, and so does a training-state
     ckpt-*.safetensors given directly; a folder that is no run is refused with one line."""

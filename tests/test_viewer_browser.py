@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import re
 import threading
+import time
 
 import numpy as np
 import pytest
+import torch
+from PIL import Image
 
+import creps
 from renderer.store import open_store
 from viewer.server import make_server, open_source
-from viewer.tiles import max_level
+from viewer.tiles import max_level, tile_bounds
 
 CHROMIUM = "/usr/bin/chromium"
 if not os.path.exists(CHROMIUM):
@@ -148,4 +153,135 @@ def test_exported_dzi_draws(browser, tmp_path):
         assert any("/dzi/out_files/" in u for u in requests)
         assert "exported DeepZoom" in page.inner_text("#panel")
         assert not errors, errors
+        page.close()
+
+
+# ---------------------------------------------------------------- endless zoom (render.py view --checkpoint)
+BUNDLED = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "creps", "weights", "default.safetensors"
+)
+# Loaded, and the page's own tile loader has nothing left to fetch for this view.
+SETTLED = (
+    "() => window.viewer && viewer.world.getItemCount() > 0 && viewer.world.getItemAt(0).getFullyLoaded()"
+    " && window.creps.pending === 0 && !viewer.isAnimating()"
+)
+
+
+def wait_until(predicate, what: str, timeout: float = 60.0) -> None:
+    """Poll until ``predicate()`` holds (waiting for the server to get there; not a timing assertion)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+@contextlib.contextmanager
+def serving_endless(**kw):
+    from viewer.endless import open_endless
+
+    source = open_endless(BUNDLED, width=2**20, height=2**20, view=(0.0, 1024.0, 0.0, 1024.0), **kw)
+    server = make_server(source, "127.0.0.1", 0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        server.close_source()
+
+
+def test_endless_zoom_from_the_whole_view_to_the_deepest_level(browser, tmp_path):
+    """A 1048576² canvas of the bundled model: every level visited draws detailed, non-black tiles."""
+    with serving_endless(cache_url=str(tmp_path / "cache"), fmt="png") as server:
+        page = browser.new_page(viewport={"width": 900, "height": 600})
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.add_init_script("window.crepsMeasure = true")
+        page.goto(server.url)
+        page.wait_for_function(SETTLED, timeout=120000)
+        # Pending areas are drawn as such (a hatched fill), never left black, even before a tile arrives.
+        assert page.evaluate("() => typeof viewer.world.getItemAt(0).placeholderFillStyle") == "function"
+        levels = [page.evaluate("() => window.creps.currentLevel()")]
+        while levels[-1] < 20:
+            page.evaluate("() => { viewer.viewport.zoomBy(4, null, true); viewer.viewport.applyConstraints(true); }")
+            # The next frame notices the zoom: wait for the new level's first tile, then for the view to settle.
+            drawn = "() => { const l = window.creps.currentLevel(); return window.creps.tileStats.some(t => t.level === l); }"
+            page.wait_for_function(drawn, timeout=120000)
+            page.wait_for_function(SETTLED, timeout=120000)
+            levels.append(page.evaluate("() => window.creps.currentLevel()"))
+        assert levels[0] <= 11 and levels[-1] == 20 and len(levels) >= 5, levels
+        stats = page.evaluate("() => window.creps.tileStats")
+        by_level: dict[int, list[dict]] = {}
+        for s in stats:
+            by_level.setdefault(s["level"], []).append(s)
+        for level in levels:  # every level the view went through drew tiles of its own
+            assert by_level.get(level), (level, sorted(by_level))
+        for level, tiles in by_level.items():
+            big = [t for t in tiles if min(t["w"], t["h"]) >= 16]  # 1-8 px tiles of the top levels are flat
+            assert all(t["black"] == 0 and t["mean"] > 20 for t in tiles), (level, tiles)
+            assert all(t["std"] > 1.0 for t in big), (level, [t["std"] for t in big])
+        # A deepest-level tile the page drew, fetched as PNG, is exactly the creps API's pixels for that crop.
+        url = next(t["url"] for t in stats if t["level"] == 20 and min(t["w"], t["h"]) == 256)
+        level, col, row = (int(v) for v in re.search(r"_files/(\d+)/(\d+)_(\d+)\.png", url).groups())
+        got = np.asarray(
+            Image.open(io.BytesIO(page.request.get(server.url.rstrip("/") + url).body())).convert("RGB")
+        ).transpose(2, 0, 1)
+        y0, y1, x0, x1 = tile_bounds(2**20, 2**20, level, col, row)
+        G = creps.load(BUNDLED)
+        canvas = creps.Canvas(2**20, 2**20, y=(0.0, 1024.0), x=(0.0, 1024.0))
+        with torch.no_grad():
+            ref = creps.to_uint8(G.render(G.z_from_seed(0), canvas, (y0, y1), (x0, x1)))[0].numpy()
+        np.testing.assert_array_equal(got, ref)
+        panel = page.inner_text("#panel")
+        assert "level 20 of 20" in panel and "1048576 × 1048576" in panel and "rendered" in panel, panel
+        assert server.source.stats()["tiles_rendered"] > 0
+        # The URL carries the view (centre and zoom, once the view is at rest).
+        current = "() => { const p = new URLSearchParams(location.hash.slice(1));"
+        current += " return Math.abs(p.get('z') / window.creps.zoom - 1) < 1e-4; }"
+        page.wait_for_function(current, timeout=30000)
+        view = page.evaluate("() => location.hash")
+        centre = page.evaluate(
+            "() => viewer.world.getItemAt(0).viewportToImageCoordinates(viewer.viewport.getCenter(true))"
+        )
+        assert not errors, errors
+        page.close()
+    # A restarted server on the same cache: that link reopens the same spot, and every tile comes from the cache.
+    with serving_endless(cache_url=str(tmp_path / "cache"), fmt="png") as server:
+        again = browser.new_page(viewport={"width": 900, "height": 600})
+        again.goto(server.url + view)
+        again.wait_for_function(SETTLED, timeout=120000)
+        assert again.evaluate("() => window.creps.currentLevel()") == 20
+        c2 = again.evaluate(
+            "() => viewer.world.getItemAt(0).viewportToImageCoordinates(viewer.viewport.getCenter(true))"
+        )
+        assert abs(c2["x"] - centre["x"]) < 2 and abs(c2["y"] - centre["y"]) < 2, (centre, c2)
+        stats = server.source.stats()
+        assert stats["tiles_rendered"] == 0 and stats["tiles_from_store"] > 0, stats
+        again.close()
+
+
+def test_endless_page_aborts_tiles_that_left_the_screen(browser):
+    """Panning away while tiles are pending aborts their fetches, and the server never renders them."""
+    with serving_endless(cache_url=None, fmt="jpeg", threads=1) as server:
+        page = browser.new_page(viewport={"width": 900, "height": 600})
+        page.goto(server.url + "#x=300000&y=300000&z=1")
+        page.wait_for_function(SETTLED, timeout=120000)
+        assert page.evaluate("() => window.creps.level") == 20
+        src = server.source
+        rendered = src.stats()["tiles_rendered"]
+        with src.scheduler.hold():  # the server starts nothing: the next view's tiles stay pending
+            page.evaluate("() => viewer.viewport.panBy(new OpenSeadragon.Point(0.002, 0), true)")
+            wait = "() => window.creps.pending > 0 && window.creps.fetched > window.creps.abandoned"
+            page.wait_for_function(wait, timeout=30000)
+            wait_until(lambda: src.scheduler.counts()["queued"] > 0, "the server to queue them")
+            queued = src.scheduler.counts()["queued"]
+            # The view moves on before they are rendered: the page aborts those fetches...
+            page.evaluate("() => viewer.viewport.panBy(new OpenSeadragon.Point(0.05, 0), true)")
+            page.wait_for_function("() => window.creps.abandoned > 0", timeout=30000)
+            # ...the connections close, and the server drops the renders it had not started.
+            wait_until(lambda: src.scheduler.abandoned >= queued, "the server to drop them")
+        page.wait_for_function(SETTLED, timeout=120000)
+        stats = src.stats()
+        assert stats["tiles_abandoned"] >= queued and stats["tiles_rendered"] > rendered
         page.close()

@@ -46,7 +46,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="generator preset (tiny, small64, ffhq512, ...) [default: small64]",
     )
     g.add_argument(
-        "--resolution", type=int, default=0, metavar="R", help="training resolution [default: the dataset's]"
+        "--resolution",
+        type=int,
+        default=0,
+        metavar="R",
+        help="training resolution [default: the dataset's]; with --resume of an R/2 model: resolution transfer "
+        "(same network, coordinate vectors twice as long)",
     )
     g.add_argument("--batch", type=int, default=16, metavar="B", help="total batch size [default: 16]")
     g.add_argument(
@@ -63,6 +68,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=100.0,
         metavar="K",
         help="train until K thousand images shown (1.5M ok) [default: 100]",
+    )
+    v = p.add_argument_group("model variants (docs/experiments.md)")
+    v.add_argument("--rank", type=int, default=0, metavar="D", help="bi-line thickness d [default: the preset's]")
+    v.add_argument(
+        "--decoders",
+        choices=["multiple", "none"],
+        default="",
+        help="fusion between blocks: a decoder each (official) or E^(l+1) = E^(l) + F^(l+1) [default: multiple]",
+    )
+    v.add_argument(
+        "--bilines",
+        choices=["all", "last"],
+        default="",
+        help="fuse every block's bi-line (official) or only the last one (the bi-line baseline) [default: all]",
     )
     h = p.add_argument_group("hyperparameters")
     h.add_argument(
@@ -112,6 +131,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     io.add_argument(
         "--snap", type=float, default=10.0, metavar="N", help="checkpoint + sample grid every N kimg [default: 10]"
+    )
+    io.add_argument(
+        "--minutes",
+        type=float,
+        default=0.0,
+        metavar="M",
+        help="stop after M minutes of training in this run, cleanly, with a checkpoint; re-run to go on "
+        "[default: 0 = until --kimg]",
     )
     io.add_argument(
         "--tick", dest="tick_kimg", type=float, default=1.0, metavar="K", help="log line every K kimg [default: 1]"

@@ -8,6 +8,11 @@ half as wide as the generator.
 The command line builds a config in one place, ``TrainConfig.from_args``: every
 ``train.py train`` flag that sets a field stores its value under the field's
 name (``--glr`` -> ``lr_g``), so no field is copied by hand.
+
+The generator is the preset with the variant fields (``rank``, ``decoders``,
+``bilines``) overridden when given, or, for a resolution transfer (``--resume
+CKPT --resolution 2R``), the checkpoint's own architecture rendering a 2R
+canvas of the same coordinate window (docs/experiments.md).
 """
 
 from __future__ import annotations
@@ -20,12 +25,13 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from creps import GeneratorConfig, preset
+from creps.presets import BILINES, DECODERS
 
 from .errors import TrainError
 
 # Options that may change between runs of the same RUNDIR without --force:
 # they say how long / how often, not what is trained.
-MUTABLE = ("kimg", "snap", "metrics", "metrics_num", "resume", "tick_kimg")
+MUTABLE = ("kimg", "snap", "metrics", "metrics_num", "resume", "tick_kimg", "minutes")
 
 
 def default_gamma(resolution: int) -> float:
@@ -71,9 +77,13 @@ class TrainConfig:
     seed: int = 0
     snap: float = 10.0  # kimg between snapshots (checkpoint + grid)
     tick_kimg: float = 1.0  # kimg between log lines
+    minutes: float = 0.0  # wall-clock budget of this run (0: none); stops cleanly with a checkpoint
     metrics: tuple[str, ...] = ()
     metrics_num: int = 2000
     resume: str = ""
+    rank: int = 0  # 0: the preset's; else the bi-line thickness (Tab. 4's d)
+    decoders: str = ""  # "": the preset's ("multiple"); "none": E^(l+1) = E^(l) + F^(l+1)
+    bilines: str = ""  # "": the preset's ("all"); "last": the bi-line baseline (implies decoders "none")
     amp: bool = True  # bf16 autocast on CUDA only
     generator: dict[str, Any] = field(default_factory=dict)  # resolved GeneratorConfig fields
 
@@ -88,11 +98,19 @@ class TrainConfig:
             raise TrainError(f"--batch-gpu must divide --batch {self.batch}, got {self.batch_gpu}")
         if self.kimg <= 0:
             raise TrainError(f"--kimg must be positive, got {self.kimg}")
+        if self.minutes < 0:
+            raise TrainError(f"--minutes must be >= 0, got {self.minutes}")
         if self.aug not in ("ada", "noaug"):
             raise TrainError(f"--aug must be 'ada' or 'noaug', got {self.aug!r}")
         unknown = sorted(set(self.metrics) - {"fid", "kid"})
         if unknown:
             raise TrainError(f"unknown metrics {unknown}; choose from fid, kid")
+        if self.rank < 0:
+            raise TrainError(f"--rank must be positive (0: the preset's), got {self.rank}")
+        if self.decoders not in ("", *DECODERS):
+            raise TrainError(f"--decoders must be one of {', '.join(DECODERS)}, got {self.decoders!r}")
+        if self.bilines not in ("", *BILINES):
+            raise TrainError(f"--bilines must be one of {', '.join(BILINES)}, got {self.bilines!r}")
 
     # ---------------------------------------------------------------- derived
     @property
@@ -112,12 +130,30 @@ class TrainConfig:
     def total_steps(self) -> int:
         return max(1, round(self.kimg * 1000 / self.batch))
 
-    def resolve(self, dataset_resolution: int) -> TrainConfig:
-        """Fill in resolution, generator config and D width from the preset and the data."""
-        try:
-            base = preset(self.preset)
-        except KeyError as e:
-            raise TrainError(str(e.args[0])) from None
+    def variant(self) -> dict[str, Any]:
+        """The generator fields the command line sets (``--rank``, ``--decoders``, ``--bilines``)."""
+        over: dict[str, Any] = {}
+        if self.rank:
+            over["rank"] = self.rank
+        if self.decoders:
+            over["decoders"] = self.decoders
+        if self.bilines:
+            over["bilines"] = self.bilines
+            if self.bilines == "last" and not self.decoders:
+                over["decoders"] = "none"  # one bi-line: nothing to decode between blocks
+        return over
+
+    def resolve(self, dataset_resolution: int, transfer_from: GeneratorConfig | None = None) -> TrainConfig:
+        """Fill in resolution, generator config and D width from the preset and the data.
+
+        ``transfer_from`` is the ``--resume`` checkpoint's generator config when
+        ``--resolution`` was given: if its image size differs from ``--resolution``
+        this is a resolution transfer, and the generator is that architecture
+        (its blocks, rank, decoders) rendering a ``--resolution`` canvas of the
+        same coordinate window: the coordinate vectors get longer, no weight
+        changes shape.  A checkpoint that is itself a transfer (``size`` set)
+        keeps its architecture too, so it can be fine-tuned further.
+        """
         res = self.resolution or dataset_resolution
         if res != dataset_resolution:
             raise TrainError(
@@ -125,7 +161,19 @@ class TrainConfig:
                 f"rebuild it with `train.py dataset SRC DEST --resolution {res}`"
             )
         try:
-            gen = dataclasses.replace(base, resolution=res)
+            if transfer_from is not None and (transfer_from.image_size != res or transfer_from.size):
+                differing = {k: v for k, v in self.variant().items() if getattr(transfer_from, k) != v}
+                if differing:
+                    raise TrainError(
+                        f"a resolution transfer keeps the checkpoint's architecture; drop {', '.join(differing)}"
+                    )
+                gen = dataclasses.replace(transfer_from, size=0 if res == transfer_from.resolution else res)
+            else:
+                try:
+                    base = preset(self.preset)
+                except KeyError as e:
+                    raise TrainError(str(e.args[0])) from None
+                gen = dataclasses.replace(base, resolution=res, **self.variant())
         except ValueError as e:
             raise TrainError(str(e)) from None
         return dataclasses.replace(

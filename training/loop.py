@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from creps import Generator
+from creps import Generator, GeneratorConfig
 
 from .augment import AdaController, augment
 from .config import TrainConfig
@@ -134,7 +134,8 @@ def init_from(path: str, G: Generator, G_ema: Generator, D: Discriminator, log: 
             f"--resume {path}: generator shapes differ from preset/resolution "
             f"(checkpoint blocks {','.join(blocks) or '?'}, ours {','.join(want)}; "
             f"{len(missing)} missing, {len(wrong)} mismatched, e.g. {(missing + wrong)[0]}); "
-            "use the checkpoint's preset and resolution"
+            "use the checkpoint's preset, variant and resolution, or give --resolution explicitly "
+            "to transfer the checkpoint to that resolution (its coordinate vectors get longer)"
         )
     for k in skip:
         src_g[k] = ours[k]
@@ -148,7 +149,19 @@ def init_from(path: str, G: Generator, G_ema: Generator, D: Discriminator, log: 
         log(f"initialised G and G_ema from {path} (D starts fresh)")
 
 
+def resume_generator_config(path: str) -> GeneratorConfig:
+    """The generator config of a ``--resume`` source: a training checkpoint's, or a generator file's."""
+    if is_training_checkpoint(path):
+        return GeneratorConfig.from_dict(read_checkpoint(path).meta["config"]["generator"])
+    from creps.checkpoint import read_config
+
+    return read_config(path)  # CheckpointError (a UserError) naming the file when it is not one
+
+
 # ----------------------------------------------------------------- the run
+FIRST_RATE_S = 30.0  # throughput is reported once over the first this many seconds
+
+
 class Trainer:
     """Holds networks, optimisers and state of one run; ``run()`` trains to ``cfg.kimg``."""
 
@@ -165,7 +178,9 @@ class Trainer:
         self.log = log or (lambda s: print(s, file=sys.stderr) if self.rank == 0 else None)
         self.ds = dataset or open_dataset(cfg.data, cfg.resolution, cfg.seed)
         self.ds.seed = cfg.seed
-        cfg = cfg.resolve(self.ds.resolution)
+        # An explicit --resolution with --resume may be a resolution transfer (TrainConfig.resolve).
+        transfer_from = resume_generator_config(cfg.resume) if cfg.resume and cfg.resolution else None
+        cfg = cfg.resolve(self.ds.resolution, transfer_from)
         if cfg.batch % self.world:
             raise TrainError(f"--batch {cfg.batch} is not divisible by {self.world} processes")
         self.batch_gpu = cfg.batch_gpu or cfg.batch // self.world
@@ -444,10 +459,24 @@ class Trainer:
         )
         acc: list[dict] = []
         t_tick, last = time.time(), {}
+        t_start, kimg_start, first_rate_logged = time.monotonic(), self.kimg, False
         while self.step < total:
             stats = self.train_step()
             acc.append(stats)
             bar.update(1)
+            elapsed = time.monotonic() - t_start
+            if not first_rate_logged and elapsed >= FIRST_RATE_S:
+                first_rate_logged = True
+                rate = (self.kimg - kimg_start) / elapsed
+                self.log(f"throughput: {rate:.3f} kimg/s over the first {elapsed:.0f} s")
+                self._log_record({"step": self.step, "first_kimg_per_s": rate, "seconds": elapsed})
+            if cfg.minutes > 0 and self._out_of_time(elapsed, cfg.minutes):
+                self.log(f"time budget of {cfg.minutes:g} min reached at {self.kimg:.2f} kimg; stopping cleanly")
+                if self.step % tick_steps and acc:
+                    last = self._tick(acc, time.time() - t_tick)
+                if master and self.step % snap_steps:
+                    self.snapshot()
+                break
             if self.step % tick_steps == 0 or self.step == total:
                 now = time.time()
                 last = self._tick(acc, now - t_tick)
@@ -464,6 +493,22 @@ class Trainer:
         self._finish_distributed()
         return last
 
+    def _out_of_time(self, elapsed: float, minutes: float) -> bool:
+        """Whether the run's wall-clock budget is spent; every rank gets rank 0's answer."""
+        over = elapsed >= minutes * 60
+        if self.world > 1:
+            import torch.distributed as dist
+
+            flag = torch.tensor([1.0 if over else 0.0], device=self.device)
+            dist.broadcast(flag, 0)
+            over = bool(flag.item())
+        return over
+
+    def _log_record(self, rec: dict) -> None:
+        if self.rank == 0:
+            with open(self.run_dir / "log.jsonl", "a") as f:
+                f.write(json.dumps(rec) + "\n")
+
     def _tick(self, acc: list[dict], seconds: float) -> dict:
         r1 = [a["r1"] for a in acc if a["r1"] is not None]
         rec = {
@@ -477,9 +522,7 @@ class Trainer:
             "real_sign": float(np.mean([a["real_sign"] for a in acc])),
             "augment_p": self.ada.p,
         }
-        if self.rank == 0:
-            with open(self.run_dir / "log.jsonl", "a") as f:
-                f.write(json.dumps(rec) + "\n")
+        self._log_record(rec)
         return rec
 
     def _metrics(self) -> None:

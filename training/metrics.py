@@ -131,6 +131,21 @@ def compute_metrics(
     return res
 
 
+def load_generator(ckpt: str) -> Generator:
+    """The generator of a training checkpoint (its G_ema) or of any generator file, in eval mode."""
+    from creps import Generator, GeneratorConfig
+    from creps.checkpoint import load
+
+    from .state import is_training_checkpoint, read_checkpoint
+
+    if is_training_checkpoint(ckpt):
+        snap = read_checkpoint(ckpt)
+        G = Generator(GeneratorConfig.from_dict(snap.meta["config"]["generator"]))
+        G.load_state_dict(snap.module_state("G_ema"))
+        return G.eval().requires_grad_(False)
+    return load(ckpt)  # CheckpointError (a UserError) travels to the CLI unchanged
+
+
 def metrics_for_checkpoint(
     ckpt: str,
     data: str,
@@ -142,26 +157,15 @@ def metrics_for_checkpoint(
     device: str | None = None,
 ) -> dict[str, Any]:
     """``train.py metrics``: a training checkpoint (its G_ema) or any generator file."""
-    from creps import Generator
-    from creps.checkpoint import load
-
     from .dataset import open_dataset
-    from .state import is_training_checkpoint, read_checkpoint
 
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
     inception_path()
-    if is_training_checkpoint(ckpt):
-        snap = read_checkpoint(ckpt)
-        from creps import GeneratorConfig
-
-        G = Generator(GeneratorConfig.from_dict(snap.meta["config"]["generator"]))
-        G.load_state_dict(snap.module_state("G_ema"))
-    else:
-        G = load(ckpt)  # CheckpointError (a UserError) travels to the CLI unchanged
-    ds = open_dataset(data, resolution or G.cfg.resolution)
-    if ds.resolution != G.cfg.resolution:
+    G = load_generator(ckpt)
+    ds = open_dataset(data, resolution or G.cfg.image_size)
+    if ds.resolution != G.cfg.image_size:
         print(
-            f"note: dataset is {ds.resolution}px, generator {G.cfg.resolution}px; generated images are resized",
+            f"note: dataset is {ds.resolution}px, generator {G.cfg.image_size}px; generated images are resized",
             file=sys.stderr,
         )
     res = compute_metrics(G.to(dev), ds, metrics, num, psi, seed, dev)

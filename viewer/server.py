@@ -6,7 +6,8 @@ user, a handful of concurrent tile requests. Routes:
   /, /index.html, /static/*   the page (viewer/static)
   /osd/*                      OpenSeadragon build from npm (viewer/node_modules)
   /api/info                   JSON: size, levels, progress, job metadata
-  /image.dzi, /image_files/L/C_R.jpeg|png     zarr mode: tiles made on the fly
+  /image.dzi, /image_files/L/C_R.jpeg|png     zarr mode: tiles made on the fly from the store;
+                                              endless mode: tiles rendered on demand (viewer.endless)
   /dzi/NAME.dzi, /dzi/NAME_files/...          DZI mode: files of an exported DZI
 
 Safety: loopback only unless ``allow_remote``; GET/HEAD only; a request path
@@ -16,14 +17,24 @@ is percent-decoded once and refused (403) if any segment is empty, '.' or
 (symlinks resolved) lies inside the root they were asked from. On a
 loopback bind the Host header must name a loopback host too (a page on
 another site cannot reach the server through DNS rebinding).
+
+Access beyond loopback: a server bound to another address (``allow_remote``)
+requires a token, the way Jupyter does: a random one (``new_token``) unless
+given, printed in the URL (``/?token=...``), compared in constant time
+(``hmac.compare_digest``), and kept in an HttpOnly, SameSite=Strict cookie
+after the first visit so the page's own requests carry it. Every route (the
+page, DZI, tiles, metadata) answers 403 without it. Loopback stays
+token-free unless a token is given.
 """
 
 from __future__ import annotations
 
+import hmac
 import ipaddress
 import json
 import os
 import re
+import secrets
 import socket
 import urllib.parse
 import xml.etree.ElementTree as ET
@@ -35,7 +46,9 @@ from creps.errors import first_line
 from renderer.errors import RendererError
 from renderer.fsio import filesystem, is_local
 
+from .endless import EndlessTiles
 from .errors import ViewerError
+from .schedule import client_gone
 from .tiles import FORMATS, StoreTiles, TileReadError, ViewerBusy
 
 HERE = Path(__file__).resolve().parent
@@ -61,6 +74,16 @@ CSP = (
     "script-src 'self'; connect-src 'self'; frame-ancestors 'none'"
 )
 TILE_RE = re.compile(r"^(\d{1,3})/(\d{1,9})_(\d{1,9})\.(jpeg|png)$")
+
+
+def new_token() -> str:
+    """A random access token (192 bits, URL-safe)."""
+    return secrets.token_urlsafe(24)
+
+
+def token_matches(given: str | None, token: str) -> bool:
+    """Constant-time comparison, so response timing does not leak how much of a guess was right."""
+    return given is not None and hmac.compare_digest(given.encode("utf-8", "replace"), token.encode())
 
 
 def is_loopback(host: str) -> bool:
@@ -178,22 +201,38 @@ class DziFiles:
             return None
 
 
+Source = StoreTiles | DziFiles | EndlessTiles
+
+
 # ---------------------------------------------------------------- HTTP
 class ViewerServer(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
     request_queue_size = 256  # a burst of connections waits in the kernel instead of being reset
 
-    def __init__(self, addr: tuple[str, int], source: StoreTiles | DziFiles, local_only: bool) -> None:
+    def __init__(self, addr: tuple[str, int], source: Source, local_only: bool, token: str | None = None) -> None:
         self.source = source
         self.local_only = local_only
+        self.token = token
         super().__init__(addr, Handler)
 
     @property
+    def cookie_name(self) -> str:
+        """One cookie per port: cookies ignore ports, and two viewers on one host must not clash."""
+        return f"creps_token_{self.server_address[1]}"
+
+    @property
     def url(self) -> str:
+        """The address to open; with a token, the URL that carries it (as printed on start)."""
         host, port = self.server_address[:2]
         host = str(host)
-        return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
+        base = f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
+        return f"{base}?token={self.token}" if self.token else base
+
+    def close_source(self) -> None:
+        """Release what the source holds (render workers, the cache writer); safe to call twice."""
+        if isinstance(self.source, EndlessTiles):
+            self.source.close()
 
 
 class ViewerServer6(ViewerServer):
@@ -206,6 +245,7 @@ class Handler(BaseHTTPRequestHandler):
     sys_version = ""
 
     failure = ""  # why this request failed with a 5xx: joins its one log line
+    set_cookie = ""  # a Set-Cookie value for this response (the token, on the first visit with it)
 
     def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
         """Log refused and failed requests only; tile traffic would drown the terminal."""
@@ -217,6 +257,8 @@ class Handler(BaseHTTPRequestHandler):
     # ------------------------------------------------------------ responses
     def _send(self, code: int, body: bytes, ctype: str, cache: str = "no-cache") -> None:
         self.send_response(code)
+        if self.set_cookie:
+            self.send_header("Set-Cookie", self.set_cookie)
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(body)))
         self.send_header("Cache-Control", cache)
@@ -249,6 +291,9 @@ class Handler(BaseHTTPRequestHandler):
         parts = split_path(self.path)
         if parts is None:
             return self._error(403, "forbidden path")
+        self.set_cookie = ""
+        if self.server.token is not None and not self._authorised(self.server.token):
+            return self._error(403, "forbidden: this viewer needs its token; open the URL it printed (.../?token=...)")
         try:
             self._route(parts)
         except TileReadError as e:  # a corrupt chunk: a clear 500 and one log line, the server goes on
@@ -261,6 +306,24 @@ class Handler(BaseHTTPRequestHandler):
             pass
         except Exception as e:  # never drop the connection without an answer
             self._fail(f"internal error: {type(e).__name__}: {first_line(e)}")
+
+    def _authorised(self, token: str) -> bool:
+        """The token from the cookie, or from ``?token=`` (which then sets the cookie)."""
+        name = self.server.cookie_name
+        for header in self.headers.get_all("Cookie") or []:
+            for part in header.split(";"):
+                key, _, value = part.strip().partition("=")
+                if key == name and token_matches(value, token):
+                    return True
+        query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
+        given = query.get("token", [None])[-1]
+        if token_matches(given, token):
+            self.set_cookie = f"{name}={token}; Path=/; HttpOnly; SameSite=Strict"
+            return True
+        return False
+
+    def _client_alive(self) -> bool:
+        return not client_gone(self.connection)
 
     def _busy(self, text: str) -> None:
         body = (text + "\n").encode()
@@ -294,7 +357,21 @@ class Handler(BaseHTTPRequestHandler):
             return self._static(OSD_DIR, rest, "max-age=3600")
         if parts == ["api", "info"]:
             return self._send(200, json.dumps(src.info()).encode(), "application/json")
-        if isinstance(src, StoreTiles):
+        if isinstance(src, EndlessTiles):
+            if parts == ["image.dzi"]:
+                return self._send(200, src.dzi().encode(), "application/xml")
+            if head == "image_files":
+                m = TILE_RE.match("/".join(rest))
+                if m is None or m.group(4) != src.fmt:
+                    return self._error(404, "not found")
+                level, col, row = (int(g) for g in m.groups()[:3])
+                data = src.tile(level, col, row, client=self.client_address[0], alive=self._client_alive)
+                if data is None:  # the client left before its tile was rendered: nobody to answer
+                    self.close_connection = True
+                    return None
+                # Tile URLs carry ?v=<image key> (viewer.js): the bytes behind one URL never change.
+                return self._send(200, data, FORMATS[src.fmt], "private, max-age=86400")
+        elif isinstance(src, StoreTiles):
             if parts == ["image.dzi"]:
                 return self._send(200, src.dzi().encode(), "application/xml")
             if head == "image_files":
@@ -317,9 +394,7 @@ class Handler(BaseHTTPRequestHandler):
         self._send(200, path.read_bytes(), ctype, cache)
 
 
-def open_source(
-    url: str, storage_options: dict | None = None, fmt: str = "jpeg", quality: int = 90
-) -> StoreTiles | DziFiles:
+def open_source(url: str, storage_options: dict | None = None, fmt: str = "jpeg", quality: int = 90) -> Source:
     """A .dzi path/URL -> DziFiles; anything else is an image store -> StoreTiles."""
     if url.rstrip("/").lower().endswith(".dzi"):
         return DziFiles(url.rstrip("/"), storage_options)
@@ -337,14 +412,23 @@ def check_bind(host: str, allow_remote: bool) -> bool:
 
 
 def make_server(
-    source: StoreTiles | DziFiles, host: str = "127.0.0.1", port: int = 0, allow_remote: bool = False
+    source: Source, host: str = "127.0.0.1", port: int = 0, allow_remote: bool = False, token: str | None = None
 ) -> ViewerServer:
-    """Bind (not yet serve) the viewer; refuses a non-loopback host unless ``allow_remote``."""
+    """Bind (not yet serve) the viewer; refuses a non-loopback host unless ``allow_remote``.
+
+    A non-loopback server always has a token (``token``, else a new random
+    one: ``server.token``, and ``server.url`` carries it); a loopback one has
+    one only when ``token`` is given.
+    """
     local = check_bind(host, allow_remote)
+    if token is not None and not token:
+        raise ViewerError("--token must not be empty")
+    if not local and token is None:
+        token = new_token()
     if not OSD_DIR.is_dir():
         raise ViewerError(f"OpenSeadragon is not installed at {OSD_DIR}; run `npm ci` in viewer/ (or .ci/setup)")
     cls = ViewerServer6 if ":" in host.strip("[]") else ViewerServer
     try:
-        return cls((host.strip("[]"), port), source, local_only=local)
+        return cls((host.strip("[]"), port), source, local_only=local, token=token)
     except OSError as e:
         raise ViewerError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None

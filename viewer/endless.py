@@ -1,0 +1,397 @@
+"""The endless viewer's tile source: DeepZoom tiles of a CREPS image rendered when they are looked at.
+
+``EndlessTiles`` is what ``viewer.server`` serves for ``render.py view
+--checkpoint ...``: the same URLs as a store (``/image.dzi``,
+``/image_files/L/C_R.FMT``, ``/api/info``), but no tile exists before it is
+requested. A request is answered from, in order:
+
+1. the in-memory LRU of encoded tiles (``memory_tiles`` entries);
+2. the persistent cache (``viewer.cache.TileCache``: survives restarts,
+   LRU-bounded in bytes);
+3. a render: ``viewer.schedule.TileScheduler`` queues it (newest first,
+   abandoned requests dropped, identical requests joined, bounded) for the
+   engines -- ``LocalEngine`` (threads over one resident generator in this
+   process, the default) or ``RayEngine`` (one Ray actor each, ``--workers``
+   / ``--address``). The rendered tile goes into both caches.
+
+What a tile is, and why it is exact: viewer.ondemand.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import torch
+
+import creps
+from creps.canvas import MAX_SIDE
+from creps.errors import first_line
+from renderer.dzi import dzi_xml
+
+from .cache import CacheView, TileCache
+from .errors import ViewerError
+from .ondemand import LINE_CACHE_BYTES, ImageSpec, TileMaker
+from .schedule import TileKey, TileScheduler
+from .tiles import FORMATS, TileReadError, ViewerBusy
+
+RAY_START_TIMEOUT_S = 300.0
+
+
+class Engine(Protocol):
+    """Renders encoded tiles; ``workers()`` are the callables the scheduler runs, one thread each."""
+
+    def workers(self) -> list[Callable[[TileKey], tuple[bytes, float]]]: ...
+
+    def describe(self) -> str: ...
+
+    def line_stats(self) -> dict[str, int] | None: ...
+
+    def close(self) -> None: ...
+
+
+class LocalEngine:
+    """``threads`` render threads in this process over one resident generator (one TileMaker).
+
+    Torch is limited to one intra-op thread: the threads render different
+    tiles side by side, which keeps every core busy without the per-op
+    barriers of a multi-threaded BLAS (docs/performance.md).
+    """
+
+    def __init__(self, maker: TileMaker, fmt: str, quality: int, threads: int) -> None:
+        self.maker, self.fmt, self.quality, self.threads = maker, fmt, quality, threads
+        if maker.device == "cpu":
+            torch.set_num_threads(1)
+
+    def _render(self, key: TileKey) -> tuple[bytes, float]:
+        return self.maker.tile(*key, self.fmt, self.quality)
+
+    def workers(self) -> list[Callable[[TileKey], tuple[bytes, float]]]:
+        return [self._render] * self.threads
+
+    def describe(self) -> str:
+        return f"in-process, {self.maker.device}, {self.threads} render thread{'s' if self.threads > 1 else ''}"
+
+    def line_stats(self) -> dict[str, int] | None:
+        lines = self.maker.lines
+        return {"computed": lines.computed, "loaded": lines.loaded, "in_memory": len(lines)}
+
+    def close(self) -> None:
+        pass
+
+
+class TileWorker:
+    """The body of a Ray actor of the endless viewer: one resident generator bound to one image.
+
+    Its line blocks stay in its own memory LRU (not in the cache store: that
+    store's size bound is kept by the viewer process alone).
+    """
+
+    def __init__(self, spec: ImageSpec, device: str, threads: int) -> None:
+        if threads > 0:
+            torch.set_num_threads(threads)
+        if device == "cuda" and not torch.cuda.is_available():
+            raise ViewerError(f"--device cuda: no CUDA device is visible to the Ray worker on {os.uname().nodename}")
+        self.maker = TileMaker(creps.load(spec.checkpoint, init_seed=spec.init_seed, device=device), spec, device)
+
+    def ready(self) -> int:
+        return os.getpid()
+
+    def tile(self, level: int, col: int, row: int, fmt: str, quality: int) -> tuple[bytes, float]:
+        return self.maker.tile(level, col, row, fmt, quality)
+
+
+class RayEngine:
+    """``workers`` Ray actors (embedded Ray, or the cluster at ``address``), one scheduler thread each."""
+
+    def __init__(self, spec: ImageSpec, fmt: str, quality: int, workers: int, address: str | None, device: str) -> None:
+        import ray
+
+        from renderer.errors import RendererError
+        from renderer.pool import release_pools, start_ray  # imports ray: only when a pool is asked for
+
+        self.fmt, self.quality, self.device, self.address = fmt, quality, device, address
+        try:
+            self.started = start_ray(address, num_cpus=None if address else max(workers, os.cpu_count() or 1))
+        except RendererError as e:
+            raise ViewerError(str(e)) from None
+        release_pools()  # render-job actors cached in this process would hold the CPUs/GPUs the viewer needs
+        gpus = 1 if device == "cuda" else 0
+        actor: Any = ray.remote(TileWorker).options(num_cpus=1, num_gpus=gpus, max_restarts=2, max_task_retries=2)
+        self.actors: list[Any] = [actor.remote(spec, device, 1) for _ in range(workers)]
+        try:
+            ray.get([a.ready.remote() for a in self.actors], timeout=RAY_START_TIMEOUT_S)
+        except Exception as e:
+            self.close()
+            raise ViewerError(f"the Ray workers did not start: {first_line(e)}") from None
+
+    def _call(self, actor: Any) -> Callable[[TileKey], tuple[bytes, float]]:
+        import ray
+
+        def render(key: TileKey) -> tuple[bytes, float]:
+            return ray.get(actor.tile.remote(*key, self.fmt, self.quality))
+
+        return render
+
+    def workers(self) -> list[Callable[[TileKey], tuple[bytes, float]]]:
+        return [self._call(a) for a in self.actors]
+
+    def describe(self) -> str:
+        where = f"Ray cluster {self.address}" if self.address else "embedded Ray"
+        return f"{where}, {len(self.actors)} {self.device} actor{'s' if len(self.actors) > 1 else ''}"
+
+    def line_stats(self) -> dict[str, int] | None:
+        return None  # each actor keeps its own
+
+    def close(self) -> None:
+        import ray
+
+        from renderer.pool import stop_ray
+
+        for a in self.actors:
+            try:
+                ray.kill(a)
+            except Exception:
+                pass
+        if self.started:
+            stop_ray()
+
+
+class EndlessTiles:
+    """The on-demand tile source the viewer serves (see the module docstring)."""
+
+    mode = "endless"
+
+    def __init__(
+        self,
+        spec: ImageSpec,
+        engine: Engine,
+        fmt: str = "jpeg",
+        quality: int = 90,
+        cache: TileCache | None = None,
+        queue_max: int = 64,
+        per_client: int = 8,
+        memory_tiles: int = 512,
+    ) -> None:
+        if fmt not in FORMATS:
+            raise ViewerError(f"unknown tile format {fmt!r}; use jpeg or png")
+        self.spec, self.engine, self.fmt, self.quality, self.cache = spec, engine, fmt, quality, cache
+        self.width, self.height = spec.width, spec.height
+        self._memory: OrderedDict[TileKey, bytes] = OrderedDict()
+        self._memory_max = memory_tiles
+        self._closed = False
+        self._lock = threading.Lock()
+        self.from_memory = 0
+        self.from_store = 0
+        self.last_served: dict[str, Any] | None = None  # {"ms", "source", "tile"} of the last tile answered
+        self.last_rendered_ms: float | None = None  # render time of the last tile computed (worker side)
+        self._tile_dir = f"{spec.key}/tiles/{'png' if fmt == 'png' else f'jpeg-q{quality}'}"
+        self.scheduler = TileScheduler(
+            [self._keeping(w) for w in engine.workers()], queue_max=queue_max, per_client=per_client
+        )
+        if cache is not None:
+            record = {**spec.identity(), "checkpoint": spec.checkpoint, "init_seed": spec.init_seed}
+            cache.put(f"{spec.key}/image.json", json.dumps(record, indent=1).encode())
+
+    # ------------------------------------------------------------ page and metadata
+    def dzi(self) -> str:
+        return dzi_xml(self.width, self.height, self.fmt)
+
+    def stats(self) -> dict[str, Any]:
+        s = self.scheduler
+        return {
+            "tiles_rendered": s.rendered,
+            "tiles_from_cache": self.from_memory + self.from_store,
+            "tiles_from_memory": self.from_memory,
+            "tiles_from_store": self.from_store,
+            "tiles_abandoned": s.abandoned,
+            "tiles_failed": s.failed,
+            "requests_joined": s.joined,
+            **s.counts(),
+            "last_tile": self.last_served,
+            "last_render_ms": self.last_rendered_ms,
+            "lines": self.engine.line_stats(),
+            "cache": self.cache.stats() if self.cache is not None else None,
+            "engine": self.engine.describe(),
+        }
+
+    def info(self) -> dict[str, Any]:
+        spec = self.spec
+        return {
+            "mode": "endless",
+            "tile_source": "/image.dzi",
+            "width": self.width,
+            "height": self.height,
+            "dzi_levels": spec.top + 1,
+            "tile_format": self.fmt,
+            "tiles_done": None,
+            "tiles_total": None,
+            "version": spec.key,
+            "checkpoint": spec.checkpoint,
+            "checkpoint_sha256": spec.checkpoint_sha256,
+            "seed": spec.seed,
+            "psi": spec.psi,
+            "status": None,
+            "error": None,
+            "view": list(spec.view),
+            "meta": {"image": {**spec.identity(), "init_seed": spec.init_seed}, "key": spec.key},
+            "endless": self.stats(),
+        }
+
+    # ------------------------------------------------------------ tiles
+    def tile(
+        self, level: int, col: int, row: int, client: str = "", alive: Callable[[], bool] = lambda: True
+    ) -> bytes | None:
+        """Encoded tile bytes; None when the client went away before it was rendered.
+
+        ViewerError (404) for a tile outside the pyramid, before any work;
+        ViewerBusy (503) when the queue or this client's share is full;
+        TileReadError (500) when the render fails.
+        """
+        t0 = time.perf_counter()
+        self.spec.check_tile(level, col, row)
+        key = (level, col, row)
+        with self._lock:
+            hit = self._memory.get(key)
+            if hit is not None:
+                self._memory.move_to_end(key)
+                self.from_memory += 1
+        if hit is not None:
+            return self._served(hit, t0, "memory", key)
+        if self.cache is not None:
+            data = self.cache.get(self._path(key))
+            if data is not None:
+                with self._lock:
+                    self.from_store += 1
+                self._remember(key, data)
+                return self._served(data, t0, "cache", key)
+        job, waiter = self.scheduler.submit(key, client, alive)
+        try:
+            got = self.scheduler.wait(job, waiter)
+        except ViewerBusy:
+            raise
+        except ViewerError as e:
+            raise TileReadError(str(e)) from None
+        except Exception as e:
+            raise TileReadError(f"cannot render tile {level}/{col}_{row}: {type(e).__name__}: {first_line(e)}") from e
+        if got is None:
+            return None
+        return self._served(got, t0, "rendered", key)
+
+    def _path(self, key: TileKey) -> str:
+        level, col, row = key
+        return f"{self._tile_dir}/{level}/{col}_{row}.{self.fmt}"
+
+    def _keeping(self, render: Callable[[TileKey], tuple[bytes, float]]) -> Callable[[TileKey], bytes]:
+        """A scheduler worker: render, then keep the tile in both caches (even if its requests left)."""
+
+        def work(key: TileKey) -> bytes:
+            data, seconds = render(key)
+            self.last_rendered_ms = round(seconds * 1000, 1)
+            self._remember(key, data)
+            if self.cache is not None:
+                self.cache.put(self._path(key), data)
+            return data
+
+        return work
+
+    def _remember(self, key: TileKey, data: bytes) -> None:
+        with self._lock:
+            self._memory[key] = data
+            while len(self._memory) > self._memory_max:
+                self._memory.popitem(last=False)
+
+    def _served(self, data: bytes, t0: float, source: str, key: TileKey) -> bytes:
+        self.last_served = {"ms": round((time.perf_counter() - t0) * 1000, 1), "source": source, "tile": list(key)}
+        return data
+
+    def close(self) -> None:
+        """Stop rendering, finish the cache writes, release the engine (a second call does nothing)."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self.scheduler.close()
+        if self.cache is not None:
+            self.cache.close()
+        self.engine.close()
+
+
+def open_endless(
+    checkpoint: str,
+    *,
+    init_seed: int = 0,
+    seed: int = 0,
+    psi: float = 1.0,
+    width: int | None = None,
+    height: int | None = None,
+    scale: float | None = None,
+    view: tuple[float, float, float, float] = (0.0, 1.0, 0.0, 1.0),
+    fmt: str = "jpeg",
+    quality: int = 90,
+    device: str = "cpu",
+    threads: int = 0,
+    workers: int = 0,
+    address: str | None = None,
+    cache_url: str | None = "out/view-cache",
+    storage_options: dict | None = None,
+    cache_max_bytes: int = 4 << 30,
+    queue_max: int = 64,
+    per_client: int = 8,
+    line_cache_bytes: int = LINE_CACHE_BYTES,
+) -> EndlessTiles:
+    """Check everything, load the generator once, and build the tile source.
+
+    Size: ``width`` x ``height``, or ``scale`` (N = int(R * scale), R the
+    checkpoint's training resolution), else 2^20 x 2^20. ``workers > 0`` or
+    ``address`` renders on Ray actors, else ``threads`` render threads here
+    (0: one per core, at most 4). ``cache_url=None`` or ``cache_max_bytes=0``
+    keeps tiles in memory only.
+    """
+    if fmt not in FORMATS:
+        raise ViewerError(f"unknown tile format {fmt!r}; use jpeg or png")
+    if device not in ("cpu", "cuda"):
+        raise ViewerError(f"--device must be cpu or cuda, got {device!r}")
+    if device == "cuda" and not (address or workers) and not torch.cuda.is_available():
+        raise ViewerError("--device cuda: no CUDA device is visible to this process")
+    cfg = creps.read_config(checkpoint, init_seed=init_seed)  # CheckpointError (one line) before any work
+    if scale is not None:
+        n = int(cfg.resolution * scale) if scale > 0 else 0
+        if not 1 <= n <= MAX_SIDE:
+            raise ViewerError(
+                f"--scale {scale} gives a {n}x{n} canvas at resolution {cfg.resolution}; sides must be 1..2^20"
+            )
+        width = height = n
+    width = MAX_SIDE if width is None else width
+    height = MAX_SIDE if height is None else height
+    spec = ImageSpec(
+        checkpoint=checkpoint,
+        checkpoint_sha256=creps.checkpoint_hash(checkpoint, init_seed),
+        init_seed=init_seed,
+        seed=seed,
+        psi=float(psi),
+        height=height,
+        width=width,
+        view=view,
+        pixel_block=creps.default_pixel_block(device),
+    )
+    cache = TileCache(cache_url, storage_options, cache_max_bytes) if cache_url and cache_max_bytes > 0 else None
+    engine: Engine
+    try:
+        if workers > 0 or address:
+            engine = RayEngine(spec, fmt, quality, max(workers, 1), address, device)
+        else:
+            G = creps.load(checkpoint, init_seed=init_seed, device=device)
+            store = CacheView(cache, spec.key) if cache is not None else None
+            maker = TileMaker(G, spec, device, store, line_cache_bytes)
+            engine = LocalEngine(maker, fmt, quality, threads or min(4, os.cpu_count() or 1))
+    except BaseException:
+        if cache is not None:
+            cache.close()
+        raise
+    return EndlessTiles(spec, engine, fmt, quality, cache, queue_max=queue_max, per_client=per_client)

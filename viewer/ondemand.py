@@ -1,0 +1,282 @@
+"""Tiles of a CREPS image computed when, and only when, someone looks at them.
+
+A CREPS pixel depends only on (latent, row coordinate, column coordinate), so
+any DeepZoom tile of any level can be rendered on its own:
+
+* **What a tile is.** DZI level ``L`` of a ``W x H`` image (``k = max_level -
+  L``) is the canvas ``Canvas(ceil(H / 2**k), ceil(W / 2**k))`` over the *same*
+  coordinate window ``view``: the generator evaluated on a 2**k times coarser
+  grid, not an average of the finer level (docs/viewer.md shows the
+  difference). At ``k = 0`` this is exactly the canvas of ``render.py render``
+  with the same size and view, so a full-resolution tile has exactly the
+  bytes a render job writes there (docs/exactness.md: any window of a canvas
+  is bit-identical to the same crop of the full frame, for one pixel block).
+* **Lines on demand.** A tile needs the line features of its rows and of its
+  columns. They are computed in the generator's globally aligned blocks of
+  ``LINE_BLOCK`` positions (``G.lines`` on the level's global coordinate
+  vector), one block at a time, and kept in an LRU keyed by (level, row|col,
+  block index), optionally backed by a persistent store: neighbouring tiles
+  share blocks, and a 2**20-long axis is never computed whole (its coordinate
+  vector, 4 MiB, is).
+
+``TileMaker`` is the unit of work: one resident generator bound to one
+``ImageSpec``. The viewer runs it in this process (``viewer.endless``) or
+inside Ray actors, one per worker.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Protocol
+
+import numpy as np
+import torch
+
+import creps
+from creps import LINE_BLOCK
+from renderer.dzi import max_level, tile_bounds, tile_grid
+
+from .errors import ViewerError
+from .tiles import encode
+
+CACHE_FORMAT = 1  # bump when the bytes of a tile for the same ImageSpec change (it enters the cache key)
+LINE_CACHE_BYTES = 256 << 20  # default in-memory line LRU bound per TileMaker
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageSpec:
+    """Everything that decides the pixels of an on-demand image (and so its cache key).
+
+    ``checkpoint_sha256`` stands for the weights (``creps.checkpoint_hash``:
+    the file's sha256, or ``preset:NAME@init<seed>``); ``checkpoint`` and
+    ``init_seed`` say how to load them. ``pixel_block`` is the pixel-stage
+    block size: two block sizes agree to float tolerance only
+    (docs/exactness.md), so it is part of the identity like the latent.
+    """
+
+    checkpoint: str
+    checkpoint_sha256: str
+    init_seed: int
+    seed: int
+    psi: float
+    height: int
+    width: int
+    view: tuple[float, float, float, float]  # y0, y1, x0, x1
+    pixel_block: int
+
+    def __post_init__(self) -> None:
+        try:
+            creps.Canvas(self.height, self.width, y=self.view[:2], x=self.view[2:])
+        except ValueError as e:
+            raise ViewerError(str(e)) from None
+
+    @property
+    def top(self) -> int:
+        """The full-resolution DZI level."""
+        return max_level(self.width, self.height)
+
+    def identity(self) -> dict:
+        """The fields that decide the bytes, as JSON values (``checkpoint`` enters by hash only)."""
+        return {
+            "format": CACHE_FORMAT,
+            "checkpoint_sha256": self.checkpoint_sha256,
+            "seed": self.seed,
+            "psi": self.psi,
+            "height": self.height,
+            "width": self.width,
+            "view": list(self.view),
+            "pixel_block": self.pixel_block,
+        }
+
+    @property
+    def key(self) -> str:
+        """A short stable name of the identity (the image's folder in the tile cache)."""
+        blob = json.dumps(self.identity(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:32]
+
+    def level_canvas(self, level: int) -> creps.Canvas:
+        """The canvas DZI level ``level`` is rendered on: ceil(H / 2**k) x ceil(W / 2**k), same window."""
+        k = self.top - level
+        y0, y1, x0, x1 = self.view
+        return creps.Canvas(-(-self.height // 2**k), -(-self.width // 2**k), y=(y0, y1), x=(x0, x1))
+
+    def check_tile(self, level: int, col: int, row: int) -> tuple[int, int, int, int]:
+        """(y0, y1, x0, x1) of a tile in its level's pixels; ViewerError if there is no such tile.
+
+        Called before any work is queued, so a bad request costs nothing.
+        """
+        if not 0 <= level <= self.top:
+            raise ViewerError(f"no DZI level {level} (0..{self.top})")
+        ncols, nrows = tile_grid(self.width, self.height, level)
+        if not (0 <= col < ncols and 0 <= row < nrows):
+            raise ViewerError(f"no tile {col}_{row} at level {level} ({ncols}x{nrows} tiles)")
+        return tile_bounds(self.width, self.height, level, col, row)
+
+
+class BlobStore(Protocol):
+    """Where line blocks persist between runs (the viewer's tile cache implements it)."""
+
+    def get(self, rel: str) -> bytes | None: ...
+
+    def put(self, rel: str, data: bytes) -> None: ...
+
+
+def line_path(level: int, which: str, block: int) -> str:
+    """Name of one line block inside an image's cache folder."""
+    return f"lines/{level}/{which}/{block}.npy"
+
+
+class LineCache:
+    """Line blocks [1, K, n <= LINE_BLOCK, rank, C] by (level, which, block), LRU-bounded by bytes.
+
+    Concurrent requests for one block compute it once (the others wait for
+    it). ``store``, when given, is read before computing and written after.
+    """
+
+    def __init__(self, max_bytes: int = LINE_CACHE_BYTES, store: BlobStore | None = None) -> None:
+        self.max_bytes = max_bytes
+        self.store = store
+        self.bytes = 0
+        self.computed = 0  # blocks computed by the generator
+        self.loaded = 0  # blocks read from the store
+        self._lru: OrderedDict[tuple[int, str, int], torch.Tensor] = OrderedDict()
+        self._busy: dict[tuple[int, str, int], threading.Event] = {}
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._lru)
+
+    def block(self, key: tuple[int, str, int], compute: Callable[[], torch.Tensor], device: str) -> torch.Tensor:
+        """The block ``key`` from memory, else from the store, else ``compute()`` (then kept)."""
+        while True:
+            with self._lock:
+                hit = self._lru.get(key)
+                if hit is not None:
+                    self._lru.move_to_end(key)
+                    return hit
+                wait = self._busy.get(key)
+                if wait is None:
+                    self._busy[key] = threading.Event()
+                    break
+            wait.wait()  # another thread is making this block; then take it from memory
+        try:
+            feats = self._load(key, device)
+            loaded = feats is not None
+            if feats is None:
+                feats = compute()
+                if self.store is not None:
+                    self.store.put(line_path(*key), encode_lines(feats))
+            with self._lock:
+                if loaded:
+                    self.loaded += 1
+                else:
+                    self.computed += 1
+                self._lru[key] = feats
+                self.bytes += feats.numel() * feats.element_size()
+                while self.bytes > self.max_bytes and len(self._lru) > 1:
+                    _, old = self._lru.popitem(last=False)
+                    self.bytes -= old.numel() * old.element_size()
+            return feats
+        finally:
+            with self._lock:
+                self._busy.pop(key).set()
+
+    def _load(self, key: tuple[int, str, int], device: str) -> torch.Tensor | None:
+        if self.store is None:
+            return None
+        data = self.store.get(line_path(*key))
+        if data is None:
+            return None
+        try:
+            arr = np.load(io.BytesIO(data), allow_pickle=False)
+        except (ValueError, OSError, EOFError):
+            return None  # a damaged file: compute the block again (and overwrite it)
+        return torch.from_numpy(arr).unsqueeze(0).to(device)
+
+
+def encode_lines(feats: torch.Tensor) -> bytes:
+    """A line block [1, K, n, rank, C] as .npy bytes (float32, exact)."""
+    buf = io.BytesIO()
+    np.save(buf, feats[0].detach().to("cpu", torch.float32).numpy(), allow_pickle=False)
+    return buf.getvalue()
+
+
+class TileMaker:
+    """One resident generator bound to one image: line blocks on demand and tile pixels.
+
+    Thread-safe: several threads may render tiles at once (the generator is
+    read-only, the line cache locks). Runs in the viewer's process or inside
+    a Ray actor (``viewer.endless.RayEngine``).
+    """
+
+    def __init__(
+        self,
+        G: creps.Generator,
+        spec: ImageSpec,
+        device: str = "cpu",
+        store: BlobStore | None = None,
+        line_cache_bytes: int = LINE_CACHE_BYTES,
+    ) -> None:
+        self.G, self.spec, self.device = G, spec, device
+        self.lines = LineCache(line_cache_bytes, store)
+        self._coords: dict[tuple[int, str], torch.Tensor] = {}
+        self._coords_lock = threading.Lock()
+        self._helpers = ThreadPoolExecutor(4, thread_name_prefix="tile-lines")
+        with torch.no_grad():
+            z = G.z_from_seed(spec.seed).to(device)
+            self.ws = G.ws(z, spec.psi)
+            self._line_weights = G.line_weights(self.ws)
+            self._pixel_weights = G.pixel_weights(self.ws)
+
+    def coords(self, level: int, which: str) -> torch.Tensor:
+        """The level's global row or column coordinate vector (Canvas.row_coords / col_coords), kept."""
+        with self._coords_lock:
+            got = self._coords.get((level, which))
+            if got is None:
+                canvas = self.spec.level_canvas(level)
+                got = (canvas.row_coords() if which == "row" else canvas.col_coords()).to(self.device)
+                self._coords[(level, which)] = got
+            return got
+
+    def line_range(self, level: int, which: str, start: int, stop: int) -> torch.Tensor:
+        """Line features [1, K, stop-start, rank, C] of positions [start, stop), from whole blocks."""
+        coords = self.coords(level, which)
+        n = coords.shape[0]
+        parts = []
+        for b in range(start // LINE_BLOCK, (stop - 1) // LINE_BLOCK + 1):
+            b0, b1 = b * LINE_BLOCK, min(n, (b + 1) * LINE_BLOCK)
+
+            def compute(b0: int = b0, b1: int = b1) -> torch.Tensor:
+                with torch.no_grad():
+                    return self.G.lines(self.ws, coords, which, b0, b1, weights=self._line_weights)
+
+            feats = self.lines.block((level, which, b), compute, self.device)
+            parts.append(feats[:, :, max(start, b0) - b0 : min(stop, b1) - b0])
+        return torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
+
+    def pixels(self, level: int, col: int, row: int) -> np.ndarray:
+        """uint8 (3, h, w) of one DZI tile (overlap included), exactly as a render writes them."""
+        y0, y1, x0, x1 = self.spec.check_tile(level, col, row)
+        # Row and column lines are independent: on a cold tile they take two cores instead of one.
+        rows = self._helpers.submit(self.line_range, level, "row", y0, y1)
+        C = self.line_range(level, "col", x0, x1)
+        R = rows.result()
+        with torch.no_grad():
+            img = self.G.pixels(self.ws, R, C, pixel_block=self.spec.pixel_block, weights=self._pixel_weights)
+            if not bool(torch.isfinite(img).all()):
+                raise ViewerError(f"tile {level}/{col}_{row}: non-finite output (NaN/inf): the weights are broken")
+            return creps.to_uint8(img)[0].cpu().numpy()
+
+    def tile(self, level: int, col: int, row: int, fmt: str, quality: int) -> tuple[bytes, float]:
+        """(encoded tile, seconds spent on it)."""
+        t0 = time.perf_counter()
+        data = encode(self.pixels(level, col, row), fmt, quality)
+        return data, time.perf_counter() - t0

@@ -45,24 +45,27 @@ def _stem(size: int, height: int | None) -> str:
     return f"src{size}" if not height or height == size else f"src{size}x{height}"
 
 
-def make_inputs(folder: str, size: int, chunk: int = 512, height: int | None = None) -> tuple[str, str]:
-    """Cached raw file + zarr store (level 0 only) of the same synthetic image, ``size`` wide
-    and ``height`` (default ``size``) tall."""
+def make_inputs(
+    folder: str, size: int, chunk: int = 512, height: int | None = None, raw_file: bool = True
+) -> tuple[str, str]:
+    """Cached raw file (for libvips; skipped without ``raw_file``) + zarr store (level 0 only)
+    of the same synthetic image, ``size`` wide and ``height`` (default ``size``) tall."""
     from renderer.store import open_store
 
     h = height or size
     stem = os.path.join(folder, _stem(size, height))
     raw, url = f"{stem}.raw", f"{stem}.zarr"
-    if os.path.exists(raw) and os.path.exists(os.path.join(url, "zarr.json")):
+    if (os.path.exists(raw) or not raw_file) and os.path.exists(os.path.join(url, "zarr.json")):
         return raw, url
     os.makedirs(folder, exist_ok=True)
     store = open_store(url, mode="w")
     store.create_level(0, h, size, chunk=chunk)
-    with open(raw, "wb") as f:
+    with open(raw if raw_file else os.devnull, "wb") as f:
         for r0 in range(0, h, chunk):
             strip = synthetic_strip(r0, min(h, r0 + chunk), size)
             store.write_region(0, r0, 0, strip)
-            f.write(np.ascontiguousarray(strip.transpose(1, 2, 0)).tobytes())
+            if raw_file:
+                f.write(np.ascontiguousarray(strip.transpose(1, 2, 0)).tobytes())
     return raw, url
 
 
@@ -133,7 +136,7 @@ SIDES = ("vips", "ours", "ours-dzsave")
 def bench(
     size: int = 16384, folder: str = "/tmp/creps-bench-exports", sides: tuple[str, ...] = SIDES, height: int = 0
 ) -> dict:
-    make_inputs(folder, size, height=height or None)
+    make_inputs(folder, size, height=height or None, raw_file=any(side.startswith("vips") for side in sides))
     results: dict = {}
     for side in sides:
         _clean(folder, size, height or None)

@@ -190,8 +190,11 @@ def create_exclusive(fs: Any, path: str, data: bytes) -> bool:
     The primitive that makes ownership atomic on every filesystem: locally a
     complete temp file hard-linked to the name (``link`` fails if the name
     exists, and a reader never sees a partial file); on object stores a
-    conditional PUT (``If-None-Match: *`` on S3, ``ifGenerationMatch=0`` on
-    GCS, through fsspec's ``mode="create"``).
+    conditional PUT through fsspec's ``mode="create"``: ``If-None-Match: *``
+    on S3 (s3fs) and Azure Blob (adlfs turns it into ``overwrite=False``),
+    ``ifGenerationMatch=0`` on GCS (gcsfs; a 412 becomes FileExistsError).
+    Each is raced by several writers in the tests, on moto, fake-gcs-server
+    and azurite.
     """
     if fs_is_local(fs):
         folder = os.path.dirname(os.path.abspath(path))

@@ -192,14 +192,21 @@ def test_node_lost_mid_job_finishes_on_the_head(two_nodes, tmp_path, render_refe
     argv += ["--size", "640x640", "--tile", "32", "--batch", "1", "--workers", "2", "--threads-per-worker", "1"]
     argv += ["--address", address, "--out", str(out), "--no-exports", "--quiet"]
     job = subprocess.Popen(argv, env=render_cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # kill once both workers (one per node: each has 1 CPU) have marked tiles: their markers
+    # name the worker process that rendered them
     markers = out / "tiles"
+    workers: set[int] = set()
     t_end = time.monotonic() + 300
-    while time.monotonic() < t_end and job.poll() is None:
-        if markers.is_dir() and len(os.listdir(markers)) >= 6:
-            break
+    while time.monotonic() < t_end and job.poll() is None and len(workers) < 2:
+        for name in os.listdir(markers) if markers.is_dir() else []:
+            try:
+                record = json.loads((markers / name).read_text())
+            except (OSError, ValueError):
+                continue
+            workers.update(t["pid"] for t in record.get("tiles", []))
         time.sleep(0.05)
     raylets = _session_pids(second_sid, "raylet/raylet")
-    assert job.poll() is None and len(raylets) == 1, (job.poll(), raylets)
+    assert job.poll() is None and len(raylets) == 1 and len(workers) == 2, (job.poll(), raylets, workers)
     os.kill(raylets[0], signal.SIGKILL)
     stdout, stderr = job.communicate(timeout=600)
     assert job.returncode == 0, stderr[-3000:]

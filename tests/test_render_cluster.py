@@ -215,7 +215,8 @@ def test_node_lost_mid_job_finishes_on_the_head(two_nodes, tmp_path, render_refe
             break
         time.sleep(0.05)
     raylets = _session_pids(second_sid, "raylet/raylet")
-    assert job.poll() is None and len(raylets) == 1, (job.poll(), raylets)
+    workers = _marker_pids(markers)
+    assert job.poll() is None and len(raylets) == 1 and len(workers) == 2, (job.poll(), raylets, workers)
     os.kill(raylets[0], signal.SIGKILL)
     stdout, stderr = job.communicate(timeout=600)
     assert job.returncode == 0, stderr[-3000:]

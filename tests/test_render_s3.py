@@ -198,7 +198,9 @@ def test_object_store_default_shards_and_counted_requests(moto_s3, render_ray, r
     _bucket(moto_s3, "scale")
     relay = Outage(int(moto_s3.rsplit(":", 1)[1]))
     options = {**_options(f"http://127.0.0.1:{relay.port}"), "max_concurrency": 1}
-    spec = tiny_job("s3://scale/img.zarr", height=256, width=256, tile=16, storage_options=options, batch=0)
+    # one worker: a pool of its own shape, so fresh worker processes with no requests of earlier
+    # tests' jobs still in flight in them (a process's requests are counted as they happen)
+    spec = tiny_job("s3://scale/img.zarr", height=256, width=256, tile=16, storage_options=options, batch=1, workers=1)
     before = relay.requests
     summary = run_job(spec, progress=False, log=lambda s: None)
     relayed = relay.requests - before

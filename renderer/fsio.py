@@ -167,14 +167,24 @@ def write_bytes(fs: Any, path: str, data: bytes) -> None:
         fs.pipe_file(path, data)
 
 
-def atomic_local_write(path: str, data: bytes) -> None:
-    """Temp file in the same folder + ``os.replace``; the folder is created if needed."""
+def _complete_temp(path: str, data: bytes) -> str:
+    """A complete temp file holding ``data`` beside ``path`` (folder created); its name."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return tmp
+
+
+def atomic_local_write(path: str, data: bytes) -> None:
+    """Temp file in the same folder + ``os.replace``; the folder is created if needed."""
+    tmp = _complete_temp(path, data)
+    try:
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -197,12 +207,8 @@ def create_exclusive(fs: Any, path: str, data: bytes) -> bool:
     and azurite.
     """
     if fs_is_local(fs):
-        folder = os.path.dirname(os.path.abspath(path))
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+        tmp = _complete_temp(path, data)
         try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
             os.link(tmp, path)
         except FileExistsError:
             return False

@@ -112,6 +112,25 @@ def reference_pyramid(image: np.ndarray, min_size: int) -> list[np.ndarray]:
     return levels
 
 
+# ---------------------------------------------------------------- levels written by the render
+RENDER_LEVELS_KEY = "render_levels"  # store meta: {"block": G, "levels": L} (renderer.store owns the key)
+
+
+def render_levels(store: ImageStore) -> int:
+    """L: levels 1..L are written by the render's workers with their tiles (0 for stores without).
+
+    A worker renders whole blocks of G x G plan tiles (G a power of two) and
+    writes each block's levels 1..L (L <= log2 G) before its marker, so for
+    every done tile those levels are already there and consistent with it;
+    a pyramid pass only builds levels L+1.. from level L.
+    """
+    info = store.meta.get(RENDER_LEVELS_KEY)
+    if not isinstance(info, dict):
+        return 0
+    levels = info.get("levels", 0)
+    return levels if isinstance(levels, int) and not isinstance(levels, bool) and levels > 0 else 0
+
+
 # ---------------------------------------------------------------- progress
 def _plan(store: ImageStore, min_size: int | None) -> tuple[int, list[tuple[int, int]]]:
     base = store.level(0)

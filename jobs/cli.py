@@ -73,6 +73,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="tiles per shard side: one stored object and one marker per shard (1: no sharding; default: "
         "1 on local disks, on object stores the smallest power of two that keeps level 0 at <= 1,024 objects)",
     )
+    g.add_argument(
+        "--block",
+        type=int,
+        metavar="G",
+        help="plan tiles per block side, a power of two: a worker renders whole G x G blocks and writes their "
+        "pyramid levels 1..log2(G) with them, so assemble only builds the coarser ones (1: no levels during "
+        "the render; default: the largest G with blocks of <= 2048 px and >= 16 blocks)",
+    )
     g.add_argument("--compressor", choices=["zstd", "none"], help="chunk compressor (default zstd)")
     g.add_argument("--overwrite", action="store_true", help="replace an existing store made by another job")
     g.add_argument(
@@ -151,6 +159,7 @@ FLAG_FIELDS = (
     "name",
     "tile",
     "shard",
+    "block",
     "compressor",
     "precision",
     "workers",
@@ -226,7 +235,8 @@ def _dry_run(job: Prepared) -> int:
     f = creps.flops(job.config, spec.height, spec.width)
     print(spec.describe())
     print(
-        f"plan: {len(job.plan):,} tiles of <= {spec.tile * spec.shard}^2 px, "
+        f"plan: {len(job.plan):,} tiles of <= {spec.tile * spec.shard}^2 px in blocks of {spec.block}x{spec.block} "
+        f"(pyramid levels 1..{job.levels} written with them), "
         f"line chunk {line_chunk(spec.tile)}, {spec.height} row + {spec.width} column lines; {f.total / 1e12:.2f} TFLOP "
         f"({100 * f.line_share:.1f} % line work); checkpoint {job.checkpoint_sha256}; out {spec.out}"
     )

@@ -24,12 +24,16 @@ from . import JobSpecError
 from .spec import MAX_SHARD_SIDE, JobSpec
 
 __all__ = [
+    "BLOCK_SIDE",
     "MAX_TILES",
     "OBJECTS_PER_LEVEL",
     "Tile",
     "TilePlan",
     "auto_batch",
+    "auto_block",
     "auto_shard",
+    "block_levels",
+    "block_runs",
     "job_plan",
     "line_chunk",
     "line_ranges",
@@ -44,7 +48,7 @@ MAX_TILES = 1 << 26
 
 def job_plan(spec: JobSpec) -> TilePlan:
     """The plan of a resolved spec; refuses plans too fine to track (one line, before any work)."""
-    plan = TilePlan(spec.height, spec.width, spec.tile * spec.shard)
+    plan = TilePlan(spec.height, spec.width, spec.tile * spec.shard, spec.block or 1)
     if len(plan) > MAX_TILES:
         raise JobSpecError(
             f"{spec.width}x{spec.height} at tile {spec.tile * spec.shard} is {len(plan):,} tiles (limit "
@@ -76,6 +80,55 @@ def auto_shard(height: int, width: int, tile: int, object_store: bool) -> int:
     ):
         s *= 2
     return s
+
+
+# Blocks: a worker renders whole blocks of G x G plan tiles and writes their pyramid levels 1..L
+# (renderer.tiles), so after a render only levels coarser than a block are left for assemble.
+BLOCK_SIDE = 2048  # pixels per block side at most (auto): 12 MB of level-0 pixels held per block
+MIN_BLOCKS = 16  # blocks per job at least (auto), so whole-block tasks still balance over the workers
+
+
+def auto_block(height: int, width: int, side: int) -> int:
+    """Plan tiles per block side for ``--block`` auto: the largest power of two G with a block of
+    at most BLOCK_SIDE pixels and at least MIN_BLOCKS blocks (1 when none fits: no levels).
+
+    6144² at tile 512: G = 2 (1024² blocks, 36 of them, level 1 with the tiles); 32768²: G = 4
+    (2048² blocks, 256, levels 1-2).
+    """
+    rows, cols = -(-height // side), -(-width // side)
+    g = 1
+    while side * g * 2 <= BLOCK_SIDE and -(-rows // (g * 2)) * -(-cols // (g * 2)) >= MIN_BLOCKS:
+        g *= 2
+    return g
+
+
+def block_levels(height: int, width: int, tile: int, shard: int, block: int) -> int:
+    """L: the pyramid levels a block of ``block`` x ``block`` plan tiles (each ``shard`` x ``shard``
+    chunks of ``tile``) owns whole chunks of: 2**L divides the block's chunks per side; at most the
+    pyramid's last level (renderer.pyramid.level_shapes with one chunk as the smallest side)."""
+    chunks = block * shard
+    levels = (chunks & -chunks).bit_length() - 1  # 2-adic valuation
+    n = 1
+    h, w = height, width
+    while max(h, w) > tile:
+        h, w, n = (h + 1) // 2, (w + 1) // 2, n + 1
+    return min(levels, n - 1)
+
+
+def block_runs(plan: TilePlan, todo: np.ndarray, size: int) -> Iterator[tuple[int, int]]:
+    """Like ``runs``, cut only at block boundaries (``todo`` holds whole blocks): each run is one
+    or more whole blocks, about ``size`` tiles (at least one block)."""
+    if plan.block == 1:
+        yield from runs(todo, size)
+        return
+    for first, last in runs(todo, len(plan)):  # contiguous stretches of whole blocks
+        a = first
+        while a < last:
+            b = plan.block_range(plan.block_of(a))[1]
+            while b < last and b - a < size:
+                b = plan.block_range(plan.block_of(b))[1]
+            yield a, b
+            a = b
 
 
 def tile_plan(height: int, width: int, tile: int, shard: int = 1) -> list[Tile]:

@@ -47,7 +47,17 @@ from renderer.tasks import LineResult, LineTask, Pool, Result, Task, TileResult,
 from renderer.tiles import RenderContext, peak_rss_mb
 
 from . import JobSpecError
-from .plan import TilePlan, auto_batch, auto_shard, job_plan, line_chunk, line_ranges, runs
+from .plan import (
+    TilePlan,
+    auto_batch,
+    auto_block,
+    auto_shard,
+    block_levels,
+    block_runs,
+    job_plan,
+    line_chunk,
+    line_ranges,
+)
 from .spec import IDENTITY_DEFAULTS, JobSpec, same_identity
 
 CONNECT_TIMEOUT_S = 5.0
@@ -133,7 +143,15 @@ class Prepared:
             warp_rows=s.warp_rows,
             warp_cols=s.warp_cols,
             precision=s.precision,
+            block=s.block,
+            levels=self.levels,
         )
+
+    @property
+    def levels(self) -> int:
+        """Pyramid levels 1..L the workers write with each block (jobs.plan.block_levels)."""
+        s = self.spec
+        return block_levels(s.height, s.width, s.tile, s.shard, s.block)
 
     def line_shape(self) -> LineShape:
         cfg = self.config
@@ -150,7 +168,7 @@ def prepare(spec: JobSpec) -> Prepared:
     spec = dataclasses.replace(spec, checkpoint=creps.resolve_checkpoint(spec.checkpoint))
     cfg = creps.read_config(spec.checkpoint, init_seed=spec.init_seed)
     sha = creps.checkpoint_hash(spec.checkpoint, spec.init_seed)
-    spec = _resolve_shard(spec.resolved(cfg.image_size), sha)
+    spec = _resolve_layout(spec.resolved(cfg.image_size), sha)
     y0, y1, x0, x1 = spec.view
     try:
         canvas = creps.Canvas(
@@ -163,24 +181,34 @@ def prepare(spec: JobSpec) -> Prepared:
     return Prepared(spec, cfg, sha, job_plan(spec))
 
 
-def _resolve_shard(spec: JobSpec, sha: str) -> JobSpec:
-    """``shard = 0`` (auto) made concrete: the shard of the store this job resumes, else ``auto_shard``.
+def _resolve_layout(spec: JobSpec, sha: str) -> JobSpec:
+    """``shard = 0`` and ``block = 0`` (auto) made concrete: those of the store this job resumes,
+    else ``auto_shard`` / ``auto_block``.
 
-    A store of the same job made with another shard (an explicit one, or an
-    older default) is resumed as it is rather than refused as another job.
+    A store of the same job made with another shard or block (explicit ones,
+    or older defaults; stores from before blocks hold block 1) is resumed as
+    it is rather than refused as another job.
     """
-    if spec.shard:
+    if spec.shard and spec.block:
         return spec
-    shard = auto_shard(spec.height, spec.width, spec.tile, object_store=not (is_local(spec.out) or in_process(spec)))
+    shard = spec.shard or auto_shard(
+        spec.height, spec.width, spec.tile, object_store=not (is_local(spec.out) or in_process(spec))
+    )
+    block = spec.block
     try:
         if store_exists(spec.out, _options(spec)):
-            old = open_store(spec.out, _options(spec), mode="r").meta.get("identity") or {}
+            old = {**IDENTITY_DEFAULTS, **(open_store(spec.out, _options(spec), mode="r").meta.get("identity") or {})}
             mine = {**spec.identity(), "checkpoint_sha256": sha}
-            if isinstance(old.get("shard"), int) and all(old.get(k) == v for k, v in mine.items() if k != "shard"):
-                shard = old["shard"]
+            layout = ("shard", "block")
+            if all(old.get(k) == v for k, v in mine.items() if k not in layout):
+                if not spec.shard and isinstance(old.get("shard"), int):
+                    shard = old["shard"]
+                if not block and isinstance(old.get("block"), int):
+                    block = old["block"]
     except Exception:  # unreachable or unreadable: inspect_output reports it with one line
         pass
-    return dataclasses.replace(spec, shard=shard)
+    block = block or auto_block(spec.height, spec.width, spec.tile * shard)
+    return dataclasses.replace(spec, shard=shard, block=block)
 
 
 def in_process(spec: JobSpec) -> bool:
@@ -272,6 +300,8 @@ def create_output(job: Prepared) -> ImageStore:
             lines=job.line_shape(),
             name=spec.name,
             meta=meta,
+            block=spec.block,
+            levels=job.levels,
         )
     except (RendererError, OSError, ValueError) as e:
         raise JobSpecError(f"cannot write {spec.out!r}: {first_line(e)}") from None
@@ -477,16 +507,28 @@ def _identity_tag(job: Prepared) -> str:
 
 
 def _todo(job: Prepared, store: ImageStore | None, redo: Collection[str], max_tiles: int | None) -> np.ndarray:
-    """Sorted indices of the tiles this run renders."""
+    """Sorted indices of the tiles this run renders.
+
+    With levels written per block, work is whole blocks: a tile to redo takes
+    its block with it (the block's levels were averaged from it too), and
+    ``max_tiles`` is rounded up to whole blocks.
+    """
     plan = job.plan
     done = store.done_mask(plan) if store is not None else np.zeros(len(plan), dtype=bool)
+    again = []
     for tile_id in redo:
         k = plan.index(tile_id)
         if k is None:
             raise JobSpecError(f"no tile {tile_id!r} in this job's plan ({plan.rows} x {plan.cols} tiles)")
-        done[k] = False
+        again.append(k)
+    if again:
+        done[plan.whole_blocks(np.asarray(again)) if job.levels else again] = False
     todo = np.flatnonzero(~done)
-    return todo[:max_tiles] if max_tiles is not None else todo
+    if max_tiles is None or max_tiles >= len(todo):
+        return todo
+    if job.levels and max_tiles > 0:
+        max_tiles = int(np.searchsorted(todo, plan.block_range(plan.block_of(int(todo[max_tiles - 1])))[1]))
+    return todo[:max_tiles]
 
 
 def _record_failure(spec: JobSpec, e: BaseException, lease: Lease) -> None:
@@ -612,7 +654,7 @@ def _tile_stage(
     tile_px = spec.tile * spec.tile * spec.shard * spec.shard
     size = spec.batch or auto_batch(len(todo), workers, tile_px, getattr(pool, "device", "cpu"))
     plan = job.plan
-    tasks: list[Task] = [TileTask(a, b, _label(plan, a, b)) for a, b in runs(todo, size)]
+    tasks: list[Task] = [TileTask(a, b, _label(plan, a, b)) for a, b in block_runs(plan, todo, size)]
     t0 = time.perf_counter()
     last_meta = time.monotonic()
     n_done0 = tally.base.tiles_skipped

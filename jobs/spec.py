@@ -59,6 +59,8 @@ class JobSpec:
     warp_cols: str = ""  # the same for the column coordinates
     tile: int = 512  # tile side = chunk side
     shard: int = 0  # tiles per shard side; 1 = no sharding, 0 = auto (jobs.plan.auto_shard: object stores shard)
+    block: int = 0  # plan tiles per block side, a power of two: workers render whole blocks and write their
+    #                 pyramid levels; 1 = row-major tiles, no levels in the render; 0 = auto (jobs.plan.auto_block)
     compressor: str = "zstd"
     precision: str = "fp32"  # pixel stage: fp32 (exact) | bf16 | fp16 (creps.precision)
     # where
@@ -109,6 +111,9 @@ class JobSpec:
         if self.tile > MAX_TILE:
             raise JobSpecError(f"tile {self.tile} is larger than {MAX_TILE}; use a smaller tile (and --shard)")
         _int("shard", self.shard, 0, 64, hint="tiles per shard side; 0 = auto")
+        _int("block", self.block, 0, 1024, hint="tiles per block side, a power of two; 0 = auto, 1 = no levels")
+        if self.block & (self.block - 1):
+            raise JobSpecError(f"block must be a power of two (tiles per block side), got {self.block}")
         if self.tile * self.shard > MAX_SHARD_SIDE:
             raise JobSpecError(
                 f"shard side tile*shard = {self.tile * self.shard} > {MAX_SHARD_SIDE}; a worker holds one shard"
@@ -150,9 +155,12 @@ class JobSpec:
 
         Warps enter only when set, so stores rendered before warps existed keep their identity.
         Stores written before ``precision`` existed hold identities without it;
-        ``same_identity`` reads those as fp32, which is what they were.
+        ``same_identity`` reads those as fp32, which is what they were; likewise
+        stores from before blocks as ``block`` 1 (row-major tiles).
         """
-        keys = ("init_seed", "seed", "psi", "height", "width", "view", "tile", "shard", "compressor", "precision")
+        keys = (
+            "init_seed", "seed", "psi", "height", "width", "view", "tile", "shard", "block", "compressor", "precision",
+        )  # fmt: skip
         d = self.to_dict()
         ident = {k: d[k] for k in keys}
         ident.update({k: d[k] for k in ("warp_rows", "warp_cols") if d[k]})
@@ -209,7 +217,8 @@ class JobSpec:
 
 
 # ---------------------------------------------------------------- parsers (shared with the CLI)
-IDENTITY_DEFAULTS = {"precision": "fp32"}  # identity keys added later, as stores written before them hold
+# identity keys added later, as stores written before them hold: fp32, and row-major plans (block 1)
+IDENTITY_DEFAULTS: dict[str, Any] = {"precision": "fp32", "block": 1}
 
 
 def same_identity(stored: dict, current: dict) -> bool:

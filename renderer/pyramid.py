@@ -113,9 +113,6 @@ def reference_pyramid(image: np.ndarray, min_size: int) -> list[np.ndarray]:
 
 
 # ---------------------------------------------------------------- levels written by the render
-RENDER_LEVELS_KEY = "render_levels"  # store meta: {"block": G, "levels": L} (renderer.store owns the key)
-
-
 def render_levels(store: ImageStore) -> int:
     """L: levels 1..L are written by the render's workers with their tiles (0 for stores without).
 
@@ -124,11 +121,7 @@ def render_levels(store: ImageStore) -> int:
     every done tile those levels are already there and consistent with it;
     a pyramid pass only builds levels L+1.. from level L.
     """
-    info = store.meta.get(RENDER_LEVELS_KEY)
-    if not isinstance(info, dict):
-        return 0
-    levels = info.get("levels", 0)
-    return levels if isinstance(levels, int) and not isinstance(levels, bool) and levels > 0 else 0
+    return store.block_levels[1]
 
 
 # ---------------------------------------------------------------- progress
@@ -176,10 +169,16 @@ def _reusable(prog: dict, shapes: list[tuple[int, int]], chunk: int, source: dic
 
 def _all_written(store: ImageStore, prog: dict, shapes: list[tuple[int, int]]) -> bool:
     rows = prog.get("rows", {})
+    first = _first_built(store, shapes)
     return isinstance(rows, dict) and all(
-        rows.get(str(k)) == h and store.has_level(k) and store.level(k).shape == (3, h, w)
+        (k <= first or rows.get(str(k)) == h) and store.has_level(k) and store.level(k).shape == (3, h, w)
         for k, (h, w) in enumerate(shapes[1:], start=1)
     )
+
+
+def _first_built(store: ImageStore, shapes: list[tuple[int, int]]) -> int:
+    """The level a pass starts from: L (levels 1..L come with the tiles), at most the last level."""
+    return min(render_levels(store), len(shapes) - 1)
 
 
 def pyramid_current(store: ImageStore, min_size: int | None = None) -> bool:
@@ -355,12 +354,15 @@ def _resume_rows(prog: dict, shapes: list[tuple[int, int]], chunk: int) -> list[
     return rows
 
 
-def _prepare_levels(store: ImageStore, shapes: list[tuple[int, int]], chunk: int, force: bool, source: dict) -> dict:
-    """Create or check arrays 1..n-1, drop stale deeper ones; return the progress record.
+def _prepare_levels(
+    store: ImageStore, shapes: list[tuple[int, int]], chunk: int, force: bool, source: dict, first: int
+) -> dict:
+    """Create or check arrays first+1..n-1, drop stale deeper ones; return the progress record.
 
     A record that is not reusable (other plan, stale, built from other tiles,
-    partial, or ``force``) starts over: every level is recreated empty (a full
-    rebuild).
+    partial, or ``force``) starts over: every level the pass builds is
+    recreated empty (a full rebuild). Levels 1..``first`` are the render's
+    (written with their tiles) and are never touched here.
     """
     prog = store.pyramid_progress() or {}
     if force or source["partial"] or not _reusable(prog, shapes, chunk, source):
@@ -373,6 +375,9 @@ def _prepare_levels(store: ImageStore, shapes: list[tuple[int, int]], chunk: int
             "started": time.time(),
         }
     for k, (h, w) in enumerate(shapes[1:], start=1):
+        if k <= first:
+            prog["rows"][str(k)] = h
+            continue
         ok = (
             store.has_level(k)
             and store.level(k).shape == (3, h, w)
@@ -397,6 +402,8 @@ def build_pyramid(
 ) -> int:
     """Write levels 1..n-1 from one pass over level 0 and the NGFF metadata; return n.
 
+    Levels 1..L written by the render with its tiles (``render_levels``) are
+    not rebuilt: the pass reads level L and makes L+1..n-1 from it.
     Does nothing when the pyramid is complete (``pyramid_complete``); resumes a
     current record that stopped part-way; anything else -- a stale record, one
     built from other level-0 tiles, a partial one -- is a full rebuild (see the
@@ -418,19 +425,24 @@ def build_pyramid(
         and _all_written(store, prog, shapes)
     ):
         return len(shapes)
-    prog = _prepare_levels(store, shapes, chunk, force, source)
+    first = _first_built(store, shapes)
+    prog = _prepare_levels(store, shapes, chunk, force, source, first)
     done = _resume_rows(prog, shapes, chunk)
     workers = workers or max(2, os.cpu_count() or 2)
     with ThreadPoolExecutor(workers) as pool:
         writer = _Writer(store, pool, prog, max_pending=2 * workers)
-        levels = [_Level(k, shapes[k], shapes[k - 1][0], chunk, writer, done[k]) for k in range(1, len(shapes))]
+        levels = [_Level(k, shapes[k], shapes[k - 1][0], chunk, writer, done[k]) for k in range(first + 1, len(shapes))]
         for a, b in itertools.pairwise(levels):
             a.next = b
         # deepest first: each level gets the stored rows above it that it still needs
         for lev in reversed(levels[1:]):
             _feed(store, pool, lev.k - 1, lev.received, done[lev.k - 1], lev.push, chunk)
         if levels:
-            _feed(store, pool, 0, levels[0].received, shapes[0][0], levels[0].push, chunk, progress, tap)
+            top = levels[0].k - 1  # level 0, or the render's last level L
+            _feed(
+                store, pool, top, levels[0].received, shapes[top][0], levels[0].push, chunk, progress,
+                tap if top == 0 else None,
+            )  # fmt: skip
         writer.drain()
     after = source_state(store)
     if not prog.get("stale") and after != source:  # tiles landed while we read level 0

@@ -5,7 +5,8 @@ an ``ImageStore`` for what it needs and never builds a path inside a store:
 
   <url>/zarr.json                    group; attributes ``ome`` (NGFF 0.5) and ``creps_gigapixel``
   <url>/0                            level 0, (3, H, W) uint8, chunks (3, T, T), dims c/y/x
-  <url>/1 .. n                       pyramid levels (renderer.pyramid)
+  <url>/1 .. n                       pyramid levels (renderer.pyramid); 1..L written by the render's
+                                     workers with their blocks (meta ``render_levels``), the rest by assemble
   <url>/lines/row, lines/col         line features of the job (renderer.lines)
   <url>/lines/done/<which>_<a>_<b>.json, lines/done/all.json   line-range completion markers
   <url>/tiles/b<start>_<stop>.json   completion marker of tiles [start, stop), written after their data
@@ -48,6 +49,7 @@ LINES_GROUP = "lines"
 LINES_DONE_DIR = "lines/done"
 LINES_ALL_DONE = "all"
 PYRAMID_PROGRESS = "pyramid.json"
+RENDER_LEVELS = "render_levels"  # meta key: {"block": G, "levels": L} (renderer.pyramid.render_levels)
 LEASE_DIR = "lease"
 _BATCH_MARKER = re.compile(r"b(\d+)_(\d+)")
 CHANNEL_COLORS = ("FF0000", "00FF00", "0000FF")
@@ -226,14 +228,27 @@ class ImageStore:
         except (KeyError, TypeError, IndexError):
             return None
 
+    @property
+    def block_levels(self) -> tuple[int, int]:
+        """(G, L): the render works in blocks of G x G plan tiles and writes levels 1..L with them.
+
+        (1, 0) for stores without the record (row-major plans, every level built by assemble).
+        """
+        info = self.meta.get(RENDER_LEVELS)
+        if not isinstance(info, dict):
+            return 1, 0
+        block, levels = info.get("block", 1), info.get("levels", 0)
+        ok = all(isinstance(v, int) and not isinstance(v, bool) for v in (block, levels))
+        return (block, levels) if ok and block >= 1 and levels >= 0 else (1, 0)
+
     # ------------------------------------------------------------ tile markers
     def tile_plan(self) -> TilePlan:
-        """The tile grid of level 0: one tile per shard (or per chunk when unsharded)."""
+        """The tile grid of level 0: one tile per shard (or per chunk when unsharded), in the job's blocks."""
         arr = self.level(0)
         shards = getattr(arr, "shards", None)
         side = int(shards[1]) if shards else int(arr.chunks[1])
         _, h, w = arr.shape
-        return TilePlan(h, w, side)
+        return TilePlan(h, w, side, self.block_levels[0])
 
     def mark_tiles(self, start: int, stop: int, records: list[dict]) -> None:
         """Record finished tiles [start, stop) of the plan; call only after all their data is written.
@@ -543,8 +558,11 @@ def create_job_store(
     lines: LineShape,
     name: str,
     meta: dict,
+    block: int = 1,
+    levels: int = 0,
 ) -> ImageStore:
-    """A fresh store for a render job: level 0, empty line arrays, OME and job metadata.
+    """A fresh store for a render job: level 0 (and the empty levels 1..``levels`` its workers
+    write block by block), empty line arrays, OME and job metadata.
 
     Any earlier content of the group (levels, markers, lines, pyramid progress)
     is wiped first, so nothing of another job can be mistaken for this one's;
@@ -558,7 +576,11 @@ def create_job_store(
     fs.invalidate_cache()
     store = open_store(url, storage_options, mode="a")
     store.create_level(0, height, width, tile, shard, compressor, overwrite=True)
+    h, w = height, width
+    for k in range(1, levels + 1):  # the pyramid's own arrays (renderer.pyramid), made early
+        h, w = (h + 1) // 2, (w + 1) // 2
+        store.create_level(k, h, w, chunk=tile, overwrite=True)
     store.create_line_arrays(height, width, lines)
+    store.update_meta(**meta, **{RENDER_LEVELS: {"block": block, "levels": levels}})
     store.write_ome(name=name)
-    store.update_meta(**meta)
     return store

@@ -38,16 +38,23 @@ class Tile:
 
 @dataclass(frozen=True)
 class TilePlan:
-    """The tiles of a canvas: row-major squares of ``side`` pixels (edge tiles smaller).
+    """The tiles of a canvas: squares of ``side`` pixels (edge tiles smaller), in blocks.
 
     Pure arithmetic, index -> rectangle, so a plan of any size costs nothing
-    until a tile is asked for; tile ``k`` is row ``k // cols``, column ``k % cols``
-    and its id is ``r{row}_c{col}``.
+    until a tile is asked for.  Tile (row i, column j) has the id ``r{i}_c{j}``.
+
+    Order: blocks of ``block`` x ``block`` tiles (edge blocks smaller) in
+    row-major order, the tiles of a block row-major inside it, so a block is
+    one contiguous index range and one run of work (one marker): a worker that
+    renders a whole block can write that block's coarser pyramid levels too
+    (renderer.tiles).  ``block = 1`` is plain row-major order, the order of
+    every store written before blocks existed.
     """
 
     height: int
     width: int
     side: int
+    block: int = 1
 
     @property
     def rows(self) -> int:
@@ -60,10 +67,74 @@ class TilePlan:
     def __len__(self) -> int:
         return self.rows * self.cols
 
+    # ------------------------------------------------------------ blocks
+    @property
+    def block_rows(self) -> int:
+        return -(-self.rows // self.block)
+
+    @property
+    def block_cols(self) -> int:
+        return -(-self.cols // self.block)
+
+    @property
+    def blocks(self) -> int:
+        return self.block_rows * self.block_cols
+
+    def _block_dims(self, bi: int, bj: int) -> tuple[int, int]:
+        """(tile rows, tile columns) of block (bi, bj)."""
+        g = self.block
+        return min(g, self.rows - bi * g), min(g, self.cols - bj * g)
+
+    def block_range(self, b: int) -> tuple[int, int]:
+        """[start, stop) of the tile indices of block ``b`` (row-major over blocks)."""
+        bi, bj = divmod(b, self.block_cols)
+        gh, gw = self._block_dims(bi, bj)
+        start = bi * self.block * self.cols + bj * gh * self.block
+        return start, start + gh * gw
+
+    def block_of(self, k: int) -> int:
+        """The block holding tile index ``k``."""
+        g = self.block
+        bi = k // (g * self.cols)
+        gh = min(g, self.rows - bi * g)
+        return bi * self.block_cols + (k - bi * g * self.cols) // (gh * g)
+
+    def block_at(self, y: int, x: int) -> int:
+        """The block holding pixel (y, x)."""
+        s = self.side * self.block
+        return (y // s) * self.block_cols + x // s
+
+    def block_rect(self, b: int) -> tuple[int, int, int, int]:
+        """(r0, r1, c0, c1) in pixels of block ``b``."""
+        bi, bj = divmod(b, self.block_cols)
+        s = self.side * self.block
+        return bi * s, min((bi + 1) * s, self.height), bj * s, min((bj + 1) * s, self.width)
+
+    def _position(self, k: int) -> tuple[int, int]:
+        """(tile row, tile column) of index ``k``."""
+        g = self.block
+        if g == 1:
+            return divmod(k, self.cols)
+        bi, rem = divmod(k, g * self.cols)
+        gh = min(g, self.rows - bi * g)
+        bj, rem = divmod(rem, gh * g)
+        gw = min(g, self.cols - bj * g)
+        i, j = divmod(rem, gw)
+        return bi * g + i, bj * g + j
+
+    def _index(self, i: int, j: int) -> int:
+        g = self.block
+        if g == 1:
+            return i * self.cols + j
+        bi, bj = i // g, j // g
+        gh, gw = self._block_dims(bi, bj)
+        return bi * g * self.cols + bj * gh * g + (i - bi * g) * gw + (j - bj * g)
+
+    # ------------------------------------------------------------ tiles
     def tile(self, k: int) -> Tile:
         if not 0 <= k < len(self):
             raise IndexError(f"tile {k} outside 0..{len(self) - 1}")
-        i, j = divmod(k, self.cols)
+        i, j = self._position(k)
         r0, c0 = i * self.side, j * self.side
         return Tile(f"r{i}_c{j}", r0, min(r0 + self.side, self.height), c0, min(c0 + self.side, self.width))
 
@@ -79,14 +150,33 @@ class TilePlan:
         if m is None:
             return None
         i, j = int(m.group(1)), int(m.group(2))
-        return i * self.cols + j if i < self.rows and j < self.cols else None
+        return self._index(i, j) if i < self.rows and j < self.cols else None
 
     def pixels(self, indices: np.ndarray) -> int:
         """Total pixels of the tiles at ``indices`` (vectorised: plans can be huge)."""
-        i, j = np.divmod(np.asarray(indices, dtype=np.int64), self.cols)
+        i, j = self._positions(np.asarray(indices, dtype=np.int64))
         h = np.minimum(self.side, self.height - i * self.side)
         w = np.minimum(self.side, self.width - j * self.side)
         return int((h * w).sum())
+
+    def _positions(self, k: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``_position`` over an index array."""
+        g = self.block
+        if g == 1:
+            return np.divmod(k, self.cols)
+        bi, rem = np.divmod(k, g * self.cols)
+        gh = np.minimum(g, self.rows - bi * g)
+        bj, rem = np.divmod(rem, gh * g)
+        gw = np.minimum(g, self.cols - bj * g)
+        i, j = np.divmod(rem, gw)
+        return bi * g + i, bj * g + j
+
+    def whole_blocks(self, indices: np.ndarray) -> np.ndarray:
+        """Sorted indices of every tile in a block that any of ``indices`` is in."""
+        if self.block == 1 or len(indices) == 0:
+            return np.unique(np.asarray(indices, dtype=np.int64))
+        parts = [np.arange(*self.block_range(b)) for b in np.unique([self.block_of(int(k)) for k in indices])]
+        return np.concatenate(parts)
 
 
 _TILE_ID = re.compile(r"r(\d+)_c(\d+)")

@@ -24,6 +24,14 @@ How a run of tiles ``[start, stop)`` goes (``tiles``):
 * **marker last**: the run's marker is written after every chunk of the run
   (``WriteBatch.drain``), so a tile with a marker is complete whatever was
   killed when.
+* **levels with the tiles**: a job planned in blocks of G x G tiles
+  (``RenderContext.block``) that writes pyramid levels 1..L
+  (``RenderContext.levels``) has every task cover whole blocks; each block's
+  level-0 pixels are gathered in host memory as its tiles are written, and the
+  writer thread that writes its last tile averages and writes the block's
+  chunks of levels 1..L (the pyramid rule, renderer.pyramid.downsample; a
+  block owns whole chunks of each of those levels, so no two workers share
+  one) -- all before the run's marker.
 * **lines**: the job's whole line arrays are read once into host memory when
   they fit ``LINE_CACHE_BYTES`` (256 MiB on a CPU, 2 GiB pinned on CUDA; laid
   out position-major so a group's slice is one contiguous block); each group
@@ -32,8 +40,10 @@ How a run of tiles ``[start, stop)`` goes (``tiles``):
 
 Memory per renderer: the line cache (at most ``LINE_CACHE_BYTES``), one
 pixel-stage call (its lines, output and blocks: ~1 GB for ffhq512 on a GPU,
-~60 MB on a CPU) and at most ``depth`` groups waiting for their writes
-(12 bytes per pixel on a CPU, 3 on a GPU).  Only small metadata is returned.
+~60 MB on a CPU), at most ``depth`` groups waiting for their writes
+(12 bytes per pixel on a CPU, 3 on a GPU) and, with levels, the level-0
+pixels of the blocks being rendered (one or two per render thread: 3 bytes
+per pixel, 12 MB for a 2048² block).  Only small metadata is returned.
 """
 
 from __future__ import annotations
@@ -58,6 +68,7 @@ from . import fsio
 from . import lines as line_store
 from .errors import RendererError
 from .pipeline import WriteBatch, WritePipeline
+from .pyramid import downsample
 from .store import ImageStore, open_store
 from .tasks import LineResult, Tile, TilePlan, TileResult
 
@@ -86,10 +97,12 @@ class RenderContext:
     warp_rows: str = ""  # creps.warp text of the row / column coordinates ("" = none)
     warp_cols: str = ""
     precision: str = "fp32"  # of the pixel stage (creps.precision); part of the job's identity
+    block: int = 1  # plan tiles per block side (renderer.tasks.TilePlan)
+    levels: int = 0  # pyramid levels 1..levels written with each block
 
     @property
     def plan(self) -> TilePlan:
-        return TilePlan(self.height, self.width, self.tile_side or self.chunk)
+        return TilePlan(self.height, self.width, self.tile_side or self.chunk, self.block)
 
     @property
     def canvas(self) -> creps.Canvas:
@@ -118,6 +131,36 @@ def tile_groups(plan: TilePlan, start: int, stop: int, max_pixels: int) -> Itera
         pixels += t.pixels
     if group:
         yield group
+
+
+class _BlockLevels:
+    """One block's level-0 pixels, gathered tile by tile by the writer threads.
+
+    The thread that adds the last tile writes the block's levels 1..L (each a
+    2x2 average of the one above, as renderer.pyramid does for the whole
+    image: the block starts at an even row and column of every level it
+    averages, so its pixels are exactly the whole image's).
+    """
+
+    def __init__(self, store: ImageStore, rect: tuple[int, int, int, int], tiles: int, levels: int) -> None:
+        self.store, self.levels = store, levels
+        self.r0, r1, self.c0, c1 = rect
+        self.pixels: np.ndarray | None = np.empty((3, r1 - self.r0, c1 - self.c0), dtype=np.uint8)
+        self.left = tiles
+        self._lock = threading.Lock()
+
+    def add(self, tile: Tile, data: np.ndarray) -> None:
+        assert self.pixels is not None
+        self.pixels[:, tile.r0 - self.r0 : tile.r1 - self.r0, tile.c0 - self.c0 : tile.c1 - self.c0] = data
+        with self._lock:
+            self.left -= 1
+            last = self.left == 0
+        if last:
+            img, self.pixels = self.pixels, None
+            r0, c0 = self.r0, self.c0
+            for k in range(1, self.levels + 1):
+                img, r0, c0 = downsample(img), r0 // 2, c0 // 2
+                self.store.write_chunks(k, r0, c0, img)
 
 
 def _non_finite(name: str) -> RendererError:
@@ -287,7 +330,9 @@ class TileRenderer:
 
         return fetch_cuda
 
-    def _write_group(self, group: list[Tile], fetch: Fetch, t0: float) -> list[TileResult]:
+    def _write_group(
+        self, group: list[Tile], fetch: Fetch, t0: float, blocks: dict[int, _BlockLevels]
+    ) -> list[TileResult]:
         """Writer thread: check a group, write its chunks in one store call, crc32 each tile (no marker).
 
         One ``write_chunks`` for the whole group (its tiles are whole chunks or
@@ -301,11 +346,38 @@ class TileRenderer:
                 raise _non_finite(t.id)
         self.store.write_chunks(0, group[0].r0, g0, u8)
         seconds = round((time.perf_counter() - t0) / len(group), 4)
-        return [self._result(t, np.ascontiguousarray(u8[:, :, t.c0 - g0 : t.c1 - g0]), seconds) for t in group]
+        results = []
+        for t in group:
+            data = np.ascontiguousarray(u8[:, :, t.c0 - g0 : t.c1 - g0])
+            results.append(self._result(t, data, seconds))
+            self._add_to_block(t, data, blocks)
+        return results
 
-    def _write_tile(self, tile: Tile, data: np.ndarray, t0: float) -> list[TileResult]:
+    def _write_tile(self, tile: Tile, data: np.ndarray, t0: float, blocks: dict[int, _BlockLevels]) -> list[TileResult]:
         self.store.write_chunks(0, tile.r0, tile.c0, data)
-        return [self._result(tile, data, round(time.perf_counter() - t0, 4))]
+        result = self._result(tile, data, round(time.perf_counter() - t0, 4))
+        self._add_to_block(tile, data, blocks)
+        return [result]
+
+    def _add_to_block(self, tile: Tile, data: np.ndarray, blocks: dict[int, _BlockLevels]) -> None:
+        if self.ctx.levels:
+            blocks[self.ctx.plan.block_at(tile.r0, tile.c0)].add(tile, data)
+
+    def _blocks(self, start: int, stop: int) -> dict[int, _BlockLevels]:
+        """The blocks of tiles [start, stop), which must be whole blocks when the job writes levels."""
+        if not self.ctx.levels:
+            return {}
+        plan = self.ctx.plan
+        blocks: dict[int, _BlockLevels] = {}
+        for b in range(plan.block_of(start), plan.block_of(stop - 1) + 1):
+            a, z = plan.block_range(b)
+            if a < start or z > stop:
+                raise RendererError(
+                    f"tiles {start}:{stop} do not cover whole blocks of {plan.block}x{plan.block} tiles; "
+                    "a job that writes pyramid levels sends whole blocks"
+                )
+            blocks[b] = _BlockLevels(self.store, plan.block_rect(b), z - a, self.ctx.levels)
+        return blocks
 
     @staticmethod
     def _result(t: Tile, data: np.ndarray, seconds: float) -> TileResult:
@@ -328,7 +400,9 @@ class TileRenderer:
             return self._pipeline
 
     def tiles(self, start: int, stop: int) -> list[TileResult]:
-        """Render tiles [start, stop) of the job's plan, write them, then mark them done with one marker."""
+        """Render tiles [start, stop) of the job's plan, write them (and their blocks' levels 1..L),
+        then mark them done with one marker."""
+        blocks = self._blocks(start, stop)  # with levels: filled by the writers, levels written by the last
         batch: WriteBatch[list[TileResult]] = self._writer().batch()
         try:
             for group in tile_groups(self.ctx.plan, start, stop, self.call_pixels):
@@ -336,11 +410,11 @@ class TileRenderer:
                 if len(group) == 1 and group[0].pixels > self.call_pixels:  # a big tile: bands, then one write
                     t = group[0]
                     data = self.render_tile(t.r0, t.r1, t.c0, t.c1, name=t.id)
-                    batch.submit(functools.partial(self._write_tile, t, data, t0))
+                    batch.submit(functools.partial(self._write_tile, t, data, t0, blocks))
                     continue
                 img = self._pixels(group[0].r0, group[0].r1, group[0].c0, group[-1].c1)
                 fetch = self._stage(img)
-                batch.submit(functools.partial(self._write_group, group, fetch, t0))
+                batch.submit(functools.partial(self._write_group, group, fetch, t0, blocks))
             results = [r for part in batch.drain() for r in part]
         except BaseException:
             batch.discard()

@@ -17,7 +17,14 @@ import tifffile
 import render
 from jobs.assemble import assemble
 from renderer.errors import IncompleteStoreError
-from renderer.pyramid import build_pyramid, pyramid_complete, pyramid_current, reference_pyramid, source_state
+from renderer.pyramid import (
+    build_pyramid,
+    pyramid_complete,
+    pyramid_current,
+    reference_pyramid,
+    render_levels,
+    source_state,
+)
 from renderer.store import PYRAMID_PROGRESS, open_store
 from viewer.tiles import usable_levels
 
@@ -69,7 +76,7 @@ def test_stopped_render_assembled_then_finished_gives_the_finished_pyramid(tmp_p
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and err.startswith("error: ") and "--partial" in err
     store = open_store(spec.out)
-    assert store.level_count() == 1 and store.pyramid_progress() is None
+    assert store.level_count() == 1 + render_levels(store) and store.pyramid_progress() is None
     assert not tif.exists() and not (tmp_path / "img.dzi").exists()
 
     # 2. --partial builds from the 20 tiles there are, says so, and records it
@@ -95,7 +102,8 @@ def test_stopped_render_assembled_then_finished_gives_the_finished_pyramid(tmp_p
     store = open_store(spec.out)
     assert store.pyramid_progress()["stale"] is True
     assert not pyramid_complete(store) and not pyramid_current(store)
-    assert usable_levels(store) == [(SIDE, SIDE)]  # the viewer never serves the stale levels
+    # the viewer never serves the stale levels; the render's own (1..L, written with their blocks) stay
+    assert render_levels(store) == 1 and usable_levels(store) == [(SIDE, SIDE), (SIDE // 2, SIDE // 2)]
 
     # 4. the next assemble rebuilds everything from the finished level 0
     assemble(spec.out, tiff=str(tif), dzi=str(dzi), compression="zstd", log=said.append)

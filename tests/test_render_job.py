@@ -42,7 +42,8 @@ def test_store_layout_metadata_and_lines(tmp_path, render_ray):
     assert list(arr.metadata.dimension_names) == ["c", "y", "x"]
     assert type(arr.compressors[0]).__name__.startswith("Zstd")
     meta = store.meta
-    assert meta["spec"] == {**spec.to_dict(), "shard": 1} and meta["status"] == "done"  # auto shard: 1 on a local disk
+    # auto shard: 1 on a local disk; auto block: 1 for 3 x 4 tiles (too few for blocks)
+    assert meta["spec"] == {**spec.to_dict(), "shard": 1, "block": 1} and meta["status"] == "done"
     assert meta["checkpoint_sha256"] == creps.checkpoint_hash("preset:tiny", 0)
     assert meta["tiles_total"] == meta["tiles_done"] == 12 and meta["version"].startswith("creps-gigapixel")
     assert meta["last_run"]["tiles_rendered"] == 12
@@ -136,8 +137,10 @@ def test_peak_memory_bounded_by_tiles_not_canvas(tmp_path):
                 "1",
                 "--batch",
                 "1",
+                "--block",
+                "4",
                 "--max-tiles",
-                "24",
+                "32",
                 "--out",
                 str(tmp_path / f"m{side}.zarr"),
                 "--no-exports",
@@ -150,7 +153,7 @@ def test_peak_memory_bounded_by_tiles_not_canvas(tmp_path):
         )
         assert out.returncode == 0, out.stderr[-2000:]
         s = json.loads(next(ln for ln in out.stdout.splitlines() if ln.startswith("summary "))[8:])
-        assert s["tiles_rendered"] == 24
+        assert s["tiles_rendered"] == 32  # two whole blocks of 4 x 4 tiles, with their levels 1-2
         peaks[side] = (s["driver_peak_rss_mb"], s["worker_peak_rss_mb"])
         print(json.dumps({"side": side, **{k: s[k] for k in ("driver_peak_rss_mb", "worker_peak_rss_mb", "seconds")}}))
     (d4, w4), (d16, w16) = peaks[2048], peaks[8192]

@@ -42,6 +42,7 @@ from PIL import Image
 from creps.errors import first_line
 from renderer.dzi import OVERLAP, TILE_SIZE, dzi_xml, level_size, max_level, tile_bounds, tile_grid
 from renderer.errors import RendererError
+from renderer.pyramid import render_levels
 from renderer.store import ImageStore, open_store
 
 from .errors import ViewerError
@@ -305,14 +306,16 @@ def usable_levels(store: ImageStore) -> list[tuple[int, int]]:
     progress file exists, once that file says all its rows are written; so a
     half-built level (first build or a resumed one) is never shown as black.
     A stale progress record (level-0 tiles were re-rendered since the levels
-    were averaged, see renderer.pyramid) serves level 0 only, until
-    `render.py assemble` rebuilds them. Without OME metadata every contiguous
-    level with a plausible shape (within a pixel of H / 2**i) is used.
+    were averaged, see renderer.pyramid) serves level 0 and the levels the
+    render writes with its tiles (1..L, ``render_levels``: always those of the
+    tiles there are) only, until `render.py assemble` rebuilds the rest.
+    Without OME metadata every contiguous level with a plausible shape (within
+    a pixel of H / 2**i) is used.
     """
     _, h0, w0 = store.level(0).shape
     progress = store.pyramid_progress()
-    if progress is not None and progress.get("stale"):
-        return [(h0, w0)]
+    with_tiles = render_levels(store)
+    stale = progress is not None and bool(progress.get("stale"))
     rows_done = progress.get("rows", {}) if progress is not None else None
     if rows_done is not None and not isinstance(rows_done, dict):
         rows_done = {}
@@ -323,7 +326,7 @@ def usable_levels(store: ImageStore) -> list[tuple[int, int]]:
         _, h, w = store.level(i).shape
         if abs(h - h0 / 2**i) > 1 or abs(w - w0 / 2**i) > 1:
             break
-        if rows_done is not None and rows_done.get(str(i), 0) < h:
+        if i > with_tiles and (stale or (rows_done is not None and rows_done.get(str(i), 0) < h)):
             break
         levels.append((h, w))
         i += 1

@@ -1,4 +1,9 @@
-"""Pyramid levels 1..n of an image store, by 2x2 averaging, from one pass over level 0.
+"""Pyramid levels 1..n of an image store, by 2x2 averaging, from one pass over level 0 (or level L).
+
+A render job in blocks writes levels 1..L itself, block by block with its
+tiles (``render_levels``, renderer.tiles); a pass then starts from level L
+and builds L+1..n-1 only. Stores without that record (L = 0) are built from
+level 0 as below.
 
 The averaging rule (exact, uint8), level k+1 from level k::
 

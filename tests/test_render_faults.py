@@ -17,6 +17,7 @@ from conftest import REPO, render_cli_env, tiny_job
 import render
 from jobs.run import run_job
 from renderer.errors import RendererError
+from renderer.pyramid import reference_pyramid, render_levels
 from renderer.store import open_store
 
 
@@ -115,6 +116,9 @@ def test_killed_driver_then_rerun_renders_only_missing_tiles(tmp_path, render_ra
     assert summary["tiles_rendered"] == total - done_before
     assert summary["tiles_skipped"] == done_before and summary["status"] == "done"
     np.testing.assert_array_equal(_level0(str(out)), render_reference(384, 512))
+    store = open_store(str(out), mode="r")  # the levels written with the blocks are consistent too
+    assert render_levels(store) == 1
+    np.testing.assert_array_equal(np.asarray(store.level(1)[:]), reference_pyramid(render_reference(384, 512), 32)[1])
 
 
 def test_repeated_failures_stop_with_a_report(tmp_path, render_ray):

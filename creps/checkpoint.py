@@ -19,13 +19,13 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
 from .errors import CheckpointError
+from .files import put_in_place, temp_beside
 from .network import Generator
 from .official import read_official
 from .presets import GeneratorConfig, preset
@@ -60,12 +60,10 @@ def save(G: Generator, path: str | os.PathLike[str]) -> Path:
     path = Path(path)
     sd = {k: v.detach().to("cpu").contiguous() for k, v in G.state_dict().items()}
     meta = {"format": FORMAT, "creps_config": json.dumps(G.cfg.to_dict(), sort_keys=True)}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = temp_beside(path)
     try:
         save_file(sd, tmp, metadata=meta)
-        os.replace(tmp, path)
+        put_in_place(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

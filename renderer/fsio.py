@@ -13,12 +13,13 @@ import atexit
 import functools
 import json
 import os
-import tempfile
 import threading
 from typing import Any
 
 import fsspec
 import fsspec.asyn
+
+from creps.files import open_temp_beside
 
 from .errors import RendererError
 
@@ -169,9 +170,7 @@ def write_bytes(fs: Any, path: str, data: bytes) -> None:
 
 def _complete_temp(path: str, data: bytes) -> str:
     """A complete temp file holding ``data`` beside ``path`` (folder created); its name."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    fd, tmp = open_temp_beside(os.path.abspath(path))
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)

@@ -12,12 +12,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from creps.files import put_in_place, temp_beside
 
 from .errors import TrainError
 
@@ -89,11 +90,10 @@ def save_checkpoint(
         tensors.update(t)
         meta[name] = groups
     tensors["rng/torch"] = torch.get_rng_state()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = temp_beside(path)
     try:
         save_file(tensors, tmp, metadata={"format": FORMAT, "creps_train": json.dumps(meta)})
-        os.replace(tmp, path)
+        put_in_place(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

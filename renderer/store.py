@@ -291,14 +291,19 @@ class ImageStore:
 
     def tile_records(self) -> Iterator[dict]:
         """Every done tile's record (``TileResult.marker()``: id, rows, cols, crc32, ...)."""
+        for group in self.tile_record_groups():
+            yield from group
+
+    def tile_record_groups(self) -> Iterator[list[dict]]:
+        """The done tiles' records, one list per marker (a run of tiles: whole blocks in a block plan)."""
         for name in sorted(self._marker_names()):
             record = fsio.read_json(self.fs, self._path(f"{MARKER_DIR}/{name}.json"))
             if not isinstance(record, dict):
                 continue
             if _BATCH_MARKER.fullmatch(name):
-                yield from (r for r in record.get("tiles", []) if isinstance(r, dict))
+                yield [r for r in record.get("tiles", []) if isinstance(r, dict)]
             else:
-                yield record
+                yield [record]
 
     def clear_markers(self) -> None:
         fsio.remove_tree(self.fs, self._path(MARKER_DIR))

@@ -160,3 +160,23 @@ def test_row_major_stores_still_resume_and_assemble(tmp_path):
     got = _levels(url)
     for k, want in enumerate(reference_pyramid(got[0], 32)):
         np.testing.assert_array_equal(got[k], want)
+
+
+def test_verify_checks_the_levels_of_each_block_and_repairs_them(tmp_path):
+    from jobs.verify import verify_after_render
+    from renderer.verify import verify_store
+
+    url = str(tmp_path / "v.zarr")
+    spec = tiny_job(url, height=256, width=192, tile=32, block=2, workers=0)  # 12 blocks of 2 x 2 tiles
+    run_job(spec, progress=False, log=lambda s: None)
+    store = open_store(url)
+    assert verify_store(store, workers=2).ok and verify_store(store, workers=2).checked == 48
+    level1 = np.asarray(store.level(1)[:, 32:64, 64:96])  # block 1 x 2 (tiles r2..3_c4..5)
+    store.write_region(1, 32, 64, 255 - level1)  # a damaged level chunk; level 0 and its crc32 are fine
+    report = verify_store(store, workers=2)
+    assert [b.id for b in report.bad] == ["r2_c4"] and "pyramid level 1" in report.bad[0].reason
+    assert [b.id for b in verify_store(store, ids=["r3_c5"]).bad] == ["r3_c5"]  # the tile asked about
+    outcome = verify_after_render(spec, log=lambda s: None)
+    assert outcome.ok and outcome.rerendered == ("r2_c4",)
+    np.testing.assert_array_equal(np.asarray(open_store(url).level(1)[:, 32:64, 64:96]), level1)
+    _check_levels(url, 1)

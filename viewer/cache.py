@@ -7,8 +7,8 @@ Layout under the cache URL (any fsspec URL; default ``out/view-cache``)::
     <image key>/lines/<L>/<row | col>/<block>.npy
 
 ``<image key>`` is ``ImageSpec.key``, a hash of everything that decides the
-pixels (checkpoint hash, seed, psi, size, view, pixel block, cache format),
-so two images never share an entry and a changed flag never serves stale
+pixels (checkpoint hash, seed, psi, size, view, pixel block, cache format;
+warps and precision when set), so two images never share an entry and a changed flag never serves stale
 tiles; the tile folder adds the encoding.
 
 **Bound.** The cache keeps an index of its files (path -> size, in least

@@ -16,8 +16,12 @@ computed when the page asks for it (up to 2^20 x 2^20 pixels, 2^20 x 2^20 by
 default), in this process (--threads) or on Ray actors (--workers,
 --address), and kept in a persistent cache (--cache, LRU-bounded by
 --cache-max-gb). A full-resolution tile has exactly the pixels `render.py
-render` writes with the same checkpoint, seeds, psi, size and view; a coarser
-level is the generator evaluated on a coarser grid (docs/viewer.md).
+render` writes with the same checkpoint, seeds, psi, size, view, warps and
+precision; a coarser level is the generator evaluated on a coarser grid
+(docs/viewer.md). --warp-rows / --warp-cols take the warps of `render.py
+render` (docs/experiments.md); --precision bf16|fp16 runs the pixel stage's
+matmuls in that format (within one uint8 level of fp32 on >= 99 % of pixels;
+emulated on a CPU), fp32, the default, is exact. Both enter the cache key.
 
 The server listens on 127.0.0.1 only, unless --host names another address
 and --allow-remote says so explicitly; then every request needs the random
@@ -34,6 +38,8 @@ import webbrowser
 from typing import Any
 
 from creps.cli import command
+from creps.precision import PRECISIONS
+from jobs.cli import add_warp_arguments, warp_flags
 from renderer.fsio import parse_storage_options
 
 from .errors import ViewerError
@@ -49,6 +55,9 @@ ENDLESS_ONLY = {
     "size": "--size",
     "scale": "--scale",
     "view": "--view",
+    "warp_rows": "--warp-rows",
+    "warp_cols": "--warp-cols",
+    "precision": "--precision",
     "cache": "--cache",
     "cache_max_gb": "--cache-max-gb",
     "workers": "--workers",
@@ -81,6 +90,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     size.add_argument("--size", metavar="WxH", help="canvas WIDTHxHEIGHT (or N) [1048576x1048576]")
     size.add_argument("--scale", type=float, metavar="S", help="square canvas of int(R*S) px, R = training resolution")
     g.add_argument("--view", metavar="Y0,Y1,X0,X1", help="coordinate window [0,1,0,1]")
+    add_warp_arguments(g)
+    g.add_argument(
+        "--precision",
+        choices=list(PRECISIONS),
+        help="pixel-stage arithmetic: fp32 (default, exact), bf16 or fp16 (within one uint8 level of fp32; "
+        "part of the cache key: each precision keeps its own tiles) [fp32]",
+    )
     g.add_argument("--cache", metavar="URL", help="persistent tile cache, any fsspec URL [out/view-cache]")
     g.add_argument(
         "--cache-max-gb",
@@ -151,6 +167,7 @@ def endless_options(args: argparse.Namespace, storage_options: dict | None) -> d
     gb = 4.0 if args.cache_max_gb is None else args.cache_max_gb
     if not (math.isfinite(gb) and gb >= 0):
         raise ViewerError(f"--cache-max-gb must be >= 0, got {gb}")
+    warps = warp_flags(args)  # canonical text; one line (exit 2) for a bad warp
     return dict(
         init_seed=args.init_seed or 0,
         seed=args.seed or 0,
@@ -159,6 +176,9 @@ def endless_options(args: argparse.Namespace, storage_options: dict | None) -> d
         height=height,
         scale=args.scale,
         view=view,
+        precision=args.precision or "fp32",
+        warp_rows=warps.get("warp_rows", ""),
+        warp_cols=warps.get("warp_cols", ""),
         fmt=args.tile_format,
         quality=args.quality,
         device=args.device or "cpu",

@@ -75,7 +75,8 @@ class LocalEngine:
         return [self._render] * self.threads
 
     def describe(self) -> str:
-        return f"in-process, {self.maker.device}, {self.threads} render thread{'s' if self.threads > 1 else ''}"
+        threads = f"{self.threads} render thread{'s' if self.threads > 1 else ''}"
+        return f"in-process, {self.maker.device}{_precision_note(self.maker.spec)}, {threads}"
 
     def line_stats(self) -> dict[str, int] | None:
         lines = self.maker.lines
@@ -115,7 +116,7 @@ class RayEngine:
         from renderer.errors import RendererError
         from renderer.pool import release_pools, start_ray  # imports ray: only when a pool is asked for
 
-        self.fmt, self.quality, self.device, self.address = fmt, quality, device, address
+        self.spec, self.fmt, self.quality, self.device, self.address = spec, fmt, quality, device, address
         try:
             self.started = start_ray(address, num_cpus=None if address else max(workers, os.cpu_count() or 1))
         except RendererError as e:
@@ -123,6 +124,7 @@ class RayEngine:
         release_pools()  # render-job actors cached in this process would hold the CPUs/GPUs the viewer needs
         gpus = 1 if device == "cuda" else 0
         actor: Any = ray.remote(TileWorker).options(num_cpus=1, num_gpus=gpus, max_restarts=2, max_task_retries=2)
+        # The spec carries precision and warps: each actor's TileMaker lowers its weights for its own device.
         self.actors: list[Any] = [actor.remote(spec, device, 1) for _ in range(workers)]
         try:
             ray.get([a.ready.remote() for a in self.actors], timeout=RAY_START_TIMEOUT_S)
@@ -143,7 +145,10 @@ class RayEngine:
 
     def describe(self) -> str:
         where = f"Ray cluster {self.address}" if self.address else "embedded Ray"
-        return f"{where}, {len(self.actors)} {self.device} actor{'s' if len(self.actors) > 1 else ''}"
+        actors = (
+            f"{len(self.actors)} {self.device}{_precision_note(self.spec)} actor{'s' if len(self.actors) > 1 else ''}"
+        )
+        return f"{where}, {actors}"
 
     def line_stats(self) -> dict[str, int] | None:
         return None  # each actor keeps its own
@@ -160,6 +165,11 @@ class RayEngine:
                 pass
         if self.started:
             stop_ray()
+
+
+def _precision_note(spec: ImageSpec) -> str:
+    """`` bf16`` / `` fp16`` for an engine's description; nothing for exact fp32."""
+    return "" if spec.precision == "fp32" else f" {spec.precision}"
 
 
 class EndlessTiles:
@@ -332,6 +342,9 @@ def open_endless(
     height: int | None = None,
     scale: float | None = None,
     view: tuple[float, float, float, float] = (0.0, 1.0, 0.0, 1.0),
+    precision: str = "fp32",
+    warp_rows: str = "",
+    warp_cols: str = "",
     fmt: str = "jpeg",
     quality: int = 90,
     device: str = "cpu",
@@ -351,7 +364,10 @@ def open_endless(
     checkpoint's training resolution), else 2^20 x 2^20. ``workers > 0`` or
     ``address`` renders on Ray actors, else ``threads`` render threads here
     (0: one per core, at most 4). ``cache_url=None`` or ``cache_max_bytes=0``
-    keeps tiles in memory only.
+    keeps tiles in memory only. ``precision`` is the pixel stage's, as
+    ``render.py render --precision`` (fp16 and bf16 are emulated on a CPU);
+    ``warp_rows`` / ``warp_cols`` are ``creps.warp`` text, as ``--warp-rows`` /
+    ``--warp-cols`` of a render.
     """
     if fmt not in FORMATS:
         raise ViewerError(f"unknown tile format {fmt!r}; use jpeg or png")
@@ -379,7 +395,16 @@ def open_endless(
         width=width,
         view=view,
         pixel_block=creps.default_pixel_block(device),
+        precision=precision,
+        warp_rows=warp_rows,
+        warp_cols=warp_cols,
     )
+    if spec.warp_rows or spec.warp_cols:
+        try:  # a warp that leaves float32 on the full-resolution grid: say so now, not at the first tile
+            top = spec.level_canvas(spec.top)
+            top.row_coords(), top.col_coords()
+        except ValueError as e:
+            raise ViewerError(str(e)) from None
     cache = TileCache(cache_url, storage_options, cache_max_bytes) if cache_url and cache_max_bytes > 0 else None
     engine: Engine
     try:

@@ -7,10 +7,13 @@ any DeepZoom tile of any level can be rendered on its own:
   L``) is the canvas ``Canvas(ceil(H / 2**k), ceil(W / 2**k))`` over the *same*
   coordinate window ``view``: the generator evaluated on a 2**k times coarser
   grid, not an average of the finer level (docs/viewer.md shows the
-  difference). At ``k = 0`` this is exactly the canvas of ``render.py render``
-  with the same size and view, so a full-resolution tile has exactly the
-  bytes a render job writes there (docs/exactness.md: any window of a canvas
-  is bit-identical to the same crop of the full frame, for one pixel block).
+  difference). Axis warps (``creps.warp``) map coordinates, not pixel
+  indices, so every level's canvas carries the same warp text and shows the
+  same warped image. At ``k = 0`` this is exactly the canvas of ``render.py
+  render`` with the same size, view and warps, so a full-resolution tile has
+  exactly the bytes a render job writes there (docs/exactness.md: any window
+  of a canvas is bit-identical to the same crop of the full frame, for one
+  pixel block and one precision).
 * **Lines on demand.** A tile needs the line features of its rows and of its
   columns. They are computed in the generator's globally aligned blocks of
   ``LINE_BLOCK`` positions (``G.lines`` on the level's global coordinate
@@ -42,6 +45,7 @@ import torch
 
 import creps
 from creps import LINE_BLOCK
+from creps.precision import PRECISIONS
 from renderer.dzi import max_level, tile_bounds, tile_grid
 
 from .errors import ViewerError
@@ -60,6 +64,10 @@ class ImageSpec:
     ``init_seed`` say how to load them. ``pixel_block`` is the pixel-stage
     block size: two block sizes agree to float tolerance only
     (docs/exactness.md), so it is part of the identity like the latent.
+    ``precision`` is the pixel stage's (``creps.precision``) and
+    ``warp_rows`` / ``warp_cols`` are ``creps.warp`` text (kept canonical);
+    they enter the identity only when not the default, so caches made before
+    they existed keep their keys.
     """
 
     checkpoint: str
@@ -71,12 +79,26 @@ class ImageSpec:
     width: int
     view: tuple[float, float, float, float]  # y0, y1, x0, x1
     pixel_block: int
+    precision: str = "fp32"
+    warp_rows: str = ""
+    warp_cols: str = ""
 
     def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ViewerError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         try:
-            creps.Canvas(self.height, self.width, y=self.view[:2], x=self.view[2:])
+            canvas = creps.Canvas(
+                self.height,
+                self.width,
+                y=self.view[:2],
+                x=self.view[2:],
+                warp_rows=self.warp_rows,
+                warp_cols=self.warp_cols,
+            )
         except ValueError as e:
             raise ViewerError(str(e)) from None
+        object.__setattr__(self, "warp_rows", canvas.warp_rows)  # canonical: "mirror" and "mirror:0.5" are one key
+        object.__setattr__(self, "warp_cols", canvas.warp_cols)
 
     @property
     def top(self) -> int:
@@ -94,6 +116,8 @@ class ImageSpec:
             "width": self.width,
             "view": list(self.view),
             "pixel_block": self.pixel_block,
+            **({"precision": self.precision} if self.precision != "fp32" else {}),
+            **{k: getattr(self, k) for k in ("warp_rows", "warp_cols") if getattr(self, k)},
         }
 
     @property
@@ -103,10 +127,22 @@ class ImageSpec:
         return hashlib.sha256(blob).hexdigest()[:32]
 
     def level_canvas(self, level: int) -> creps.Canvas:
-        """The canvas DZI level ``level`` is rendered on: ceil(H / 2**k) x ceil(W / 2**k), same window."""
+        """The canvas DZI level ``level`` is rendered on: ceil(H / 2**k) x ceil(W / 2**k), same window.
+
+        The warps are the same text on every level: they map coordinates (the
+        window's, on a coarser grid), not pixel indices, so a level shows the
+        same warped image and the top level is the render job's canvas.
+        """
         k = self.top - level
         y0, y1, x0, x1 = self.view
-        return creps.Canvas(-(-self.height // 2**k), -(-self.width // 2**k), y=(y0, y1), x=(x0, x1))
+        return creps.Canvas(
+            -(-self.height // 2**k),
+            -(-self.width // 2**k),
+            y=(y0, y1),
+            x=(x0, x1),
+            warp_rows=self.warp_rows,
+            warp_cols=self.warp_cols,
+        )
 
     def check_tile(self, level: int, col: int, row: int) -> tuple[int, int, int, int]:
         """(y0, y1, x0, x1) of a tile in its level's pixels; ViewerError if there is no such tile.
@@ -230,11 +266,12 @@ class TileMaker:
         self._coords: dict[tuple[int, str], torch.Tensor] = {}
         self._coords_lock = threading.Lock()
         self._helpers = ThreadPoolExecutor(4, thread_name_prefix="tile-lines")
+        self.mode = creps.matmul_mode(spec.precision, device)  # as renderer.tiles.TileRenderer
         with torch.no_grad():
             z = G.z_from_seed(spec.seed).to(device)
             self.ws = G.ws(z, spec.psi)
             self._line_weights = G.line_weights(self.ws)
-            self._pixel_weights = G.pixel_weights(self.ws)
+            self._pixel_weights = G.pixel_weights(self.ws).lowered(self.mode)  # lowered once, for every tile
 
     def coords(self, level: int, which: str) -> torch.Tensor:
         """The level's global row or column coordinate vector (Canvas.row_coords / col_coords), kept."""
@@ -270,7 +307,14 @@ class TileMaker:
         C = self.line_range(level, "col", x0, x1)
         R = rows.result()
         with torch.no_grad():
-            img = self.G.pixels(self.ws, R, C, pixel_block=self.spec.pixel_block, weights=self._pixel_weights)
+            img = self.G.pixels(
+                self.ws,
+                R,
+                C,
+                pixel_block=self.spec.pixel_block,
+                weights=self._pixel_weights,
+                precision=self.spec.precision,
+            )
             if not bool(torch.isfinite(img).all()):
                 raise ViewerError(f"tile {level}/{col}_{row}: non-finite output (NaN/inf): the weights are broken")
             return creps.to_uint8(img)[0].cpu().numpy()

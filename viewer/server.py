@@ -123,6 +123,16 @@ def split_path(raw: str) -> list[str] | None:
     return parts
 
 
+def _tile_address(parts: list[str], fmt: str) -> tuple[int, int, int] | None:
+    """(level, col, row) of the path segments after ``image_files/`` (``L/C_R.FMT``), None unless
+    they name a tile in the source's format ``fmt``."""
+    m = TILE_RE.match("/".join(parts))
+    if m is None or m.group(4) != fmt:
+        return None
+    level, col, row = (int(g) for g in m.groups()[:3])
+    return level, col, row
+
+
 def safe_file(root: Path, parts: list[str]) -> Path | None:
     """root/parts if it is a regular file whose real path stays inside root's real path."""
     if not parts:
@@ -357,29 +367,21 @@ class Handler(BaseHTTPRequestHandler):
             return self._static(OSD_DIR, rest, "max-age=3600")
         if parts == ["api", "info"]:
             return self._send(200, json.dumps(src.info()).encode(), "application/json")
-        if isinstance(src, EndlessTiles):
+        if isinstance(src, (EndlessTiles, StoreTiles)):
             if parts == ["image.dzi"]:
                 return self._send(200, src.dzi().encode(), "application/xml")
             if head == "image_files":
-                m = TILE_RE.match("/".join(rest))
-                if m is None or m.group(4) != src.fmt:
+                address = _tile_address(rest, src.fmt)
+                if address is None:
                     return self._error(404, "not found")
-                level, col, row = (int(g) for g in m.groups()[:3])
-                data = src.tile(level, col, row, client=self.client_address[0], alive=self._client_alive)
+                if isinstance(src, StoreTiles):
+                    return self._send(200, src.tile(*address), FORMATS[src.fmt])
+                data = src.tile(*address, client=self.client_address[0], alive=self._client_alive)
                 if data is None:  # the client left before its tile was rendered: nobody to answer
                     self.close_connection = True
                     return None
                 # Tile URLs carry ?v=<image key> (viewer.js): the bytes behind one URL never change.
                 return self._send(200, data, FORMATS[src.fmt], "private, max-age=86400")
-        elif isinstance(src, StoreTiles):
-            if parts == ["image.dzi"]:
-                return self._send(200, src.dzi().encode(), "application/xml")
-            if head == "image_files":
-                m = TILE_RE.match("/".join(rest))
-                if m is None or m.group(4) != src.fmt:
-                    return self._error(404, "not found")
-                level, col, row = (int(g) for g in m.groups()[:3])
-                return self._send(200, src.tile(level, col, row), FORMATS[src.fmt])
         elif head == "dzi":
             got = src.read(rest)
             if got is not None:

@@ -451,7 +451,8 @@ class LevelStream:
             for k in range(first, len(self.shapes)):
                 arr = self.store.level(k)
                 _, h, _ = arr.shape
-                step = int(arr.chunks[1])
+                shards = getattr(arr, "shards", None)  # whole stored objects per read: no range requests
+                step = int(shards[1]) if shards else int(arr.chunks[1])
                 for r0 in range(0, h, step):
                     self._strip(k, r0, read_rows(self.store, k, r0, min(r0 + step, h), arr))
                 self._put((k, None, None))
@@ -691,7 +692,8 @@ def _raw_planes(store: ImageStore, path: str, progress: bool) -> None:
     """Level 0 as three planes (R, G, B) of H*W bytes each, copied chunk row by chunk row."""
     arr = store.level(0)
     _, h, w = arr.shape
-    step = int(arr.chunks[1])
+    shards = getattr(arr, "shards", None)  # whole stored objects per read: no range requests
+    step = int(shards[1]) if shards else int(arr.chunks[1])
     bar = _bar(progress, h * w, "raw")
 
     def read(r: int) -> np.ndarray:

@@ -165,7 +165,7 @@ def test_render_kill_resume_assemble_view(cloud, tmp_path, render_ray, render_re
         text=True,
         timeout=600,
     )
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, done.stderr[-3000:] + done.stdout[-3000:]
     # the same job done locally: level 0 is the single-process truth, and every export byte matches
     local = tiny_job(str(tmp_path / "img.zarr"), height=512, width=768, tile=32, shard=2, seed=7)
     assert run_job(local, progress=False, log=lambda s: None)["status"] == "done"

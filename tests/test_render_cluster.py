@@ -203,7 +203,8 @@ def test_node_lost_mid_job_finishes_on_the_head(two_nodes, tmp_path, render_refe
     address, second_sid = two_nodes
     out = tmp_path / "lost.zarr"
     argv = [sys.executable, str(REPO / "render.py"), "render", "--checkpoint", "preset:tiny", "--seed", "9"]
-    argv += ["--size", "640x640", "--tile", "32", "--batch", "1", "--workers", "2", "--threads-per-worker", "1"]
+    argv += ["--size", "640x640", "--tile", "32", "--block", "1", "--batch", "1", "--workers", "2"]
+    argv += ["--threads-per-worker", "1"]  # block 1: tasks of one tile, so both nodes render early
     argv += ["--address", address, "--out", str(out), "--no-exports", "--quiet"]
     job = subprocess.Popen(argv, env=render_cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     markers = out / "tiles"

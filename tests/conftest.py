@@ -191,3 +191,58 @@ def azurite():
             "connection_string": f"DefaultEndpointsProtocol=http;AccountName={AZURITE_ACCOUNT};"
             f"AccountKey={AZURITE_KEY};BlobEndpoint=http://127.0.0.1:{port}/{AZURITE_ACCOUNT};"
         }
+
+
+# ----------------------------------------------------------------------------
+# Shared helpers of several test files
+# ----------------------------------------------------------------------------
+def wait_until(predicate, what: str, timeout: float = 60.0) -> None:
+    """Poll until ``predicate()`` holds (a wait for the system to get there, not a timing assertion)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+@contextlib.contextmanager
+def serving(source, host: str = "127.0.0.1", **kw):
+    """Serve a viewer ``source`` on a free port in a thread; yield the server (``.url``,
+    ``.server_address``); shut it down and release the source afterwards."""
+    import threading
+
+    from viewer.server import make_server
+
+    server = make_server(source, host, 0, **kw)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        server.close_source()
+
+
+def race_leases(make_lease, n: int = 4) -> list[object]:
+    """n leases acquired at the same instant from n threads: what each got (a record or StoreBusyError)."""
+    import threading
+
+    from renderer.lease import StoreBusyError
+
+    barrier = threading.Barrier(n)
+    got: list[object] = [None] * n
+
+    def one(i: int) -> None:
+        lease = make_lease()
+        barrier.wait()
+        try:
+            got[i] = lease.acquire(f"racer {i}")
+        except StoreBusyError as e:
+            got[i] = e
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return got

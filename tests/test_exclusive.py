@@ -8,12 +8,11 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
 import s3fs
-from conftest import REPO, free_port, render_cli_env, tiny_job
+from conftest import REPO, free_port, race_leases, render_cli_env, tiny_job
 
 from jobs.run import run_job
 from renderer import lease as lease_mod
@@ -27,31 +26,10 @@ def _s3_options(endpoint: str) -> dict:
     return {"key": "k", "secret": "s", "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"}}
 
 
-def _race(make_lease, n: int = 4) -> list[object]:
-    """n leases acquired at the same instant from n threads: what each got."""
-    barrier = threading.Barrier(n)
-    got: list[object] = [None] * n
-
-    def one(i: int) -> None:
-        lease = make_lease()
-        barrier.wait()
-        try:
-            got[i] = lease.acquire(f"racer {i}")
-        except StoreBusyError as e:
-            got[i] = e
-
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return got
-
-
 def test_lease_race_local_has_one_winner(tmp_path):
     for attempt in range(5):
         url = str(tmp_path / f"race{attempt}.zarr")
-        got = _race(lambda url=url: store_lease(url))
+        got = race_leases(lambda url=url: store_lease(url))
         winners = [g for g in got if not isinstance(g, StoreBusyError)]
         assert len(winners) == 1, got
         assert all("another process" in str(g) for g in got if isinstance(g, StoreBusyError))
@@ -62,7 +40,7 @@ def test_lease_race_s3_has_one_winner(moto_s3):
     s3fs.S3FileSystem(key="k", secret="s", client_kwargs={"endpoint_url": moto_s3}).mkdir("leases")
     for attempt in range(3):
         url = f"s3://leases/race{attempt}.zarr"
-        got = _race(lambda url=url: store_lease(url, options))
+        got = race_leases(lambda url=url: store_lease(url, options))
         winners = [g for g in got if not isinstance(g, StoreBusyError)]
         assert len(winners) == 1, got
 

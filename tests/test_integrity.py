@@ -3,7 +3,6 @@ a corrupt chunk with a clear 500, and broken (NaN) weights fail a tile instead o
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import http.client
 import io
@@ -16,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from conftest import tiny_job
+from conftest import serving, tiny_job
 from PIL import Image
 
 import creps
@@ -28,7 +27,6 @@ from jobs.verify import spec_of_store
 from renderer.errors import RendererError
 from renderer.store import open_store
 from renderer.verify import verify_store
-from viewer.server import make_server
 from viewer.tiles import StoreTiles, max_level, tile_bounds
 
 SIDE, TILE = 128, 32  # 4 x 4 = 16 tiles
@@ -199,18 +197,6 @@ def test_verify_bad_input_exits_2_with_one_line(tmp_path, capsys, argv, message)
 
 
 # ---------------------------------------------------------------- 2. the viewer over a corrupt chunk
-@contextlib.contextmanager
-def _serving(source):
-    server = make_server(source, "127.0.0.1", 0)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield server.server_address[:2]
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
 def _get(addr, path):
     conn = http.client.HTTPConnection(*addr, timeout=30)
     try:
@@ -221,7 +207,7 @@ def _get(addr, path):
         conn.close()
 
 
-def test_viewer_answers_a_corrupt_chunk_with_500_and_keeps_serving(tmp_path, capsys):
+def test_viewer_answers_a_corrupt_chunk_with_500_and_keepsserving(tmp_path, capsys):
     h, w, chunk = 300, 400, 128
     url = str(tmp_path / "v.zarr")
     store = open_store(url, mode="w")
@@ -230,7 +216,8 @@ def test_viewer_answers_a_corrupt_chunk_with_500_and_keeps_serving(tmp_path, cap
     store.write_region(0, 0, 0, img)
     _chunk(url, 0, 0).write_bytes(b"\x00garbage" * 40)
     top = max_level(w, h)
-    with _serving(StoreTiles(url, fmt="png")) as addr:
+    with serving(StoreTiles(url, fmt="png")) as server:
+        addr = server.server_address[:2]
         capsys.readouterr()
         for _ in range(2):  # not cached, not fatal: the same answer again
             status, hdr, body = _get(addr, f"/image_files/{top}/0_0.png")

@@ -18,7 +18,7 @@ import urllib.request
 import fsspec
 import numpy as np
 import pytest
-from conftest import REPO, free_port, render_cli_env, tiny_job, wait_port
+from conftest import REPO, free_port, race_leases, render_cli_env, tiny_job, wait_port
 
 from jobs.assemble import assemble
 from jobs.run import run_job
@@ -43,28 +43,6 @@ def cloud(request) -> tuple[str, dict]:
     return f"{scheme}://{bucket}", options
 
 
-def _race(make_lease, n: int = 4) -> list[object]:
-    import threading
-
-    barrier = threading.Barrier(n)
-    got: list[object] = [None] * n
-
-    def one(i: int) -> None:
-        lease = make_lease()
-        barrier.wait()
-        try:
-            got[i] = lease.acquire(f"racer {i}")
-        except StoreBusyError as e:
-            got[i] = e
-
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return got
-
-
 def test_exclusive_create_and_lease_race_have_one_winner(cloud):
     prefix, options = cloud
     fs, root = fsio.filesystem(f"{prefix}/x", options)
@@ -73,7 +51,7 @@ def test_exclusive_create_and_lease_race_have_one_winner(cloud):
     assert fs.cat_file(f"{root}/once.json") == b"1"  # the loser did not overwrite
     for attempt in range(3):
         url = f"{prefix}/race{attempt}.zarr"
-        got = _race(lambda url=url: store_lease(url, options))
+        got = race_leases(lambda url=url: store_lease(url, options))
         winners = [g for g in got if not isinstance(g, StoreBusyError)]
         assert len(winners) == 1, got
         assert all("another process" in str(g) for g in got if isinstance(g, StoreBusyError))

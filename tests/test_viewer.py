@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import http.client
 import io
 import json
@@ -10,13 +9,13 @@ import os
 import socket
 import subprocess
 import sys
-import threading
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import serving
 from PIL import Image
 
 from renderer.store import open_store
@@ -29,19 +28,6 @@ H, W, CHUNK = 500, 700, 128
 
 
 # ---------------------------------------------------------------- helpers
-@contextlib.contextmanager
-def serving(source, **kw):
-    """Run the viewer on a free 127.0.0.1 port in a thread; yield (host, port)."""
-    server = make_server(source, "127.0.0.1", 0, **kw)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield server.server_address[:2]
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
 def get(addr, path, method="GET", headers=None):
     """(status, headers, body) of one request; path is sent exactly as given (not normalised)."""
     conn = http.client.HTTPConnection(*addr, timeout=30)
@@ -119,7 +105,8 @@ def store_url(tmp_path_factory, image) -> str:
 
 @pytest.fixture(scope="module")
 def png_server(store_url):
-    with serving(StoreTiles(store_url, fmt="png")) as addr:
+    with serving(StoreTiles(store_url, fmt="png")) as server:
+        addr = server.server_address[:2]
         yield addr
 
 
@@ -250,7 +237,8 @@ def test_levels_of_a_built_pyramid_are_served(tmp_path, image):
 def test_jpeg_tiles_match_loosely(tmp_path):
     y, x = np.mgrid[0:H, 0:W]
     img = np.stack([x * 255 // (W - 1), y * 255 // (H - 1), (x + y) * 255 // (W + H)]).astype(np.uint8)
-    with serving(StoreTiles(make_store(tmp_path / "j.zarr", img), fmt="jpeg", quality=90)) as addr:
+    with serving(StoreTiles(make_store(tmp_path / "j.zarr", img), fmt="jpeg", quality=90)) as server:
+        addr = server.server_address[:2]
         top = max_level(W, H)
         status, hdr, body = get(addr, f"/image_files/{top}/1_1.jpeg")
         assert status == 200 and hdr["Content-Type"] == "image/jpeg"
@@ -278,7 +266,8 @@ def test_tiles_refresh_while_a_render_progresses(tmp_path):
     """Unwritten chunks read as black; once new pixels and a marker land, the same tile shows them."""
     url = make_store(tmp_path / "live.zarr", None, {"tiles_total": 2})
     src = StoreTiles(url, fmt="png", refresh_s=0.0)
-    with serving(src) as addr:
+    with serving(src) as server:
+        addr = server.server_address[:2]
         top = max_level(W, H)
         info0 = json.loads(get(addr, "/api/info")[2])
         assert (decode(get(addr, f"/image_files/{top}/0_0.png")[2]) == 0).all()
@@ -413,7 +402,8 @@ def dzi_dir(tmp_path_factory, image) -> Path:
 
 def test_exported_dzi_is_served(dzi_dir):
     src = open_source(str(dzi_dir / "out.dzi"))
-    with serving(src) as addr:
+    with serving(src) as server:
+        addr = server.server_address[:2]
         info = json.loads(get(addr, "/api/info")[2])
         assert info["mode"] == "dzi" and info["tile_source"] == "/dzi/out.dzi"
         assert (info["width"], info["height"]) == (W, H)
@@ -493,7 +483,8 @@ def test_store_on_s3_is_served(s3_options, image):
     s.write_region(0, 0, 0, image)
     s.update_meta(tiles_total=3, spec={"seed": 5})
     s.mark_done("r0_c0", {})
-    with serving(open_source(url, s3_options, fmt="png")) as addr:
+    with serving(open_source(url, s3_options, fmt="png")) as server:
+        addr = server.server_address[:2]
         info = json.loads(get(addr, "/api/info")[2])
         assert (info["width"], info["tiles_done"], info["tiles_total"], info["seed"]) == (W, 1, 3, 5)
         top = max_level(W, H)

@@ -7,11 +7,11 @@ import io
 import os
 import re
 import threading
-import time
 
 import numpy as np
 import pytest
 import torch
+from conftest import serving, wait_until
 from PIL import Image
 
 import creps
@@ -41,17 +41,6 @@ CANVAS_STATS = """() => {
   const mean = sum / n;
   return {lit: lit / n, std: Math.sqrt(sum2 / n - mean * mean), w: c.width, h: c.height};
 }"""
-
-
-@contextlib.contextmanager
-def serving(source):
-    server = make_server(source, "127.0.0.1", 0)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield server.url
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +83,8 @@ def test_page_draws_tiles_and_zoom_requests_deeper_levels(browser, tmp_path):
     s.update_meta(spec={"seed": 1234, "psi": 0.5, "checkpoint": "tiny"}, tiles_total=4)
     for i in range(4):
         s.mark_done(f"r0_c{i}", {})
-    with serving(open_source(url)) as base:
+    with serving(open_source(url)) as server:
+        base = server.url
         page, requests, errors = open_page(browser, base)
         stats = page.evaluate(CANVAS_STATS)
         assert stats["lit"] > 0.5 and stats["std"] > 10, stats
@@ -125,7 +115,8 @@ def test_page_refreshes_while_render_progresses(browser, tmp_path):
     s.update_meta(tiles_total=4)
     s.write_region(0, 0, 0, np.full((3, 256, 512), 180, np.uint8))
     s.mark_tiles(0, 2, [])  # the top row of tiles
-    with serving(open_source(url)) as base:
+    with serving(open_source(url)) as server:
+        base = server.url
         page, requests, errors = open_page(browser, base)
         lit0 = page.evaluate(CANVAS_STATS)["lit"]
         s.write_region(0, 256, 0, np.full((3, 256, 512), 90, np.uint8))
@@ -147,7 +138,8 @@ def test_exported_dzi_draws(browser, tmp_path):
     pyvips.Image.new_from_memory(rgb.tobytes(), 800, 600, 3, "uchar").dzsave(
         str(tmp_path / "out"), tile_size=254, overlap=1, suffix=".jpeg[Q=90]"
     )
-    with serving(open_source(str(tmp_path / "out.dzi"))) as base:
+    with serving(open_source(str(tmp_path / "out.dzi"))) as server:
+        base = server.url
         page, requests, errors = open_page(browser, base)
         assert page.evaluate(CANVAS_STATS)["lit"] > 0.5
         assert any("/dzi/out_files/" in u for u in requests)
@@ -165,15 +157,6 @@ SETTLED = (
     "() => window.viewer && viewer.world.getItemCount() > 0 && viewer.world.getItemAt(0).getFullyLoaded()"
     " && window.creps.pending === 0 && !viewer.isAnimating()"
 )
-
-
-def wait_until(predicate, what: str, timeout: float = 60.0) -> None:
-    """Poll until ``predicate()`` holds (waiting for the server to get there; not a timing assertion)."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
 
 
 @contextlib.contextmanager

@@ -9,7 +9,6 @@ requests cost nothing, token access beyond loopback, and the CLI.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import http.client
 import io
 import json
@@ -17,13 +16,12 @@ import os
 import socket
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import serving, wait_until
 from PIL import Image
 
 import creps
@@ -31,7 +29,6 @@ from renderer.dzi import level_size, max_level, tile_bounds, tile_grid
 from viewer import cli
 from viewer.cache import TileCache
 from viewer.endless import EndlessTiles, open_endless
-from viewer.server import make_server
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLED = str(ROOT / "creps" / "weights" / "default.safetensors")
@@ -41,20 +38,6 @@ TOP = max_level(SIDE, SIDE)
 
 
 # ---------------------------------------------------------------- helpers
-@contextlib.contextmanager
-def serving(source, host: str = "127.0.0.1", **kw):
-    """Serve ``source`` on a free port in a thread; yield the server; close the source afterwards."""
-    server = make_server(source, host, 0, **kw)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield server
-    finally:
-        server.shutdown()
-        server.server_close()
-        server.close_source()
-
-
 def get(server, path: str, headers: dict | None = None) -> tuple[int, dict, bytes]:
     conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=120)
     try:
@@ -67,15 +50,6 @@ def get(server, path: str, headers: dict | None = None) -> tuple[int, dict, byte
 
 def decode(body: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(body)).convert("RGB")).transpose(2, 0, 1)
-
-
-def wait_until(predicate, what: str, timeout: float = 60.0) -> None:
-    """Poll until ``predicate()`` holds (a wait for the server to get there, not a timing assertion)."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
 
 
 def send_raw(server, path: str, source: str = "127.0.0.1") -> socket.socket:

@@ -577,7 +577,7 @@ def _export_levels(
 
 def band_pixels(level0: int, workers: int) -> int:
     """Pixels per export band: BAND_PIXELS, smaller when level 0 alone would not give every worker four bands."""
-    return max(1 << 20, min(BAND_PIXELS, level0 // (4 * max(1, workers))))
+    return max(1 << 16, min(BAND_PIXELS, level0 // (4 * max(1, workers))))
 
 
 def _finish_dzi(

@@ -24,7 +24,7 @@ from typing import Any, Protocol, TypeVar
 
 from creps.errors import UserError, first_line
 
-from .blocks import Source, level_bands, level_rows
+from .blocks import BAND_PIXELS, Source, level_bands, level_rows
 from .errors import RendererError
 from .pyramid import LevelPass, pyramid_plan, start_level_pass
 from .store import ImageStore
@@ -95,12 +95,14 @@ def build_levels(
     storage_options: dict | None = None,
     workers: int | None = None,
     force: bool = False,
+    band_pixels: int = BAND_PIXELS,
 ) -> int:
     """Build the pyramid levels that are missing (see the module docstring); return the level count.
 
     Nothing is done when the pyramid is complete (renderer.pyramid.pyramid_complete)
     unless ``force``. Without ``runner`` a dask graph per level runs on
-    ``workers`` threads (default: one per core); with one, a task per band.
+    ``workers`` threads (default: one per core); with one, a task per band
+    of about ``band_pixels`` output pixels (whole chunk rows).
     """
     lp = start_level_pass(store, force=force)
     if lp is None:
@@ -108,7 +110,7 @@ def build_levels(
     source = Source(store.url, storage_options)
     for k in range(lp.first, len(lp.shapes)):
         h, w = lp.shapes[k]
-        bands = level_bands(h, w, lp.chunk, start=lp.done[k])
+        bands = level_bands(h, w, lp.chunk, start=lp.done[k], pixels=band_pixels)
         try:
             if runner is None:
                 _dask_level(store, lp, k, bands, workers or os.cpu_count() or 2)

@@ -1,16 +1,18 @@
 """Exports of an image store: a pyramidal tiled TIFF and a DeepZoom (.dzi + .szi) pyramid.
 
-Both stream: nothing holds more than a few strips of chunk rows of one level.
-`write_exports` reads every level once (LevelStream: a reader thread, one
-small queue per consumer) and feeds the TIFF writer and the DeepZoom cutter
-side by side; `write_tiff` and `write_dzi` are the single-export forms.
+`write_exports` is block work (renderer.blocks, run by a renderer.scaleout
+``Runner``: local threads, or Ray tasks with renderer.cluster): first the
+pyramid levels that are missing (renderer.scaleout.build_levels), then every
+level in bands of rows, each band read once for both exports and holding a
+chunk row or two of its level at a time (docs/assemble.md); `write_tiff` and
+`write_dzi` are the single-export forms.
 
 - TIFF (renderer.tiff, tifffile): BigTIFF, tiled, RGB contig, level 0 as the
   main image and levels 1..n-1 as its SubIFDs, copied from the zarr levels (no
-  recomputation; the pyramid is built first unless it is complete, see
-  renderer.pyramid), OME-XML.
+  recomputation), OME-XML. The bands encode its tiles (the bytes tifffile
+  would make) and return them; one writer puts them in the file in order.
 - DeepZoom, engine "zarr" (renderer.dzi, the default): tiles cut from the zarr
-  levels and JPEG-encoded on a thread pool; the DeepZoom levels are our
+  levels, JPEG-encoded and written by the bands; the DeepZoom levels are our
   pyramid levels (tests: decoded tiles equal dzsave's).
 - DeepZoom, engine "vips" (pyvips ``dzsave``): level 0 is copied strip by
   strip into a planar raw file in a scratch folder, which libvips maps and
@@ -33,8 +35,10 @@ temporary files.
   once: the second would take the first one's files for debris.) A part not
   asked for this time (``.szi`` with ``szi=False``) is left as it was, with
   its own sidecar.
-- Remote (any fsspec URL): written locally in a temporary folder, uploaded to
-  temporary keys next to the target, then copied into place (folders first,
+- Remote (any fsspec URL): written locally in a temporary folder (the
+  DeepZoom tiles: by the bands, straight to the temporary keys, so tasks on
+  any node can write them), uploaded to temporary keys next to the target,
+  then copied into place (folders first,
   ``.dzi`` last) and the temporary keys removed; old DeepZoom tiles the new
   pyramid does not have are deleted only after the new ones are all in place.
   Object stores have no rename, so that final server-side copy is not atomic:

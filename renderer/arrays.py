@@ -49,13 +49,16 @@ def open_pyramid(url: str, storage_options: dict | None = None) -> list[Any]:
     return [level_array(store, k) for k in range(store.level_count())]
 
 
-def downsampled(store: ImageStore, k: int) -> Any:
-    """Level k+1 as a dask graph over stored level k: one ``downsample`` per 2x2 block of chunks.
+def halved(src: Any, chunk: int) -> Any:
+    """The next level of a (3, h, w) uint8 dask array as a graph: ``downsample`` per 2x2 block of
+    ``chunk`` chunks, so its blocks are ``chunk`` chunks (the last row / column of blocks may be
+    odd-sized above: downsample replicates the edge)."""
+    blocks = src.rechunk((3, 2 * chunk, 2 * chunk))
+    out_chunks = ((3,), tuple((n + 1) // 2 for n in blocks.chunks[1]), tuple((n + 1) // 2 for n in blocks.chunks[2]))
+    return blocks.map_blocks(downsample, chunks=out_chunks, dtype=np.uint8)
 
-    Output blocks are the chunks of level k+1 (the last row / column of
-    blocks may be odd-sized above: downsample replicates the edge).
-    """
+
+def downsampled(store: ImageStore, k: int) -> Any:
+    """Level k+1 as a dask graph over stored level k, read in blocks of 2x2 stored chunks (``halved``)."""
     chunk = int(store.level(k).chunks[1])
-    src = level_array(store, k, (3, 2 * chunk, 2 * chunk))
-    out_chunks = ((3,), tuple((n + 1) // 2 for n in src.chunks[1]), tuple((n + 1) // 2 for n in src.chunks[2]))
-    return src.map_blocks(downsample, chunks=out_chunks, dtype=np.uint8)
+    return halved(level_array(store, k, (3, 2 * chunk, 2 * chunk)), chunk)

@@ -6,22 +6,25 @@
 Both sides get the same pixels (a synthetic smooth-plus-noise RGB image, made
 once per size and cached in --dir as a raw interleaved file and a zarr store
 with 512 chunks), the same JPEG quality (90), 256 px TIFF tiles (JPEG,
-pyramid, SubIFDs) and 254/1 DeepZoom tiles, no .szi. Per size, in this order,
-each in its own process (its peak RSS is its own):
+pyramid, SubIFDs) and 254/1 DeepZoom tiles, no .szi. The store holds levels
+1..--render-levels as after a render whose workers write them (meta
+``render_levels`` set the same way; made once, untimed). Per size, in this
+order, each in its own process (its peak RSS is its own):
 
-- ``levels``: levels 1..--render-levels of the input store built from level 0
-  (our dask path), standing in for what the render writes with its tiles
-  (meta ``render_levels`` is set the same way), timed: the cost the render
-  takes on;
 - ``vips``: ``dzsave`` then ``tiffsave`` from the raw file;
 - ``ours``: `render.py assemble` of the store: the remaining levels, then
-  TIFF and DZI from one read of each level.
+  TIFF and DZI from one read of each level;
+- ``levels``: levels 1..--render-levels built again from level 0 (our dask
+  path, one read of level 0), timed: the cost the render takes on (an upper
+  bound: a render worker has its pixels in memory, this also decodes them).
 
-Outputs go to fresh folders and are deleted only at the end (deleting
-thousands of files just before a timed run makes ext4 create files slowly:
-docs/performance.md). Prints one line per side, then a JSON line last:
-per size ``vips_s``, ``ours_s``, ``speedup`` (vips / ours) and
-``speedup_with_levels`` (vips / (ours + levels)).
+Outputs go to fresh folders and are deleted only at the end, and no timed
+side runs right after a large delete: on ext4 a directory of recently deleted
+files makes creating files slow (docs/performance.md); ``file_create_ms``
+(an empty file created in --dir, before the sizes) says what the run met.
+Prints one line per side, then a JSON line last: per size ``vips_s``,
+``ours_s``, ``speedup`` (vips / ours) and ``speedup_with_levels``
+(vips / (ours + levels)).
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ from typing import Any
 import numpy as np
 
 DEFAULT_DIR = "/var/tmp/creps-bench-exports"
-SIDES = ("levels", "vips", "ours")
+SIDES = ("vips", "ours", "levels")
 
 
 def synthetic_strip(r0: int, r1: int, width: int, seed: int = 0) -> np.ndarray:
@@ -171,11 +174,15 @@ def _child(side: str, folder: str, size: int, height: int | None, out: str, leve
 def bench_size(folder: str, size: int, height: int, sides: tuple[str, ...], levels: int, outs: list[str]) -> dict:
     _, url = make_inputs(folder, size, height=height or None, raw_file="vips" in sides)
     results: dict = {"size": size, "height": height or size}
-    if "levels" not in sides:  # the store must still hold levels 1..L, as after a render
-        _reset_store(url, 0)
+    from renderer.pyramid import pyramid_plan, render_levels
+    from renderer.store import open_store
+
+    store = open_store(url, mode="r")
+    if render_levels(store) != levels or store.level_count() <= min(levels, len(pyramid_plan(store)) - 1):
+        _reset_store(url, 0)  # the store must hold levels 1..L, as after a render
         run_levels(url, levels)
     for side in sides:
-        _reset_store(url, 0 if side == "levels" else levels)
+        _reset_store(url, levels)
         out = os.path.join(folder, f"out-{uuid.uuid4().hex[:8]}")
         os.makedirs(out)
         outs.append(out)
@@ -199,6 +206,18 @@ def bench_size(folder: str, size: int, height: int, sides: tuple[str, ...], leve
     return results
 
 
+def file_create_ms(folder: str, outs: list[str], n: int = 200) -> float:
+    """Milliseconds to create one empty file in a fresh folder under ``folder`` (what tile writing meets)."""
+    probe = os.path.join(folder, f"out-probe-{uuid.uuid4().hex[:8]}")
+    os.makedirs(probe)
+    outs.append(probe)
+    t = time.perf_counter()
+    for i in range(n):
+        with open(os.path.join(probe, f"{i}.jpg"), "wb"):
+            pass
+    return (time.perf_counter() - t) / n * 1e3
+
+
 def bench(
     sizes: tuple[int, ...] = (16384, 32768),
     folder: str = DEFAULT_DIR,
@@ -207,13 +226,21 @@ def bench(
     levels: int = 2,
 ) -> dict:
     outs: list[str] = []
+    os.makedirs(folder, exist_ok=True)
     load = os.getloadavg()
     try:
+        create_ms = file_create_ms(folder, outs)
         runs = [bench_size(folder, size, height, sides, levels, outs) for size in sizes]
     finally:
         for out in outs:
             shutil.rmtree(out, ignore_errors=True)
-    return {"runs": runs, "cpus": os.cpu_count(), "render_levels": levels, "load_avg": [round(v, 2) for v in load]}
+    return {
+        "runs": runs,
+        "cpus": os.cpu_count(),
+        "render_levels": levels,
+        "load_avg": [round(v, 2) for v in load],
+        "file_create_ms": round(create_ms, 3),
+    }
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -74,8 +74,8 @@ class DziTiles:
 
 
 class TileSink:
-    """Writes tile files under a folder: local files on this process's one file-writer thread, remote
-    ones a tile row per request batch.
+    """Writes tile files under a folder, a tile row at a time (``flush``): local files on this
+    process's one file-writer thread, remote ones as one batch of concurrent uploads.
 
     One thread creates the local files because creating files in one
     directory is serial in the kernel anyway (the directory lock), and
@@ -84,7 +84,7 @@ class TileSink:
     and raises the first error.
     """
 
-    MAX_PENDING = 512  # files queued for the writer thread by one sink (memory bound: ~30 kB each)
+    MAX_ROWS = 8  # tile rows queued for the writer thread by one sink (memory: a row is ~2 MB of JPEG)
 
     def __init__(self, folder: str, storage_options: dict | None = None) -> None:
         self.local = is_local(folder)
@@ -103,16 +103,20 @@ class TileSink:
             if sub not in self.made:
                 os.makedirs(os.path.join(self.root, sub), exist_ok=True)
                 self.made.add(sub)
-            self.writes.append(_file_writer().submit(_write_file, os.path.join(self.root, *rel.split("/")), data))
-            if len(self.writes) > self.MAX_PENDING:
-                self._wait(len(self.writes) // 2)
+            self.pending[os.path.join(self.root, *rel.split("/"))] = data
         else:
             self.pending[f"{self.root}/{rel}"] = data
 
     def flush(self) -> None:
-        if self.pending:
-            self.fs.pipe(self.pending)  # concurrent uploads of one tile row
-            self.pending = {}
+        if not self.pending:
+            return
+        if self.local:
+            self.writes.append(_file_writer().submit(_write_files, self.pending))
+            if len(self.writes) > self.MAX_ROWS:
+                self._wait(len(self.writes) - self.MAX_ROWS)
+        else:
+            self.fs.pipe(self.pending)  # concurrent uploads
+        self.pending = {}
 
     def close(self) -> None:
         self.flush()
@@ -124,9 +128,10 @@ class TileSink:
             f.result()
 
 
-def _write_file(path: str, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
+def _write_files(files: dict[str, bytes]) -> None:
+    for path, data in files.items():
+        with open(path, "wb") as f:
+            f.write(data)
 
 
 _WRITER: list[ThreadPoolExecutor] = []

@@ -118,3 +118,41 @@ def test_export_bands_cover_every_row_once():
         assert all(b.a % 256 == 0 and b.a % chunk == 0 for b in bands)
         rows = [r for b in bands for r in range(*b.dzi_rows)]
         assert rows == list(range(-(-h // 254)))
+
+
+class _FailingRunner(ThreadRunner):
+    """Local threads that fail the ``fail_at``-th task submitted (a node lost mid-pass, say)."""
+
+    def __init__(self, fail_at: int) -> None:
+        super().__init__(1)
+        self.calls, self.fail_at = 0, fail_at
+
+    def submit(self, fn, *args):
+        self.calls += 1
+        if self.calls == self.fail_at:
+            return super().submit(_boom)
+        return super().submit(fn, *args)
+
+
+def _boom():
+    raise OSError("lost")
+
+
+def test_a_stopped_pass_resumes_from_its_recorded_rows(tmp_path):
+    """Each finished band advances its level's prefix in the progress record; the next pass starts
+    there (the finished chunk rows are not written again) and ends with the reference pyramid."""
+    from renderer.errors import RendererError
+
+    img = _image(700, 300, seed=3)
+    store = _store(str(tmp_path / "s.zarr"), img, 32)
+    runner = _FailingRunner(fail_at=4)  # level 1 has 11 bands of one chunk row: the 4th fails
+    with pytest.raises(RendererError, match="cannot build pyramid level 1 .*lost"):
+        build_levels(store, runner, band_pixels=1)
+    runner.close()
+    assert store.pyramid_progress()["rows"]["1"] == 96 and not pyramid_complete(store)
+    first = tmp_path / "s.zarr" / "1" / "c" / "0" / "0" / "0"
+    stamp = os.stat(first).st_mtime_ns
+    build_levels(store, workers=2)
+    assert pyramid_complete(store) and os.stat(first).st_mtime_ns == stamp
+    for k, r in enumerate(reference_pyramid(img, 32)):
+        np.testing.assert_array_equal(store.read_region(k, 0, r.shape[1], 0, r.shape[2]), r, err_msg=f"level {k}")

@@ -67,7 +67,7 @@ import time
 import uuid
 import zipfile
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from importlib import metadata
 from typing import Any
@@ -76,12 +76,23 @@ import numpy as np
 
 from creps.errors import UserError, first_line
 
-from .blocks import BAND_PIXELS, Band, DziTiles, Source, TiffTiles, export_band, export_bands, hwc, small_dzi_levels
+from .blocks import (
+    BAND_PIXELS,
+    Band,
+    BandResult,
+    DziTiles,
+    Source,
+    TiffTiles,
+    export_band,
+    export_bands,
+    hwc,
+    small_dzi_levels,
+)
 from .dzi import dzi_xml, max_level
 from .errors import RendererError
 from .fsio import atomic_local_write, filesystem, fresh_ls, is_local, local_path, write_bytes
-from .pyramid import RULE, pyramid_current, pyramid_plan, read_rows, source_state
-from .scaleout import Runner, ThreadRunner, build_levels, in_order
+from .pyramid import RULE, pyramid_current, pyramid_plan, read_rows, source_state, start_level_pass
+from .scaleout import Runner, ThreadRunner, in_order, run_level_pass
 from .store import ImageStore
 from .tiff import COMPRESSIONS, TIFF_TILES, write_levels
 
@@ -468,8 +479,9 @@ def write_exports(
 ) -> None:
     """The TIFF and/or the DeepZoom pyramid (zarr engine), as block work on ``runner``.
 
-    First the pyramid levels that are missing (renderer.scaleout.build_levels;
-    nothing when the pyramid is current, renderer.pyramid.pyramid_current), then every level in bands
+    The pyramid levels that are missing (renderer.scaleout.run_level_pass;
+    nothing when the pyramid is current, renderer.pyramid.pyramid_current) are
+    built beside the bands of the levels already there; then every level in bands
     (renderer.blocks.export_band), each band read once for both exports: its
     TIFF tiles come back encoded and go to the one TIFF writer in order, its
     DeepZoom tiles are written by the band itself (straight to the staged
@@ -487,13 +499,17 @@ def write_exports(
             check_target(target, storage_options)
     if not tiff and not dzi:
         return
-    if not pyramid_current(store):  # a partial pyramid that is current was just built (jobs.assemble)
-        build_levels(store, runner, storage_options, workers)
+    # the missing levels are built beside the bands of the levels already there (L = 0: level 0's bands)
+    levels = None if pyramid_current(store) else start_level_pass(store)
+    ready = levels.first if levels is not None else len(pyramid_plan(store))
     run = runner or ThreadRunner(workers)
     try:
-        _export_levels(
-            store, tiff, dzi, tiff_tile, compression, quality, szi, dzi_tile, overlap, storage_options, run, progress
-        )
+        with ThreadPoolExecutor(1, thread_name_prefix="levels") as background:  # waits for the pass to end
+            built = background.submit(run_level_pass, levels, runner, storage_options, workers) if levels else None
+            _export_levels(
+                store, tiff, dzi, tiff_tile, compression, quality, szi, dzi_tile, overlap, storage_options, run,
+                progress, ready, built,
+            )  # fmt: skip
     finally:
         if runner is None:
             run.close()
@@ -512,7 +528,10 @@ def _export_levels(
     storage_options: dict | None,
     runner: Runner,
     progress: bool,
+    ready: int,
+    built: Future | None,
 ) -> None:
+    """Export every level in bands; levels from ``ready`` on wait for ``built`` (the level pass) first."""
     shapes = pyramid_plan(store)
     height, width = shapes[0]
     chunk = int(store.level(0).chunks[1])
@@ -527,8 +546,15 @@ def _export_levels(
         pixels = band_pixels(height * width, runner.workers)
         levels = [export_bands(h, w, k, top - k, chunk, tiff_spec, dzi_spec, pixels) for k, (h, w) in enumerate(shapes)]
         source = Source(store.url, storage_options)
-        calls = [(export_band, (source, band, tiff_spec, dzi_spec)) for bands in levels for band in bands]
-        results = in_order(runner, calls, ahead=2 * runner.workers)
+
+        def calls() -> Iterator[tuple[Callable[..., BandResult], tuple]]:
+            for k, bands in enumerate(levels):
+                if k == ready and built is not None:
+                    built.result()  # the levels are written (or the pass failed: its error)
+                for band in bands:
+                    yield export_band, (source, band, tiff_spec, dzi_spec)
+
+        results = in_order(runner, calls(), ahead=2 * runner.workers)
         bar = _bar(progress, sum(h * w for h, w in shapes), "exports")
         written: list[str] = []
 

@@ -107,6 +107,19 @@ def build_levels(
     lp = start_level_pass(store, force=force)
     if lp is None:
         return len(pyramid_plan(store))
+    return run_level_pass(lp, runner, storage_options, workers, band_pixels)
+
+
+def run_level_pass(
+    lp: LevelPass,
+    runner: Runner | None = None,
+    storage_options: dict | None = None,
+    workers: int | None = None,
+    band_pixels: int = BAND_PIXELS,
+) -> int:
+    """Build levels ``lp.first``.. of a started pass (``build_levels``; the exports run it beside
+    their bands of the levels already there); return the level count."""
+    store = lp.store
     source = Source(store.url, storage_options)
     for k in range(lp.first, len(lp.shapes)):
         h, w = lp.shapes[k]

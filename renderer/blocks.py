@@ -224,15 +224,19 @@ class _Rows:
         self.parts.append(rows)
         self.end += rows.shape[0]
 
-    def take(self, y0: int, y1: int) -> np.ndarray:
-        """Rows [y0, y1): a view when they lie in one piece, else one copy of just those rows."""
+    def take(self, y0: int, y1: int) -> Callable[[int, int], np.ndarray]:
+        """Rows [y0, y1) as ``cols(x0, x1)``: a view when they lie in one piece, else one copy of
+        just those columns (never a copy of whole rows: at 32768 px a tile row is 25 MB)."""
         pieces, s = [], self.start
         for p in self.parts:
             e = s + p.shape[0]
             if e > y0 and s < y1:
                 pieces.append(p[max(y0 - s, 0) : min(y1, e) - s])
             s = e
-        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces, axis=0)
+        if len(pieces) == 1:
+            one = pieces[0]
+            return lambda x0, x1: one[:, x0:x1]
+        return lambda x0, x1: np.concatenate([p[:, x0:x1] for p in pieces], axis=0)
 
     def drop_before(self, y: int) -> None:
         while self.parts and self.start + self.parts[0].shape[0] <= y:
@@ -301,17 +305,17 @@ def export_band(source: Source, band: Band, tiff: TiffTiles | None, dzi: DziTile
     for strip in band_strips(store, band.level, band.a, max(band.b if tiff else band.a, dzi_end)):
         rows.append(strip)
         while encode is not None and tiff and t_next < band.b and rows.end >= min(t_next + tiff.tile, h):
-            px = rows.take(t_next, min(t_next + tiff.tile, h))
-            result.tiff.extend(encode(px[:, c : c + tiff.tile]) for c in range(0, w, tiff.tile))
+            cols = rows.take(t_next, min(t_next + tiff.tile, h))
+            result.tiff.extend(encode(cols(c, c + tiff.tile)) for c in range(0, w, tiff.tile))
             t_next += tiff.tile
         while dzi and sink is not None and d_next < last:
             y0, y1 = span(d_next, h, ts, dzi.overlap)
             if rows.end < y1:
                 break
-            px = rows.take(y0, y1)
+            cols = rows.take(y0, y1)
             for c, (x0, x1) in enumerate(xspans):
                 rel = f"{band.dzi_level}/{c}_{d_next}.jpg"
-                sink.put(rel, encode_tile(px[:, x0:x1], dzi.quality))
+                sink.put(rel, encode_tile(cols(x0, x1), dzi.quality))
                 result.dzi.append(rel)
             sink.flush()
             d_next += 1

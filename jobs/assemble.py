@@ -184,7 +184,7 @@ def _assemble(
     # the zarr engine's exports build the missing levels beside their bands of the levels already there
     fused = dzi_engine == "zarr" and bool(tiff or dzi)
     t = time.perf_counter()
-    if not fused and (not skip_pyramid or tiff or dzi):  # exports need every level
+    if not fused and (not skip_pyramid or tiff):  # the TIFF needs every level (vips dzsave reads level 0)
         build_levels(store, runner, storage_options, workers)
     times["pyramid"] = time.perf_counter() - t
 

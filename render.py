@@ -6,6 +6,7 @@
   render.py assemble URL         pyramid, pyramidal TIFF and DeepZoom from a store
   render.py view URL_OR_DZI      serve an OpenSeadragon viewer on 127.0.0.1
   render.py bench                machine peak and renderer throughput
+  render.py bench-assemble       assemble (pyramid, TIFF, DeepZoom) against libvips, 16384^2 and 32768^2
   render.py convert PKL OUT      official CREPS pickle -> our safetensors format
   render.py compare --scale 4    Lanczos upsampling next to CREPS at the higher scale (a labelled PNG)
   render.py video SRC --zoom ... an H.264 zoom (store pyramid or checkpoint) or latent-interpolation video
@@ -28,6 +29,7 @@ SUBCOMMANDS = {
     "assemble": ("jobs.assemble", "build pyramid levels, a pyramidal TIFF and a DeepZoom pyramid from a store"),
     "view": ("viewer.cli", "serve an OpenSeadragon viewer for a store or a .dzi on 127.0.0.1"),
     "bench": ("jobs.bench", "measure matmul peak and renderer throughput; last line is JSON"),
+    "bench-assemble": ("jobs.bench_exports", "pyramid + TIFF + DeepZoom (ours) against vips; last line is JSON"),
     "convert": ("creps.convert", "convert an official CREPS .pkl to our safetensors + JSON format"),
     "compare": ("jobs.compare", "Lanczos upsampling of the R render next to CREPS rendered at a higher scale"),
     "video": ("jobs.video", "H.264 zoom from the whole image to a deep point, or a latent interpolation"),

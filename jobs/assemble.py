@@ -2,11 +2,16 @@
 
   render.py assemble out/img.zarr --tiff out/img.tif --dzi out/img
   render.py assemble s3://bucket/img.zarr --storage-options '{"anon": false}' --tiff s3://bucket/img.tif
+  render.py assemble out/img.zarr --dzi out/img --address 10.0.0.5:6379     (block work on a Ray cluster)
 
-The pyramid is built (or finished, if a previous run stopped) unless
---skip-pyramid; then the requested exports, both fed from one read of each
-pyramid level (DeepZoom tiles are cut from the zarr levels; --dzi-engine vips
-runs libvips dzsave instead, side by side with the TIFF). Re-running is safe.
+The pyramid levels that are missing are built (or finished, if a previous run
+stopped) unless --skip-pyramid -- only levels coarser than those the render
+wrote with its tiles (renderer.pyramid.render_levels) -- then the requested
+exports, both fed from one read of each pyramid level in bands (DeepZoom tiles
+are cut from the zarr levels; --dzi-engine vips runs libvips dzsave instead,
+side by side with the TIFF). All of it is block work (renderer.blocks): on
+--workers local threads (dask for the levels), or, with --address, as Ray
+tasks on that cluster (docs/assemble.md). Re-running is safe.
 
 An unfinished store (fewer level-0 tiles done than the job has) is refused
 with one line and exit code 2, before anything is written: finish the render,
@@ -34,7 +39,8 @@ from creps.cli import command
 from renderer.errors import IncompleteStoreError, RendererError
 from renderer.exports import COMPRESSIONS, DZI_ENGINES, TIFF_TILES, check_target, write_dzi, write_exports, write_tiff
 from renderer.fsio import parse_storage_options
-from renderer.pyramid import build_pyramid, pyramid_complete, source_state
+from renderer.pyramid import source_state
+from renderer.scaleout import Runner, build_levels
 from renderer.store import open_store, store_lease
 
 from . import JobSpecError
@@ -68,7 +74,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="do not build pyramid levels (the TIFF still needs them and builds them if missing)",
     )
-    g.add_argument("--workers", type=int, default=None, help="threads for reads/writes/encoding")
+    g = parser.add_argument_group("where the block work runs")
+    g.add_argument(
+        "--address",
+        default=None,
+        metavar="ADDR",
+        help="run the pyramid levels and export bands as Ray tasks on this cluster (host:port or auto); "
+        "default: local threads",
+    )
+    g.add_argument(
+        "--workers", type=int, default=None, help="local threads, or Ray tasks at once (default: cores / cluster CPUs)"
+    )
     g.add_argument(
         "--partial",
         action="store_true",
@@ -91,15 +107,15 @@ def assemble(
     progress: bool = False,
     partial: bool = False,
     log: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
+    address: str | None = None,
 ) -> dict:
-    """Build the pyramid (unless skipped) and the requested exports; return seconds per stage.
+    """Build the missing pyramid levels (unless skipped) and the requested exports; return seconds per stage.
 
-    With the zarr DeepZoom engine, or with a TIFF, the pyramid is built inside
-    the exports' pass (level 0 is decoded once for pyramid, TIFF and DeepZoom);
-    exports always need the pyramid, so --skip-pyramid only matters without
+    Exports always need the pyramid, so --skip-pyramid only matters without
     exports. An unfinished store raises ``IncompleteStoreError`` (exit code 2,
     nothing done) unless ``partial``; then everything is built from the tiles
-    there are and ``log`` says so.
+    there are and ``log`` says so. With ``address`` the block work runs as
+    Ray tasks on that cluster (joined before anything is written).
     """
     if not 1 <= quality <= 100:
         raise RendererError(f"--quality must be 1..100, got {quality}")
@@ -107,13 +123,31 @@ def assemble(
         if target:
             check_target(target, storage_options)
     open_store(url, storage_options, mode="r").level(0)  # one clear error when the store or level 0 is missing
-    lease = store_lease(url, storage_options)
-    lease.acquire("assemble")  # one writer at a time: not while a render or another assemble runs
-    with lease:
-        return _assemble(
-            url, tiff, dzi, storage_options, tiff_tile, compression, quality, szi, dzi_engine, skip_pyramid,
-            workers, progress, partial, log,
-        )  # fmt: skip
+    runner = _cluster(address, workers) if address else None
+    try:
+        lease = store_lease(url, storage_options)
+        lease.acquire("assemble")  # one writer at a time: not while a render or another assemble runs
+        with lease:
+            return _assemble(
+                url, tiff, dzi, storage_options, tiff_tile, compression, quality, szi, dzi_engine, skip_pyramid,
+                workers, progress, partial, log, runner,
+            )  # fmt: skip
+    finally:
+        if runner is not None:
+            runner.close()
+
+
+def _cluster(address: str, workers: int | None) -> Runner:
+    """Join the Ray cluster at ``address`` (Ray is imported only here, for this path)."""
+    from renderer.cluster import RayRunner
+
+    from .run import probe_address
+
+    probe_address(address)
+    try:
+        return RayRunner(address, workers)
+    except RendererError as e:
+        raise JobSpecError(str(e)) from None
 
 
 def _assemble(
@@ -131,6 +165,7 @@ def _assemble(
     progress: bool,
     partial: bool,
     log: Callable[[str], None],
+    runner: Runner | None,
 ) -> dict:
     store = open_store(url, storage_options, mode="a")
     source = source_state(store)
@@ -146,11 +181,11 @@ def _assemble(
             "re-run assemble once the render is finished"
         )
     times: dict[str, float] = {}
-    # the exports' reader builds the pyramid in its pass (the vips engine reads level 0 by itself)
-    fused = bool(tiff) or (dzi_engine == "zarr" and bool(dzi))
+    # the zarr engine's exports build the missing levels beside their bands of the levels already there
+    fused = dzi_engine == "zarr" and bool(tiff or dzi)
     t = time.perf_counter()
-    if not skip_pyramid and not fused and not pyramid_complete(store):
-        build_pyramid(store, workers=workers, progress=progress)
+    if not fused and (not skip_pyramid or tiff):  # the TIFF needs every level (vips dzsave reads level 0)
+        build_levels(store, runner, storage_options, workers)
     times["pyramid"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -166,6 +201,7 @@ def _assemble(
             storage_options=storage_options,
             workers=workers,
             progress=progress,
+            runner=runner,
         )
     else:
         jobs = []
@@ -180,6 +216,7 @@ def _assemble(
                     storage_options=storage_options,
                     workers=workers,
                     progress=progress,
+                    runner=runner,
                 )
             )
         if dzi:
@@ -220,6 +257,7 @@ def run(args: argparse.Namespace) -> int:
         progress=True,
         partial=args.partial,
         log=print,
+        address=args.address,
     )
     print("assembled: " + ", ".join(f"{k} {v:.1f} s" for k, v in times.items()))
     if args.dzi:

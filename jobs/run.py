@@ -697,3 +697,8 @@ def _label(plan: TilePlan, start: int, stop: int) -> str:
 def _options(spec: JobSpec) -> dict:
     """A private copy: botocore rewrites nested config dicts it is given."""
     return copy.deepcopy(spec.storage_options)
+
+
+def probe_address(address: str) -> None:
+    """Fail in seconds, with one line, when nothing listens at a Ray address (for `render.py assemble --address`)."""
+    _probe_address(address)

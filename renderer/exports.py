@@ -1,16 +1,18 @@
 """Exports of an image store: a pyramidal tiled TIFF and a DeepZoom (.dzi + .szi) pyramid.
 
-Both stream: nothing holds more than a few strips of chunk rows of one level.
-`write_exports` reads every level once (LevelStream: a reader thread, one
-small queue per consumer) and feeds the TIFF writer and the DeepZoom cutter
-side by side; `write_tiff` and `write_dzi` are the single-export forms.
+`write_exports` is block work (renderer.blocks, run by a renderer.scaleout
+``Runner``: local threads, or Ray tasks with renderer.cluster): first the
+pyramid levels that are missing (renderer.scaleout.build_levels), then every
+level in bands of rows, each band read once for both exports and holding a
+chunk row or two of its level at a time (docs/assemble.md); `write_tiff` and
+`write_dzi` are the single-export forms.
 
 - TIFF (renderer.tiff, tifffile): BigTIFF, tiled, RGB contig, level 0 as the
   main image and levels 1..n-1 as its SubIFDs, copied from the zarr levels (no
-  recomputation; the pyramid is built first unless it is complete, see
-  renderer.pyramid), OME-XML.
+  recomputation), OME-XML. The bands encode its tiles (the bytes tifffile
+  would make) and return them; one writer puts them in the file in order.
 - DeepZoom, engine "zarr" (renderer.dzi, the default): tiles cut from the zarr
-  levels and JPEG-encoded on a thread pool; the DeepZoom levels are our
+  levels, JPEG-encoded and written by the bands; the DeepZoom levels are our
   pyramid levels (tests: decoded tiles equal dzsave's).
 - DeepZoom, engine "vips" (pyvips ``dzsave``): level 0 is copied strip by
   strip into a planar raw file in a scratch folder, which libvips maps and
@@ -33,8 +35,10 @@ temporary files.
   once: the second would take the first one's files for debris.) A part not
   asked for this time (``.szi`` with ``szi=False``) is left as it was, with
   its own sidecar.
-- Remote (any fsspec URL): written locally in a temporary folder, uploaded to
-  temporary keys next to the target, then copied into place (folders first,
+- Remote (any fsspec URL): written locally in a temporary folder (the
+  DeepZoom tiles: by the bands, straight to the temporary keys, so tasks on
+  any node can write them), uploaded to temporary keys next to the target,
+  then copied into place (folders first,
   ``.dzi`` last) and the temporary keys removed; old DeepZoom tiles the new
   pyramid does not have are deleted only after the new ones are all in place.
   Object stores have no rename, so that final server-side copy is not atomic:
@@ -57,10 +61,8 @@ from __future__ import annotations
 import json
 import os
 import posixpath
-import queue
 import shutil
 import tempfile
-import threading
 import time
 import uuid
 import zipfile
@@ -74,10 +76,23 @@ import numpy as np
 
 from creps.errors import UserError, first_line
 
-from .dzi import DziWriter
+from .blocks import (
+    BAND_PIXELS,
+    Band,
+    BandResult,
+    DziTiles,
+    Source,
+    TiffTiles,
+    export_band,
+    export_bands,
+    hwc,
+    small_dzi_levels,
+)
+from .dzi import dzi_xml, max_level
 from .errors import RendererError
 from .fsio import atomic_local_write, filesystem, fresh_ls, is_local, local_path, write_bytes
-from .pyramid import RULE, build_pyramid, pyramid_complete, pyramid_plan, read_rows, source_state
+from .pyramid import RULE, pyramid_current, pyramid_plan, read_rows, source_state, start_level_pass
+from .scaleout import Runner, ThreadRunner, in_order, run_level_pass
 from .store import ImageStore
 from .tiff import COMPRESSIONS, TIFF_TILES, write_levels
 
@@ -156,6 +171,7 @@ class Target:
         self.local = is_local(url)
         self._tmpdir: str | None = None
         self._uploaded: list[str] = []
+        self._direct: dict[str, list[str] | None] = {}  # remote folders the block work writes itself
         if self.local:
             self.fs: Any = None
             self.final = os.path.abspath(local_path(url))
@@ -179,6 +195,28 @@ class Target:
             raise
 
     # ------------------------------------------------------------ names
+    def tile_folder(self, part: str) -> str:
+        """Where the block work writes folder ``part``: the staged local folder, or temporary keys
+        next to a remote target (a URL any node can write; the upload step then skips it)."""
+        if self.local:
+            return self.stage + part
+        self._direct[part] = None
+        return self.fs.unstrip_protocol(self.remote_stage + part)
+
+    def tiles_written(self, part: str, rels: list[str]) -> None:
+        """The files the block work wrote under ``tile_folder(part)``, relative to it."""
+        if not self.local:
+            self._direct[part] = sorted(rels)
+
+    def folder_files(self, part: str) -> list[str]:
+        """The files of staged folder ``part``, relative to it."""
+        rels = self._direct.get(part)
+        return rels if rels is not None else _local_files(self.stage + part)
+
+    def direct_parts(self) -> set[str]:
+        """Folders written straight to temporary keys of a remote target (``tile_folder``)."""
+        return set(self._direct)
+
     def scratch(self) -> str:
         """A scratch folder next to the staged files (same disk), removed with them."""
         path = self.stage + ".scratch"
@@ -262,6 +300,8 @@ class Target:
         # 1. the whole new export under temporary keys (the long step; the old one is untouched)
         lpaths, rpaths = [], []
         for part in self.parts:
+            if part in self._direct:
+                continue  # already under the temporary keys
             if part in self.folders:
                 for rel in _local_files(self.stage + part):
                     lpaths.append(os.path.join(self.stage + part, *rel.split("/")))
@@ -270,11 +310,12 @@ class Target:
                 lpaths.append(self.stage + part)
                 rpaths.append(self.remote_stage + part)
         self._uploaded = rpaths
-        fs.put(lpaths, rpaths)
+        if lpaths:
+            fs.put(lpaths, rpaths)
         # 2. copied into place, folders first and the .dzi last; then old tiles the new one lacks
         for part in self.parts:
             if part in self.folders:
-                rels = _local_files(self.stage + part)
+                rels = self.folder_files(part)
                 live = self.final + part
                 fs.copy([f"{self.remote_stage}{part}/{r}" for r in rels], [f"{live}/{r}" for r in rels])
                 fs.invalidate_cache(live)
@@ -288,8 +329,18 @@ class Target:
             else:
                 fs.copy([self.remote_stage + part], [self.final + part])
         # 3. the temporary keys
-        fs.rm(rpaths)
+        if rpaths:
+            fs.rm(rpaths)
         self._uploaded = []
+        self._remove_direct()
+
+    def _remove_direct(self) -> None:
+        for part in self._direct:
+            try:
+                self.fs.rm(self.remote_stage + part, recursive=True)
+            except FileNotFoundError:
+                pass
+        self._direct = {}
 
     def _write_sidecar(self, part: str, record: dict) -> None:
         path = self.final + part + SIDECAR
@@ -308,9 +359,11 @@ class Target:
         if self.local:
             for part in self.parts:
                 _rm_local(self.stage + part)
-        elif self._uploaded:
+        else:
             try:
-                self.fs.rm(self._uploaded)
+                if self._uploaded:
+                    self.fs.rm(self._uploaded)
+                self._remove_direct()
             except Exception:
                 pass  # best effort: the next run removes them (clean_debris)
             self._uploaded = []
@@ -375,121 +428,6 @@ def provenance(
     return record
 
 
-# ---------------------------------------------------------------- one read for all exports
-def hwc(chw: np.ndarray) -> np.ndarray:
-    """(3, h, w) -> contiguous (h, w, 3); three strided copies, ~4x faster than a transpose copy."""
-    out = np.empty((chw.shape[1], chw.shape[2], chw.shape[0]), chw.dtype)
-    for c in range(chw.shape[0]):
-        out[..., c] = chw[c]
-    return out
-
-
-class _Stop(Exception):
-    pass
-
-
-class LevelStream:
-    """Reads every level once, a chunk row at a time, and hands each strip to every consumer.
-
-    A reader thread decodes strips (zarr) and interleaves them to (h, w, 3)
-    (with ``build``, it first runs the pyramid, whose one pass over level 0
-    also hands those strips on, so level 0 is decoded once for everything);
-    each consumer pulls ``strips(i, k)`` for levels k = 0, 1, ... in order from
-    its own small queue (so memory is a few strips). A failing consumer calls
-    ``fail`` and the reader stops; a failing reader passes its error on.
-    """
-
-    def __init__(
-        self,
-        store: ImageStore,
-        consumers: int,
-        bar: Any = None,
-        depth: int = 2,
-        build: bool = False,
-        workers: int | None = None,
-    ) -> None:
-        self.store, self.build, self.workers = store, build, workers
-        self.shapes = pyramid_plan(store)
-        self.queues: list[queue.Queue] = [queue.Queue(depth) for _ in range(consumers)]
-        self.failed = threading.Event()
-        self.bar = bar
-        self.thread = threading.Thread(target=self._run, name="level-reader", daemon=True)
-        self.thread.start()
-
-    def _put(self, item: Any) -> None:
-        for q in self.queues:
-            while True:
-                if self.failed.is_set():
-                    raise _Stop
-                try:
-                    q.put(item, timeout=0.2)
-                    break
-                except queue.Full:
-                    continue
-
-    def _strip(self, k: int, r0: int, chw: np.ndarray) -> None:
-        self._put((k, r0, hwc(chw)))
-        if self.bar is not None:
-            self.bar.update(chw.shape[1] * chw.shape[2])
-
-    def _run(self) -> None:
-        try:
-            first = 0
-            if self.build:  # level 0 comes from the pyramid's own pass, if that pass reads all of it
-                seen = [0]
-
-                def tap(r0: int, chw: np.ndarray) -> None:
-                    if r0 == seen[0]:
-                        self._strip(0, r0, chw)
-                        seen[0] += chw.shape[1]
-
-                build_pyramid(self.store, workers=self.workers, tap=tap)
-                if seen[0] == self.shapes[0][0]:
-                    self._put((0, None, None))
-                    first = 1
-                # else: a resumed pass started part-way; level 0 is read below like the others
-            for k in range(first, len(self.shapes)):
-                arr = self.store.level(k)
-                _, h, _ = arr.shape
-                shards = getattr(arr, "shards", None)  # whole stored objects per read: no range requests
-                step = int(shards[1]) if shards else int(arr.chunks[1])
-                for r0 in range(0, h, step):
-                    self._strip(k, r0, read_rows(self.store, k, r0, min(r0 + step, h), arr))
-                self._put((k, None, None))
-        except _Stop:
-            pass
-        except BaseException as e:  # hand the reader's error to the consumers
-            try:
-                self._put((-1, e, None))
-            except _Stop:
-                pass
-
-    def strips(self, i: int, k: int) -> Iterator[tuple[int, np.ndarray]]:
-        """Consumer i's (r0, strip) pieces of level k (skips what an earlier level left unread).
-
-        Raises ``_Stop`` when another consumer failed (the reader then stops
-        feeding everyone), and the reader's own error when it failed.
-        """
-        q = self.queues[i]
-        while True:
-            try:
-                lev, r0, strip = q.get(timeout=0.2)
-            except queue.Empty:
-                if self.failed.is_set():
-                    raise _Stop from None
-                continue
-            if lev == -1:
-                raise r0
-            if lev < k:
-                continue
-            if r0 is None:
-                return
-            yield r0, strip
-
-    def fail(self) -> None:
-        self.failed.set()
-
-
 def _check_tiff_args(tile: int, compression: str, quality: int) -> None:
     if tile not in TIFF_TILES:
         raise RendererError(f"TIFF tile must be one of {TIFF_TILES}, got {tile}")
@@ -514,22 +452,11 @@ def _dzi_base(url: str) -> str:
     return url[: -len(".dzi")] if url.endswith(".dzi") else url
 
 
-def _first_error(futures: list[Future]) -> None:
-    """Wait for all; raise the first real error (a consumer stopped by another's failure is not one)."""
-    errors = [f.exception() for f in futures]
-    real = [e for e in errors if e is not None and not isinstance(e, _Stop)]
-    if real:
-        raise real[0]
-    stopped = [e for e in errors if e is not None]
-    if stopped:
-        raise RendererError("an export stopped without an error")  # cannot happen: _Stop follows a failure
-
-
 def _written(what: str, url: str, fn: Callable[[], None]) -> None:
     """Run an export writer; a plain OSError (disk full, permissions) becomes one RendererError."""
     try:
         fn()
-    except (UserError, _Stop):
+    except UserError:
         raise
     except OSError as e:
         raise RendererError(f"cannot write the {what} {url!r}: {first_line(e)}") from e
@@ -548,14 +475,21 @@ def write_exports(
     storage_options: dict | None = None,
     workers: int | None = None,
     progress: bool = False,
+    runner: Runner | None = None,
 ) -> None:
-    """The TIFF and/or the DeepZoom pyramid (zarr engine) from one read of every level.
+    """The TIFF and/or the DeepZoom pyramid (zarr engine), as block work on ``runner``.
 
-    The pyramid is (re)built in the same pass unless it is complete
-    (renderer.pyramid.pyramid_complete). Each export is staged under a
-    temporary name and put in place only when every export succeeded; on any
-    failure the previous exports are left as they were (see the module
-    docstring) and the error is raised.
+    The pyramid levels that are missing (renderer.scaleout.run_level_pass;
+    nothing when the pyramid is current, renderer.pyramid.pyramid_current) are
+    built beside the bands of the levels already there; then every level in bands
+    (renderer.blocks.export_band), each band read once for both exports: its
+    TIFF tiles come back encoded and go to the one TIFF writer in order, its
+    DeepZoom tiles are written by the band itself (straight to the staged
+    folder, or to temporary keys next to a remote target). Without ``runner``:
+    ``workers`` local threads (and dask for the levels). Each export is
+    staged under a temporary name and put in place only when every export
+    succeeded; on any failure the previous exports are left as they were
+    (see the module docstring) and the error is raised.
     """
     _check_tiff_args(tiff_tile, compression, quality)
     _check_dzi_args(dzi_tile, overlap, "zarr")
@@ -565,78 +499,96 @@ def write_exports(
             check_target(target, storage_options)
     if not tiff and not dzi:
         return
-    build = not pyramid_complete(store)  # then the pyramid pass also feeds level 0 to the exports
-    height, width = store.shape
-    workers = workers or os.cpu_count() or 2
-    parts = dzi_parts(szi)
+    # the missing levels are built beside the bands of the levels already there (L = 0: level 0's bands)
+    levels = None if pyramid_current(store) else start_level_pass(store)
+    ready = levels.first if levels is not None else len(pyramid_plan(store))
+    run = runner or ThreadRunner(workers)
+    try:
+        with ThreadPoolExecutor(1, thread_name_prefix="levels") as background:  # waits for the pass to end
+            built = background.submit(run_level_pass, levels, runner, storage_options, workers) if levels else None
+            _export_levels(
+                store, tiff, dzi, tiff_tile, compression, quality, szi, dzi_tile, overlap, storage_options, run,
+                progress, ready, built,
+            )  # fmt: skip
+    finally:
+        if runner is None:
+            run.close()
+
+
+def _export_levels(
+    store: ImageStore,
+    tiff: str | None,
+    dzi: str | None,
+    tiff_tile: int,
+    compression: str,
+    quality: int,
+    szi: bool,
+    dzi_tile: int,
+    overlap: int,
+    storage_options: dict | None,
+    runner: Runner,
+    progress: bool,
+    ready: int,
+    built: Future | None,
+) -> None:
+    """Export every level in bands; levels from ``ready`` on wait for ``built`` (the level pass) first."""
+    shapes = pyramid_plan(store)
+    height, width = shapes[0]
+    chunk = int(store.level(0).chunks[1])
     with ExitStack() as stack:
         tiff_target = stack.enter_context(staged(tiff, TIFF_PARTS, (), storage_options)) if tiff else None
-        dzi_target = stack.enter_context(staged(dzi, parts, (DZI_FOLDER,), storage_options)) if dzi else None
-        consumers = [c for c in ("tiff", "dzi") if (tiff_target if c == "tiff" else dzi_target)]
-        shapes = pyramid_plan(store)
-        n = len(shapes)
-        total = sum(h * w for h, w in shapes)
-        stream = LevelStream(
-            store,
-            len(consumers),
-            bar=_bar(progress, total, "pyramid+exports" if build else "exports"),
-            build=build,
-            workers=workers,
-        )
+        dzi_target = stack.enter_context(staged(dzi, dzi_parts(szi), (DZI_FOLDER,), storage_options)) if dzi else None
+        tiff_spec = TiffTiles(tiff_tile, compression, quality) if tiff_target else None
+        dzi_spec = None
+        if dzi_target is not None:
+            dzi_spec = DziTiles(dzi_target.tile_folder(DZI_FOLDER), dzi_tile, overlap, quality, storage_options)
+        top = max_level(width, height)
+        pixels = band_pixels(height * width, runner.workers)
+        levels = [export_bands(h, w, k, top - k, chunk, tiff_spec, dzi_spec, pixels) for k, (h, w) in enumerate(shapes)]
+        source = Source(store.url, storage_options)
 
-        def run_tiff(i: int) -> None:
-            assert tiff_target is not None and tiff is not None
-            levels = ((h, w, stream.strips(i, k)) for k, (h, w) in enumerate(shapes))
-            _written(
-                "TIFF",
-                tiff,
-                lambda: write_levels(
-                    tiff_target.stage,
-                    levels,
-                    n,
-                    tile=tiff_tile,
-                    compression=compression,
-                    quality=quality,
-                    workers=workers,
-                ),
-            )
+        def calls() -> Iterator[tuple[Callable[..., BandResult], tuple]]:
+            for k, bands in enumerate(levels):
+                if k == ready and built is not None:
+                    built.result()  # the levels are written (or the pass failed: its error)
+                for band in bands:
+                    yield export_band, (source, band, tiff_spec, dzi_spec)
 
-        def cut_dzi(i: int) -> None:
-            assert dzi_target is not None
-            base = dzi_target.stage
-            with ThreadPoolExecutor(workers) as pool:
-                writer = DziWriter(base, width, height, quality, dzi_tile, overlap, pool)
-                for k, (h, w) in enumerate(shapes):
-                    writer.add_level(h, w, stream.strips(i, k))
-                writer.finish()
-            if szi:
-                _zip_szi(base, dzi_target.name)
+        results = in_order(runner, calls(), ahead=2 * runner.workers)
+        bar = _bar(progress, sum(h * w for h, w in shapes), "exports")
+        written: list[str] = []
 
-        def run_dzi(i: int) -> None:
-            assert dzi is not None
-            _written("DeepZoom pyramid", dzi, lambda: cut_dzi(i))
-
-        def guarded(fn: Any, i: int) -> None:
-            try:
-                fn(i)
-            except BaseException:
-                stream.fail()
-                raise
+        def level_tiles(bands: list[Band]) -> Iterator[bytes]:
+            for _ in bands:
+                try:
+                    res = next(results)
+                except OSError as e:  # only the DeepZoom tiles are written by the bands
+                    raise RendererError(f"cannot write the DeepZoom pyramid {dzi!r}: {first_line(e)}") from e
+                written.extend(res.dzi)
+                if bar is not None:
+                    bar.update(res.band.width * (res.band.b - res.band.a))
+                yield from res.tiff
 
         try:
-            with ThreadPoolExecutor(len(consumers)) as runners:
-                futs = [
-                    runners.submit(guarded, run_tiff if c == "tiff" else run_dzi, i) for i, c in enumerate(consumers)
-                ]
-                try:
-                    _first_error(futs)
-                except BaseException:  # Ctrl-C here too: stop the consumers before waiting for them
-                    stream.fail()
-                    raise
+            if tiff_target is not None:
+                assert tiff is not None
+                tiles = ((h, w, level_tiles(bands)) for (h, w), bands in zip(shapes, levels, strict=True))
+                _written(
+                    "TIFF",
+                    tiff,
+                    lambda: write_levels(tiff_target.stage, tiles, len(shapes), tiff_tile, compression, quality),
+                )
+            else:
+                for bands in levels:
+                    for _ in level_tiles(bands):
+                        pass
         finally:
-            stream.thread.join()
-            if stream.bar is not None:
-                stream.bar.close()
+            results.close()  # cancels what has not run (after an error)
+            if bar is not None:
+                bar.close()
+        if dzi_target is not None and dzi_spec is not None:
+            assert dzi is not None
+            _written("DeepZoom pyramid", dzi, lambda: _finish_dzi(store, dzi_target, dzi_spec, shapes, written, szi))
         settings = {
             "tiff": {"tile": tiff_tile, "compression": compression, "quality": quality},
             "dzi": {"engine": "zarr", "tile_size": dzi_tile, "overlap": overlap, "quality": quality, "szi": szi},
@@ -653,6 +605,27 @@ def write_exports(
             dzi_target.publish(records)
 
 
+def band_pixels(level0: int, workers: int) -> int:
+    """Pixels per export band: BAND_PIXELS, smaller when level 0 alone would not give every worker four bands."""
+    return max(1 << 16, min(BAND_PIXELS, level0 // (4 * max(1, workers))))
+
+
+def _finish_dzi(
+    store: ImageStore, target: Target, spec: DziTiles, shapes: list[tuple[int, int]], written: list[str], szi: bool
+) -> None:
+    """The DeepZoom levels below the last zarr level, the .dzi descriptor and the .szi."""
+    height, width = shapes[0]
+    last = len(shapes) - 1
+    below = max_level(width, height) - last  # DeepZoom level of the last zarr level
+    if below > 0:
+        written.extend(small_dzi_levels(hwc(read_rows(store, last, 0, shapes[last][0])), below, spec))
+    target.tiles_written(DZI_FOLDER, written)
+    with open(target.stage + ".dzi", "w") as f:
+        f.write(dzi_xml(width, height, "jpg", spec.tile, spec.overlap))
+    if szi:
+        _zip_szi(target, target.name)
+
+
 # ---------------------------------------------------------------- TIFF
 def write_tiff(
     store: ImageStore,
@@ -663,6 +636,7 @@ def write_tiff(
     storage_options: dict | None = None,
     workers: int | None = None,
     progress: bool = False,
+    runner: Runner | None = None,
 ) -> str:
     """Write the pyramidal BigTIFF of ``store`` to ``url`` (local path or fsspec URL); return url."""
     write_exports(
@@ -674,6 +648,7 @@ def write_tiff(
         storage_options=storage_options,
         workers=workers,
         progress=progress,
+        runner=runner,
     )
     return url
 
@@ -784,7 +759,7 @@ def write_dzi(
             except Exception as e:  # pyvips.Error: libvips' own message, often many lines
                 raise RendererError(f"libvips dzsave failed for {url!r}: {first_line(e)}") from e
             if szi:
-                _zip_szi(target.stage, target.name)
+                _zip_szi(target, target.name)
 
         _written("DeepZoom pyramid", url, save)
         settings = {"engine": "vips", "tile_size": tile_size, "overlap": overlap, "quality": quality, "szi": szi}
@@ -809,13 +784,25 @@ def _read_sidecar(path: str) -> dict | None:
     return record if isinstance(record, dict) else None
 
 
-def _zip_szi(base: str, name: str) -> None:
-    """``<base>.szi``: a stored zip with ``name/name.dzi`` and ``name/name_files/...``.
+def _zip_szi(target: Target, name: str) -> None:
+    """``<stage>.szi``: a stored zip with ``name/name.dzi`` and ``name/name_files/...``.
 
-    ``base`` is where the DeepZoom files are (a temporary name while staged);
-    ``name`` the name they are published under, which the zip's entries use.
+    The DeepZoom files are where the target staged them (a temporary name;
+    tiles written straight to temporary keys of a remote target are read back
+    from there); ``name`` is the name they are published under, which the
+    zip's entries use.
     """
+    base = target.stage
+    rels = target.folder_files(DZI_FOLDER)
     with zipfile.ZipFile(base + ".szi", "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
         zf.write(base + ".dzi", f"{name}/{name}.dzi")
-        for rel in _local_files(base + DZI_FOLDER):
-            zf.write(os.path.join(base + DZI_FOLDER, *rel.split("/")), f"{name}/{name}{DZI_FOLDER}/{rel}")
+        if target.local or DZI_FOLDER not in target.direct_parts():
+            for rel in rels:
+                zf.write(os.path.join(base + DZI_FOLDER, *rel.split("/")), f"{name}/{name}{DZI_FOLDER}/{rel}")
+            return
+        folder = target.remote_stage + DZI_FOLDER
+        for i in range(0, len(rels), 256):  # a batch of concurrent reads at a time
+            batch = rels[i : i + 256]
+            data = target.fs.cat([f"{folder}/{rel}" for rel in batch])
+            for rel in batch:
+                zf.writestr(f"{name}/{name}{DZI_FOLDER}/{rel}", data[f"{folder}/{rel}"])

@@ -503,3 +503,116 @@ def _feed(
     finally:
         if bar is not None:
             bar.close()
+
+
+# ---------------------------------------------------------------- passes level by level (renderer.scaleout)
+class LevelPass:
+    """A pass that builds levels ``first``..n-1 one level at a time, each from the level above.
+
+    Made by ``start_level_pass``; levels 1..first-1 are there already (the
+    render's, ``render_levels``, or finished by an earlier pass). The block
+    work writes whole chunk rows of a level and calls ``record(k, rows)`` with
+    the prefix of level k that is written; ``finish`` closes the pass like
+    ``build_pyramid`` does (stale check, OME metadata, store meta).
+    """
+
+    def __init__(self, store: ImageStore, shapes: list[tuple[int, int]], chunk: int, source: dict, prog: dict) -> None:
+        self.store, self.shapes, self.chunk, self.source, self.prog = store, shapes, chunk, source, prog
+        self.done = _resume_rows(prog, shapes, chunk)  # rows of each level already written (level 0: all)
+        self.first = next((k for k in range(1, len(shapes)) if self.done[k] < shapes[k][0]), len(shapes))
+
+    def record(self, k: int, rows: int) -> None:
+        """Rows [0, rows) of level k are written: save the record (keeping a stale mark a render set)."""
+        self.done[k] = max(self.done[k], rows)
+        self.prog["rows"][str(k)] = self.done[k]
+        _save_progress(self.store, self.prog)
+
+    def finish(self) -> int:
+        after = source_state(self.store)
+        if not self.prog.get("stale") and after != self.source:  # tiles landed while we read
+            self.prog["stale"] = True
+            self.prog["stale_reason"] = (
+                f"level-0 tiles changed during the pyramid pass ({self.source['tiles_done']} -> {after['tiles_done']} done)"
+            )
+        _save_progress(self.store, self.prog)
+        self.store.write_ome()
+        self.store.update_meta(
+            pyramid={"levels": len(self.shapes), "chunk": self.chunk, "rule": RULE, "source": self.source}
+        )
+        return len(self.shapes)
+
+
+def _save_progress(store: ImageStore, prog: dict) -> None:
+    """Write the progress record, keeping a ``stale`` mark a render set since the pass began."""
+    if not prog.get("stale"):
+        current = store.pyramid_progress() or {}
+        if current.get("stale"):
+            prog["stale"] = True
+            prog["stale_reason"] = current.get("stale_reason", "level-0 tiles changed")
+    store.write_pyramid_progress(prog)
+
+
+def _render_written(store: ImageStore, shapes: list[tuple[int, int]], chunk: int) -> int:
+    """How many of levels 1..L (``render_levels``) are there with the planned shape and chunks."""
+    n = 0
+    for k in range(1, min(render_levels(store), len(shapes) - 1) + 1):
+        h, w = shapes[k]
+        if not (store.has_level(k) and store.level(k).shape == (3, h, w)):
+            break
+        if tuple(store.level(k).chunks) != (3, chunk, chunk):
+            break
+        n = k
+    return n
+
+
+def start_level_pass(store: ImageStore, min_size: int | None = None, force: bool = False) -> LevelPass | None:
+    """Start a level-by-level pass; None when the pyramid is complete (``pyramid_complete``) and not ``force``.
+
+    The same record rules as ``build_pyramid``: a current record that stopped
+    part-way resumes, anything else starts over. Levels 1..L written by the
+    render (``render_levels``) are kept and recorded as written (they are as
+    good as the tiles they came with); only levels L+1..n-1 are recreated.
+    """
+    chunk, shapes = _plan(store, min_size)
+    source = source_state(store)
+    prog = store.pyramid_progress() or {}
+    reusable = _reusable(prog, shapes, chunk, source)
+    if not force and not source["partial"] and reusable and _all_written(store, prog, shapes):
+        return None
+    kept = _render_written(store, shapes, chunk)
+    if force or source["partial"] or not reusable:
+        prog = {
+            "shapes": [list(s) for s in shapes],
+            "chunk": chunk,
+            "rule": RULE,
+            "rows": {},
+            "source": dict(source),
+            "started": time.time(),
+        }
+    for k, (h, w) in enumerate(shapes[1:], start=1):
+        if k <= kept:
+            prog["rows"][str(k)] = h
+            continue
+        ok = (
+            store.has_level(k)
+            and store.level(k).shape == (3, h, w)
+            and tuple(store.level(k).chunks) == (3, chunk, chunk)
+            and str(k) in prog["rows"]
+        )
+        if not ok:
+            store.create_level(k, h, w, chunk=chunk, overwrite=True)
+            prog["rows"][str(k)] = 0
+    store.delete_levels_from(len(shapes))  # deeper levels of an older plan
+    store.write_pyramid_progress(prog)
+    return LevelPass(store, shapes, chunk, source, prog)
+
+
+def read_block(store: ImageStore, level: int, r0: int, r1: int, c0: int, c1: int, arr: Any = None) -> np.ndarray:
+    """Pixels [r0:r1, c0:c1] of a stored level, (3, h, w); an unreadable chunk is one ``RendererError`` (``read_rows``)."""
+    arr = store.level(level) if arr is None else arr
+    try:
+        return np.asarray(arr[:, r0:r1, c0:c1])
+    except UserError:
+        raise
+    except Exception as e:
+        raise RendererError(_unreadable(store, level, arr, r0, r1, e)) from e

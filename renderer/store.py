@@ -589,3 +589,46 @@ def create_job_store(
     store.update_meta(**meta, **{RENDER_LEVELS: {"block": block, "levels": levels}})
     store.write_ome(name=name)
     return store
+
+
+def read_rows_hwc(store: ImageStore, level: int, r0: int, r1: int) -> np.ndarray | None:
+    """Rows [r0, r1) of a plain local level as (r1 - r0, w, 3), decoded without zarr's machinery.
+
+    For the exports (renderer.blocks), which want interleaved pixels: each
+    stored chunk is read, decoded and interleaved straight into the output
+    (no planar copy of the rows). None when the level is not a plain local
+    array (``_DirectChunks.of``: object stores, shards, other codecs) or any
+    chunk does not decode: then read through zarr (renderer.pyramid.read_rows,
+    which names an unreadable chunk).
+    """
+    if not fsio.is_local(store.url):
+        return None
+    direct = store._direct_chunks(level)
+    if direct is None:
+        return None
+    nc, th, tw = direct.chunk
+    _, h, w = direct.shape
+    r1 = min(r1, h)
+    out = np.empty((r1 - r0, w, nc), np.uint8)
+    for cy in range(r0 // th, (r1 + th - 1) // th):
+        y0 = cy * th
+        a, b = max(r0, y0), min(r1, y0 + th)  # rows of this chunk row we want
+        for cx in range((w + tw - 1) // tw):
+            x0 = cx * tw
+            key = direct.encode_key((0, cy, cx))
+            try:
+                with open(os.path.join(direct.folder, *key.split("/")), "rb") as f:
+                    blob = f.read()
+            except FileNotFoundError:
+                out[a - r0 : b - r0, x0 : x0 + tw] = 0  # not stored: the fill value
+                continue
+            try:
+                raw = direct.codec.decode(blob) if direct.codec is not None else blob
+                chunk = np.frombuffer(raw, np.uint8).reshape(nc, th, tw)
+            except Exception:
+                return None
+            part = chunk[:, a - y0 : b - y0, : min(tw, w - x0)]
+            dest = out[a - r0 : b - r0, x0 : x0 + part.shape[2]]
+            for c in range(nc):
+                dest[..., c] = part[c]
+    return out

@@ -1,81 +1,77 @@
-"""Pyramidal tiled BigTIFF writing with tifffile, tile by tile from streams of strips.
+"""Pyramidal tiled BigTIFF writing with tifffile, from tiles encoded elsewhere (renderer.blocks).
 
 Level 0 is the main image, levels 1..n-1 its SubIFDs (the OME-TIFF pyramid
-layout that tifffile, libvips, Bio-Formats and QuPath read). Tiles are fed to
-tifffile as a generator in row-major order, so tifffile compresses them
-(``maxworkers`` threads) while the next strip is read; nothing holds more
-than a strip of chunk rows. JPEG: tifffile stores RGB as YCbCr 4:2:0, like
-libvips' tiffsave.
+layout that tifffile, libvips, Bio-Formats and QuPath read). Tiles are
+encoded by the block work (on all cores, or on a cluster) with
+``tile_encoder``, which makes the bytes tifffile itself would make for that
+tile (edge tiles zero-padded to the full tile; JPEG as YCbCr 4:2:0, like
+libvips' tiffsave; zstd/deflate after tifffile's horizontal predictor), and
+handed to tifffile in TIFF order as pre-encoded bytes, so the one writer only
+writes (tests compare the bytes with tifffile's own encoding).
 """
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
 
 COMPRESSIONS = {"jpeg": "jpeg", "zstd": "zstd", "deflate": "adobe_deflate", "none": None}
 TIFF_TILES = (256, 512)
-# tifffile gathers this many bytes of tiles per parallel compression batch (its default,
-# 512 MB, would dominate our memory); 128 MB keeps batches large enough to overlap reading.
-BUFFER_BYTES = 128 << 20
+_TAGS = {"jpeg": 7, "zstd": 50000, "deflate": 8}  # TIFF compression tags
 
 
-def tiles(
-    strips: Iterable[tuple[int, np.ndarray]], height: int, width: int, tile: int, bar: Any = None
-) -> Iterator[np.ndarray]:
-    """A level's tiles in TIFF order (row-major) from consecutive (r0, (h, w, 3) strip) pieces."""
-    buf: np.ndarray | None = None  # rows left over when tile rows and strips do not align
-    base = 0
-    for r0, strip in strips:
-        if buf is not None:
-            strip, r0 = np.concatenate([buf, strip], axis=0), base
-        end, t0 = r0 + strip.shape[0], r0
-        while t0 + tile <= end or (end >= height and t0 < height):
-            rows = strip[t0 - r0 : t0 - r0 + tile]
-            for c0 in range(0, width, tile):
-                yield rows[:, c0 : c0 + tile]
-            t0 += tile
-            if bar is not None:
-                bar.update(rows.shape[0] * width)
-        buf, base = (strip[t0 - r0 :], t0) if t0 < end else (None, end)
+def tile_encoder(compression: str = "jpeg", quality: int = 90, tile: int = 256) -> Callable[[np.ndarray], bytes]:
+    """``encode((h, w, 3) uint8 tile, h, w <= tile) -> bytes``, as tifffile encodes it for ``write_levels``."""
+    from tifffile import TIFF
+
+    shape = (tile, tile, 3)
+
+    def full(px: np.ndarray) -> np.ndarray:
+        px = np.ascontiguousarray(px, np.uint8)
+        if px.shape != shape:
+            px = np.pad(px, [(0, t - s) for t, s in zip(shape, px.shape, strict=True)])
+        return px
+
+    if compression == "none":
+        return lambda px: full(px).tobytes()
+    compressor = TIFF.COMPRESSORS[_TAGS[compression]]
+    if compression == "jpeg":
+        args = {"level": quality, "subsampling": (2, 2), "colorspace": "RGB", "outcolorspace": "YCBCR"}
+        return lambda px: compressor(full(px), **args)
+    predictor = TIFF.PREDICTORS[2]  # horizontal differencing: smaller zstd/deflate output
+    return lambda px: compressor(predictor(full(px), axis=-2))
 
 
 def write_levels(
     path: str,
-    levels: Iterable[tuple[int, int, Iterable[tuple[int, np.ndarray]]]],
+    levels: Iterable[tuple[int, int, Iterable[bytes]]],
     count: int,
     tile: int = 256,
     compression: str = "jpeg",
     quality: int = 90,
-    workers: int | None = None,
-    bar: Any = None,
 ) -> None:
-    """Write ``count`` levels, each (height, width, strips), largest first, to a BigTIFF at ``path``."""
+    """Write ``count`` levels, each (height, width, its tiles' bytes in TIFF order), largest first."""
     import tifffile
 
-    codec = COMPRESSIONS[compression]
     args: dict[str, Any] = dict(
         tile=(tile, tile),
         dtype=np.uint8,
         photometric="rgb",
         planarconfig="contig",
-        compression=codec,
-        maxworkers=workers or os.cpu_count(),
-        buffersize=BUFFER_BYTES,
+        compression=COMPRESSIONS[compression],
     )
     if compression == "jpeg":
         args["compressionargs"] = {"level": quality}
-    elif codec is not None:
-        args["predictor"] = True  # horizontal differencing: smaller zstd/deflate output
+    elif compression != "none":
+        args["predictor"] = True
     with tifffile.TiffWriter(path, bigtiff=True, ome=True) as tif:
-        for k, (h, w, strips) in enumerate(levels):
-            data = tiles(strips, h, w, tile, bar)
+        for k, (h, w, data) in enumerate(levels):
+            tiles = iter(data)
             if k == 0:
                 tif.write(
-                    data,
+                    tiles,
                     shape=(h, w, 3),
                     subifds=count - 1,
                     software="creps-gigapixel",
@@ -83,4 +79,4 @@ def write_levels(
                     **args,
                 )
             else:
-                tif.write(data, shape=(h, w, 3), subfiletype=1, metadata=None, **args)
+                tif.write(tiles, shape=(h, w, 3), subfiletype=1, metadata=None, **args)

@@ -584,15 +584,17 @@ class _LineStage:
     """The line tasks of a run, and which line positions are stored so far (in whole line chunks).
 
     The line stage runs in the same ``pool.run`` as the tile stage
-    (``run``): the line tasks go first, in the order the first tiles need
-    them (the first row range, the column ranges, then the other row ranges),
-    the tile tasks after them, and the pool hands out a tile task only when
-    ``ready`` finds every row and column line it reads stored: a range counts
-    when its marker was in the store as the run began (a marker follows its
-    data) or when its LineResult came back.  Line tasks keep their priority
-    (tiles never delay the line stage, whose end lets each worker read the
-    whole line arrays once); tile tasks take the lanes the last line tasks
-    leave free.  After the last range the lines are marked complete.
+    (``run``), and the pool hands out a tile task only when ``ready`` finds
+    every row and column line it reads stored: a range counts when its marker
+    was in the store as the run began (a marker follows its data) or when its
+    LineResult came back.  The order (``_schedule``): the line chunks of the
+    first tile task, that task, the other line tasks (the rest of the first
+    row range, the column ranges, the other row ranges), the other tile tasks.
+    Line tasks otherwise keep their priority: tiles do not delay the line
+    stage, whose end lets each worker read the whole line arrays once (until
+    then a tile reads its own lines from the store); tile tasks take the lanes
+    the last line tasks leave free.  After the last range the lines are
+    marked complete.
     """
 
     def __init__(self, store: ImageStore, job: Prepared, workers: int, log: Callable[[str], None], tally: _Tally):
@@ -624,19 +626,23 @@ class _LineStage:
     def _has(self, which: str, a: int, b: int) -> bool:
         return bool(self.stored[which][a // self.chunk : -(-b // self.chunk)].all())
 
+    def _box(self, task: TileTask) -> tuple[int, int, int, int]:
+        """Rows [r0, r1) and columns [c0, c1) that a tile task's tiles read (r0, r1, c0, c1)."""
+        needs = self._needs.get(task)
+        if needs is None:
+            tiles = self.job.plan.tiles(task.start, task.stop)
+            needs = self._needs[task] = (
+                min(t.r0 for t in tiles),
+                max(t.r1 for t in tiles),
+                min(t.c0 for t in tiles),
+                max(t.c1 for t in tiles),
+            )
+        return needs
+
     def ready(self, task: Task) -> bool:
         """Whether ``task`` may be handed out: a line task always, a tile task once its lines are stored."""
         if isinstance(task, TileTask) and self.left:
-            needs = self._needs.get(task)
-            if needs is None:
-                tiles = self.job.plan.tiles(task.start, task.stop)
-                needs = self._needs[task] = (
-                    min(t.r0 for t in tiles),
-                    max(t.r1 for t in tiles),
-                    min(t.c0 for t in tiles),
-                    max(t.c1 for t in tiles),
-                )
-            r0, r1, c0, c1 = needs
+            r0, r1, c0, c1 = self._box(task)
             if not (self._has("row", r0, r1) and self._has("col", c0, c1)):
                 return False
         if isinstance(task, TileTask) and self.tiles_from is None:
@@ -661,8 +667,31 @@ class _LineStage:
         self.log(f"line stage done in {self.seconds:.1f} s (stored under {spec.out}/lines)")
         self.store.mark_lines_complete({"height": spec.height, "width": spec.width, "chunk": self.chunk})
 
+    def _schedule(self, tiles: Sequence[Task]) -> list[Task]:
+        """All tasks in the pool's order: the line chunks the first tile task reads (split off their
+        ranges), that tile task, the other line tasks, the other tile tasks.  So the first tile comes
+        after two small line tasks, not after the line stage; the rest keeps the line stage first."""
+        first = tiles[0] if tiles else None
+        if not isinstance(first, TileTask) or not self.left:
+            return [*self.tasks, *tiles]
+        r0, r1, c0, c1 = self._box(first)
+        head: list[Task] = []
+        rest: list[Task] = []
+        for t in self.tasks:
+            assert isinstance(t, LineTask)
+            lo, hi = (r0, r1) if t.which == "row" else (c0, c1)
+            a, b = max(t.start, lo // self.chunk * self.chunk), min(t.stop, -(-hi // self.chunk) * self.chunk)
+            if a >= b:
+                rest.append(t)
+                continue
+            head.append(LineTask(t.which, a, b))
+            rest.extend(LineTask(t.which, x, y) for x, y in ((t.start, a), (b, t.stop)) if x < y)
+        self.tasks = [*head, *rest]
+        self.left = set(self.tasks)
+        return [*head, first, *rest, *tiles[1:]]
+
     def run(self, pool: Pool, tiles: Sequence[Task] = (), on_tile: OnResult | None = None) -> None:
-        """The line tasks, then ``tiles`` (each once its lines are stored), in one ``pool.run``."""
+        """The line tasks and ``tiles`` (each once its lines are stored) in one ``pool.run``."""
         if not self.left:  # every range was stored by an earlier run, which stopped before marking them complete
             self._complete()
 
@@ -670,7 +699,7 @@ class _LineStage:
             if not self.on_result(task, result) and on_tile is not None:
                 on_tile(task, result)
 
-        pool.run(self.job.context(), [*self.tasks, *tiles], on_result, self.ready if self.left else None)
+        pool.run(self.job.context(), self._schedule(tiles), on_result, self.ready if self.left else None)
 
 
 def _tile_stage(

@@ -130,6 +130,25 @@ def test_in_process_tiles_start_inside_the_line_stage_with_the_same_bytes(tmp_pa
     np.testing.assert_array_equal(_level0(spec.out), render_reference(H, W))
 
 
+def test_first_tile_comes_after_the_line_chunks_it_reads(tmp_path, monkeypatch, render_reference):
+    """One lane, so the order is the queue's: the first tile's row and column line chunks (split
+    off their ranges), the first tile, then the rest of the line stage, then the other tiles."""
+    spec = tiny_job(str(tmp_path / "f.zarr"), height=H, width=W, tile=TILE, workers=0, threads_per_worker=1)
+    started: list[str] = []
+    run0 = RenderWorker.run
+
+    def run(self, ctx, task):
+        started.append(task.key)
+        return run0(self, ctx, task)
+
+    monkeypatch.setattr(RenderWorker, "run", run)
+    summary = run_job(spec, progress=False, log=lambda s: None)
+    assert summary["status"] == "done" and summary["line_ranges_computed"] == 6  # 2 + 2 ranges, 2 split
+    assert started[:3] == ["lines row 0:64", "lines col 0:64", "r0_c0"]
+    assert started[3:7] == ["lines row 64:128", "lines col 64:128", "lines col 128:256", "lines row 128:192"]
+    np.testing.assert_array_equal(_level0(spec.out), render_reference(H, W))
+
+
 def test_ray_overlapped_job_equals_the_staged_one(tmp_path, monkeypatch, render_ray):
     """On Ray: a job whose tiles are handed out inside the line stage (its last row range is taken
     late) writes the bytes of one whose line stage ran alone first (max_tiles=0, then the tiles)."""

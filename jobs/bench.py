@@ -23,7 +23,10 @@ gpx_seconds.  Record figures in docs/performance.md with the machine.
   32^2 tiles, 1024 tiles) in this process: ``startup_s`` is the time from
   ``run_job`` to the first finished tile task; ``tile_overhead_ms`` is the
   render threads' wall time per tile beyond the pixel stage's own (measured
-  alone, one thread, on the same groups of tiles afterwards), and
+  alone, one thread, on the same groups of tiles afterwards; the wall time is
+  the tile stage's, from its first tile task, which starts while the line
+  stage's last tasks still run: their lane time counts here, under 0.1 ms
+  per tile for the default small job, whose line stage takes ~0.1 s), and
   ``tile_overhead_cpu_ms`` the same from the job's CPU time (an upper bound
   that does not grow when other processes share the cores).
 """

@@ -22,7 +22,7 @@ import os
 import socket
 import sys
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from importlib import metadata
 from typing import Any
 
@@ -43,7 +43,7 @@ from renderer.store import (
     store_exists,
     store_lease,
 )
-from renderer.tasks import LineResult, LineTask, Pool, Result, Task, TileResult, TileTask
+from renderer.tasks import LineResult, LineTask, OnResult, Pool, Result, Task, TileResult, TileTask
 from renderer.tiles import RenderContext, peak_rss_mb
 
 from . import JobSpecError
@@ -81,8 +81,13 @@ class RunSummary:
     tiles_skipped: int
     tiles_rendered: int = 0
     line_ranges_computed: int = 0
+    # wall-clock seconds: the line stage, from its start until its last range was stored; the tile
+    # stage, from its first tile task handed out until its last tile came back.  The two overlap
+    # when tiles start before the line stage ends (jobs.run._LineStage); first_tile_seconds counts
+    # from the start of the run (as `seconds` does) until the first tile task came back
     line_seconds: float = 0.0
     render_seconds: float = 0.0
+    first_tile_seconds: float = 0.0
     workers: int = 0
     workers_replaced: int = 0
     tasks_retried: int = 0
@@ -402,8 +407,9 @@ def connect(spec: JobSpec) -> tuple[Pool, int, bool]:
 class _Tally:
     """Counters of a run in progress (the frozen RunSummary is made from them)."""
 
-    def __init__(self, base: RunSummary) -> None:
+    def __init__(self, base: RunSummary, t_start: float) -> None:
         self.base = base
+        self.t_start = t_start  # when the run began (perf_counter)
         self.tiles_rendered = 0
         self.pixels = 0
         self.worker_rss = 0.0
@@ -569,20 +575,23 @@ def _run(
             width=spec.width,
             tiles_total=len(plan),
             tiles_skipped=len(plan) - n_todo,
-        )
+        ),
+        t_start,
     )
     if pool is not None and (n_todo or lines_needed):
         tally.fields["workers"] = workers
         retried0, replaced0, tiles0 = pool.retries, pool.replaced, pool.tiles_retried
         lost0 = set(pool.nodes_lost)
         store.update_meta(status="running", error=None)
-        t_lines = time.perf_counter()
-        if lines_needed:
-            tally.fields["line_ranges_computed"] = _line_stage(store, job, pool, workers, log, tally)
-        tally.fields["line_seconds"] = round(time.perf_counter() - t_lines, 3)
+        lines = _LineStage(store, job, workers, log, tally) if lines_needed else None
         if n_todo:
             store.invalidate_pyramid(f"{n_todo} level-0 tiles (re)rendered")
-            _tile_stage(store, job, todo, pool, workers, lease, progress, on_progress, tally)
+            _tile_stage(store, job, todo, pool, workers, lease, progress, on_progress, tally, lines)
+        elif lines is not None:
+            lines.run(pool)
+        if lines is not None:
+            tally.fields["line_ranges_computed"] = len(lines.tasks)
+            tally.fields["line_seconds"] = lines.seconds
         tally.fields["workers_replaced"] = pool.replaced - replaced0
         tally.fields["tasks_retried"] = pool.retries - retried0
         tally.fields["tiles_retried"] = pool.tiles_retried - tiles0
@@ -613,28 +622,126 @@ def _run(
     return summary, io_mark
 
 
-def _line_stage(
-    store: ImageStore, job: Prepared, pool: Pool, workers: int, log: Callable[[str], None], tally: _Tally
-) -> int:
-    spec, ctx = job.spec, job.context()
-    chunk = line_chunk(spec.tile)
-    done = store.line_ranges_done()
-    tasks: list[Task] = []
-    for which, length in (("row", spec.height), ("col", spec.width)):
-        for a, b in line_ranges(length, chunk, 2 * workers):
-            if (which, a, b) not in done:
-                tasks.append(LineTask(which, a, b))
-    t0 = time.perf_counter()
-    log(f"line stage: {len(tasks)} ranges of {spec.height} rows + {spec.width} columns on {workers} workers")
+class _LineStage:
+    """The line tasks of a run, and which line positions are stored so far (in whole line chunks).
 
-    def on_result(task: Task, result: Result) -> None:
-        if isinstance(result, LineResult):
-            tally.add_io(result.requests, result.objects_written)
+    The line stage runs in the same ``pool.run`` as the tile stage
+    (``run``), and the pool hands out a tile task only when ``ready`` finds
+    every row and column line it reads stored: a range counts when its marker
+    was in the store as the run began (a marker follows its data) or when its
+    LineResult came back.  The order (``_schedule``): the line chunks of the
+    first tile task, that task, the other line tasks (the rest of the first
+    row range, the column ranges, the other row ranges), the other tile tasks.
+    Line tasks otherwise keep their priority: tiles do not delay the line
+    stage, whose end lets each worker read the whole line arrays once (until
+    then a tile reads its own lines from the store); tile tasks take the lanes
+    the last line tasks leave free.  After the last range the lines are
+    marked complete.
+    """
 
-    pool.run(ctx, tasks, on_result)
-    log(f"line stage done in {time.perf_counter() - t0:.1f} s (stored under {spec.out}/lines)")
-    store.mark_lines_complete({"height": spec.height, "width": spec.width, "chunk": chunk})
-    return len(tasks)
+    def __init__(self, store: ImageStore, job: Prepared, workers: int, log: Callable[[str], None], tally: _Tally):
+        self.t0 = time.perf_counter()
+        self.store, self.job, self.log, self.tally = store, job, log, tally
+        spec = job.spec
+        self.chunk = chunk = line_chunk(spec.tile)
+        self.length = {"row": spec.height, "col": spec.width}
+        self.stored = {w: np.zeros(-(-n // chunk), dtype=bool) for w, n in self.length.items()}
+        for which, a, b in store.line_ranges_done():
+            if which in self.stored:
+                self._mark(which, a, b)
+        todo = {
+            which: [LineTask(which, a, b) for a, b in line_ranges(n, chunk, 2 * workers) if not self._has(which, a, b)]
+            for which, n in self.length.items()
+        }
+        self.tasks: list[Task] = [*todo["row"][:1], *todo["col"], *todo["row"][1:]]
+        self.left = set(self.tasks)
+        self.seconds = 0.0  # from the start of the stage to the last range stored
+        self.tiles_from: float | None = None  # when the first tile task was found ready
+        self._needs: dict[Task, tuple[int, int, int, int]] = {}
+        log(f"line stage: {len(self.tasks)} ranges of {spec.height} rows + {spec.width} columns on {workers} workers")
+
+    def _mark(self, which: str, a: int, b: int) -> None:
+        """Positions [a, b) stored: the line chunks wholly inside (the last chunk may be short)."""
+        n = self.length[which]
+        self.stored[which][-(-a // self.chunk) : (b // self.chunk if b < n else len(self.stored[which]))] = True
+
+    def _has(self, which: str, a: int, b: int) -> bool:
+        return bool(self.stored[which][a // self.chunk : -(-b // self.chunk)].all())
+
+    def _box(self, task: TileTask) -> tuple[int, int, int, int]:
+        """Rows [r0, r1) and columns [c0, c1) that a tile task's tiles read (r0, r1, c0, c1)."""
+        needs = self._needs.get(task)
+        if needs is None:
+            tiles = self.job.plan.tiles(task.start, task.stop)
+            needs = self._needs[task] = (
+                min(t.r0 for t in tiles),
+                max(t.r1 for t in tiles),
+                min(t.c0 for t in tiles),
+                max(t.c1 for t in tiles),
+            )
+        return needs
+
+    def ready(self, task: Task) -> bool:
+        """Whether ``task`` may be handed out: a line task always, a tile task once its lines are stored."""
+        if isinstance(task, TileTask) and self.left:
+            r0, r1, c0, c1 = self._box(task)
+            if not (self._has("row", r0, r1) and self._has("col", c0, c1)):
+                return False
+        if isinstance(task, TileTask) and self.tiles_from is None:
+            self.tiles_from = time.perf_counter()
+        return True
+
+    def on_result(self, task: Task, result: Result) -> bool:
+        """Take a line task's result (True); False for any other."""
+        if not isinstance(result, LineResult):
+            return False
+        self.tally.add_io(result.requests, result.objects_written)
+        self._mark(result.which, result.start, result.stop)
+        self.left.discard(task)
+        if not self.left:
+            self._complete()
+        return True
+
+    def _complete(self) -> None:
+        spec = self.job.spec
+        self.seconds = round(time.perf_counter() - self.t0, 3)
+        self._needs.clear()
+        self.log(f"line stage done in {self.seconds:.1f} s (stored under {spec.out}/lines)")
+        self.store.mark_lines_complete({"height": spec.height, "width": spec.width, "chunk": self.chunk})
+
+    def _schedule(self, tiles: Sequence[Task]) -> list[Task]:
+        """All tasks in the pool's order: the line chunks the first tile task reads (split off their
+        ranges), that tile task, the other line tasks, the other tile tasks.  So the first tile comes
+        after two small line tasks, not after the line stage; the rest keeps the line stage first."""
+        first = tiles[0] if tiles else None
+        if not isinstance(first, TileTask) or not self.left:
+            return [*self.tasks, *tiles]
+        r0, r1, c0, c1 = self._box(first)
+        head: list[Task] = []
+        rest: list[Task] = []
+        for t in self.tasks:
+            assert isinstance(t, LineTask)
+            lo, hi = (r0, r1) if t.which == "row" else (c0, c1)
+            a, b = max(t.start, lo // self.chunk * self.chunk), min(t.stop, -(-hi // self.chunk) * self.chunk)
+            if a >= b:
+                rest.append(t)
+                continue
+            head.append(LineTask(t.which, a, b))
+            rest.extend(LineTask(t.which, x, y) for x, y in ((t.start, a), (b, t.stop)) if x < y)
+        self.tasks = [*head, *rest]
+        self.left = set(self.tasks)
+        return [*head, first, *rest, *tiles[1:]]
+
+    def run(self, pool: Pool, tiles: Sequence[Task] = (), on_tile: OnResult | None = None) -> None:
+        """The line tasks and ``tiles`` (each once its lines are stored) in one ``pool.run``."""
+        if not self.left:  # every range was stored by an earlier run, which stopped before marking them complete
+            self._complete()
+
+        def on_result(task: Task, result: Result) -> None:
+            if not self.on_result(task, result) and on_tile is not None:
+                on_tile(task, result)
+
+        pool.run(self.job.context(), self._schedule(tiles), on_result, self.ready if self.left else None)
 
 
 def _tile_stage(
@@ -647,7 +754,10 @@ def _tile_stage(
     progress: bool,
     on_progress: Callable[[RunSummary, Pool], None] | None,
     tally: _Tally,
+    lines: _LineStage | None = None,
 ) -> None:
+    """Render the tiles ``todo``; with ``lines``, the line stage runs first in the same pool run
+    and each tile task waits for its lines (``_LineStage``)."""
     from tqdm import tqdm
 
     spec = job.spec
@@ -661,9 +771,13 @@ def _tile_stage(
     bar = tqdm(total=len(todo), unit="tile", disable=not progress, dynamic_ncols=True, file=sys.stderr)
 
     def on_result(task: Task, result: Result) -> None:
-        nonlocal last_meta
+        nonlocal last_meta, t0
         assert isinstance(result, list)
         tiles: list[TileResult] = result
+        if not tally.tiles_rendered:
+            tally.fields["first_tile_seconds"] = round(time.perf_counter() - tally.t_start, 3)
+            if lines is not None and lines.tiles_from is not None:
+                t0 = lines.tiles_from  # the tile stage began with its first task, inside the line stage
         for info in tiles:
             tally.pixels += info.pixels
             tally.worker_rss = max(tally.worker_rss, info.peak_rss_mb)
@@ -683,7 +797,10 @@ def _tile_stage(
         lease.check()  # another writer took the store over: stop before more is written
 
     try:
-        pool.run(job.context(), tasks, on_result)
+        if lines is None:
+            pool.run(job.context(), tasks, on_result)
+        else:
+            lines.run(pool, tasks, on_result)
     finally:
         bar.close()
     tally.fields["render_seconds"] = round(time.perf_counter() - t0, 3)

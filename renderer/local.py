@@ -18,6 +18,11 @@ the renderer's write pipeline keeps the device fed.
 
 Faults: a task that raises is retried with back-off up to ``max_failures``
 times, as ``WorkerPool`` does; then the job stops with one line.
+
+Dependencies: ``run(..., ready=...)`` hands out a task only once ``ready(task)``
+says what it needs is there (a tile task waits for its line ranges); both
+pools take the first queued task that is ready (``next_ready``), so the
+queue's order is the tasks' priority.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ import creps
 from creps.errors import first_line
 
 from .errors import RendererError
-from .tasks import OnResult, Result, Task
+from .tasks import OnResult, Ready, Result, Task
 from .tiles import RenderContext
 from .worker import RenderWorker
 
@@ -62,15 +67,33 @@ def retry_later(
     queue.appendleft(task)
 
 
-def next_ready(queue: collections.deque[Attempts], now: float) -> Attempts | None:
-    """The first queued task whose back-off is over (the queue keeps its order otherwise)."""
-    for _ in range(len(queue)):
-        task = queue[0]
-        if task.not_before <= now:
-            queue.popleft()
+# How deep the dispatcher looks past tasks that wait for others (``ready``) while some are running.
+READY_DEPTH = 256
+
+
+def next_ready(
+    queue: collections.deque[Attempts],
+    now: float,
+    ready: Ready | None = None,
+    depth: int | None = None,
+) -> Attempts | None:
+    """The first queued task whose back-off is over and that is ``ready`` (its dependencies met),
+    looking at most ``depth`` tasks deep (all when None); the others keep their order."""
+    for i, task in enumerate(queue):
+        if depth is not None and i >= depth:
+            break
+        if task.not_before <= now and (ready is None or ready(task.task)):
+            del queue[i]
             return task
-        queue.rotate(-1)
     return None
+
+
+def stalled(queue: collections.deque[Attempts], now: float) -> float:
+    """Nothing runs and nothing queued is ready: seconds until a back-off ends, else the job
+    cannot go on (a task waits for something no task will make)."""
+    if any(t.not_before > now for t in queue):
+        return min(1.0, max(0.05, min(t.not_before for t in queue if t.not_before > now) - now))
+    raise RendererError(f"task {queue[0].task.key} waits for work that no task does; giving up")
 
 
 class LocalPool:
@@ -106,8 +129,17 @@ class LocalPool:
         self.worker.close()
         torch.set_num_threads(self._threads_before)
 
-    def run(self, ctx: RenderContext, tasks: list[Task], on_result: OnResult) -> None:
+    def run(
+        self,
+        ctx: RenderContext,
+        tasks: list[Task],
+        on_result: OnResult,
+        ready: Ready | None = None,
+    ) -> None:
         """Run the tasks of job ``ctx`` on the lanes; ``on_result(task, result)`` for each, in this thread.
+
+        A task is handed out once ``ready(task)`` (when given) is true: the first
+        ready task in the order of ``tasks``; ``ready`` is asked in this thread.
 
         If anything raises here (a task that keeps failing, ``on_result``, an
         interrupt), the queued tasks are dropped and the running ones finish
@@ -120,12 +152,12 @@ class LocalPool:
             while queue or pending:
                 now = time.monotonic()
                 while len(pending) < self.lanes and queue:
-                    task = next_ready(queue, now)
+                    task = next_ready(queue, now, ready, READY_DEPTH if pending else None)
                     if task is None:
                         break
                     pending[self._exec.submit(self.worker.run, ctx, task.task)] = task
                 if not pending:
-                    time.sleep(min(1.0, max(0.05, min(t.not_before for t in queue) - now)))
+                    time.sleep(stalled(queue, now))
                     continue
                 done, _ = wait(pending, timeout=1.0, return_when=FIRST_COMPLETED)
                 for fut in done:

@@ -29,8 +29,8 @@ from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
 from creps.errors import first_line
 
 from .errors import RendererError
-from .local import Attempts, LocalPool, next_ready, retry_later
-from .tasks import OnResult, Pool, Task, TileTask
+from .local import READY_DEPTH, Attempts, LocalPool, next_ready, retry_later, stalled
+from .tasks import OnResult, Pool, Ready, Task, TileTask
 from .tiles import RenderContext
 from .worker import RenderWorker
 
@@ -255,28 +255,41 @@ class WorkerPool:
                 return
             time.sleep(1.0)
 
-    def run(self, ctx: RenderContext, tasks: list[Task], on_result: OnResult) -> None:
-        """Run the tasks of job ``ctx`` on the actors; ``on_result(task, result)`` for each, in this thread."""
+    def run(
+        self,
+        ctx: RenderContext,
+        tasks: list[Task],
+        on_result: OnResult,
+        ready: Ready | None = None,
+    ) -> None:
+        """Run the tasks of job ``ctx`` on the actors; ``on_result(task, result)`` for each, in this thread.
+
+        A task is handed out once ``ready(task)`` (when given) is true: the first
+        ready task in the order of ``tasks``; ``ready`` is asked in this thread.
+        """
         queue = collections.deque(Attempts(t) for t in tasks)
         pending: dict[Any, tuple[int, int, Attempts]] = {}
         while queue or pending:
             now = time.monotonic()
             self._settle_suspects()
+            asked = waiting = False  # waiting: nothing queued is ready now, ask no further slot this round
             for i, slot in enumerate(self.slots):
                 if slot.retired or slot.suspect is not None or not self._started(i, slot):
                     continue
-                while slot.in_flight < self.in_flight and queue:
-                    task = next_ready(queue, now)
+                asked = True
+                while not waiting and slot.in_flight < self.in_flight and queue:
+                    task = next_ready(queue, now, ready, READY_DEPTH if pending else None)
                     if task is None:
+                        waiting = True
                         break
                     ref = slot.actor.run.remote(ctx, task.task)
                     pending[ref] = (i, slot.generation, task)
                     slot.in_flight += 1
             if not pending:
-                time.sleep(min(1.0, max(0.05, min(t.not_before for t in queue) - now)))
+                time.sleep(stalled(queue, now) if asked else 0.05)  # else no actor is up to take a task yet
                 continue
-            ready, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
-            for ref in ready:
+            done, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
+            for ref in done:
                 i, gen, task = pending.pop(ref)
                 slot = self.slots[i]
                 if gen == slot.generation:

@@ -255,6 +255,8 @@ Result = LineResult | list[TileResult]
 
 
 OnResult = Callable[[Task, Result], None]
+# Whether a task may be handed out now (its dependencies are met: a tile task's line ranges are stored)
+Ready = Callable[[Task], bool]
 
 
 class Pool(Protocol):
@@ -262,7 +264,8 @@ class Pool(Protocol):
 
     ``renderer.pool.WorkerPool`` (Ray actors) and ``renderer.local.LocalPool``
     (this process) implement it; the protocol lives here, beside the tasks, so
-    the driver can name it without importing Ray.
+    the driver can name it without importing Ray.  ``run`` hands out the first
+    queued task (in the order given) that ``ready`` accepts.
     """
 
     retries: int
@@ -272,7 +275,7 @@ class Pool(Protocol):
     nodes_used: dict[str, str]  # node id -> description, of nodes whose workers returned results
     nodes_lost: dict[str, str]  # node id -> description, of nodes that died under a worker
 
-    def run(self, ctx: RenderContext, tasks: list[Task], on_result: OnResult) -> None: ...
+    def run(self, ctx: RenderContext, tasks: list[Task], on_result: OnResult, ready: Ready | None = None) -> None: ...
 
     def pids(self, timeout: float = ...) -> list[int]: ...
 

@@ -15,7 +15,7 @@ import importlib
 import sys
 from collections.abc import Callable
 
-from .errors import run_cli
+from .errors import UserError, run_cli
 
 DEBUG_HELP = "on an error, show the full traceback instead of one line (also: CREPS_DEBUG=1)"
 RESUME = "interrupted; re-run the same command to resume"
@@ -84,3 +84,30 @@ def dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         print(f"error: {args.command} is unavailable: {args._error}", file=sys.stderr)
         return 2
     return int(args._module.run(args) or 0)
+
+
+WARP_HELP = (
+    "map the {} coordinates: shift:d, scale:s[,c], mirror[:c], sine:amp,freq[,phase], barrel:k[,c,r]; "
+    "repeat the flag (or join with ';') to chain (see docs/experiments.md)"
+)
+
+
+def add_warp_arguments(g: argparse._ArgumentGroup | argparse.ArgumentParser) -> None:
+    """``--warp-rows`` / ``--warp-cols`` (repeatable), shared by the render, video and view commands."""
+    g.add_argument("--warp-rows", action="append", metavar="WARP", help=WARP_HELP.format("row"))
+    g.add_argument("--warp-cols", action="append", metavar="WARP", help=WARP_HELP.format("column"))
+
+
+def warp_flags(args: argparse.Namespace) -> dict[str, str]:
+    """The warp fields given on the command line, in canonical text (one-line UserError when bad)."""
+    from . import warp
+
+    out = {}
+    for name in ("warp_rows", "warp_cols"):
+        given = getattr(args, name, None)
+        if given is not None:
+            try:
+                out[name] = warp.canonical(given)
+            except ValueError as e:
+                raise UserError(f"--{name.replace('_', '-')}: {e}") from None
+    return out

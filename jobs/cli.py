@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import creps
-from creps.cli import command
+from creps.cli import add_warp_arguments, command, warp_flags
 from creps.errors import first_line
 from creps.precision import PRECISIONS
 from renderer.fsio import is_local, local_path
@@ -120,33 +120,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="then check every tile against its marker's crc32 and re-render bad ones (see `render.py verify`)",
     )
-
-
-WARP_HELP = (
-    "map the {} coordinates: shift:d, scale:s[,c], mirror[:c], sine:amp,freq[,phase], barrel:k[,c,r]; "
-    "repeat the flag (or join with ';') to chain (see docs/experiments.md)"
-)
-
-
-def add_warp_arguments(g: argparse._ArgumentGroup | argparse.ArgumentParser) -> None:
-    """``--warp-rows`` / ``--warp-cols`` (repeatable), shared by the render and video commands."""
-    g.add_argument("--warp-rows", action="append", metavar="WARP", help=WARP_HELP.format("row"))
-    g.add_argument("--warp-cols", action="append", metavar="WARP", help=WARP_HELP.format("column"))
-
-
-def warp_flags(args: argparse.Namespace) -> dict[str, str]:
-    """The warp fields given on the command line, in canonical text (JobSpecError when bad)."""
-    from creps import warp
-
-    out = {}
-    for name in ("warp_rows", "warp_cols"):
-        given = getattr(args, name, None)
-        if given is not None:
-            try:
-                out[name] = warp.canonical(given)
-            except ValueError as e:
-                raise JobSpecError(f"--{name.replace('_', '-')}: {e}") from None
-    return out
 
 
 FLAG_FIELDS = (

@@ -38,11 +38,10 @@ import numpy as np
 import torch
 
 import creps
-from creps.cli import command
+from creps.cli import add_warp_arguments, command, warp_flags
 from creps.errors import CheckpointError
 
 from . import JobSpecError
-from .cli import add_warp_arguments, warp_flags
 from .spec import default_checkpoint, parse_size, parse_storage_options, parse_view
 
 MAX_READ_PX = 64_000_000  # a frame may read at most this many store pixels (else: build the pyramid first)

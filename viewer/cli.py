@@ -37,9 +37,8 @@ import threading
 import webbrowser
 from typing import Any
 
-from creps.cli import command
+from creps.cli import add_warp_arguments, command, warp_flags
 from creps.precision import PRECISIONS
-from jobs.cli import add_warp_arguments, warp_flags
 from renderer.fsio import parse_storage_options
 
 from .errors import ViewerError

@@ -233,7 +233,7 @@ def end_to_end(
 @torch.no_grad()
 def _group_compute_seconds(checkpoint: str, spec: JobSpec, device: str) -> float:
     """The pixel stage alone, one thread, on the groups of tiles the renderer forms for this job."""
-    from renderer.tiles import CALL_PIXELS, tile_groups
+    from renderer.tiles import CALL_PIXELS, group_rect, tile_groups
 
     from .plan import job_plan
 
@@ -252,9 +252,8 @@ def _group_compute_seconds(checkpoint: str, spec: JobSpec, device: str) -> float
         _sync(device)
         t = time.perf_counter()
         for g in groups:
-            G.pixels(
-                ws, R[:, :, g[0].r0 : g[0].r1], C[:, :, g[0].c0 : g[-1].c1], weights=weights, precision=spec.precision
-            )
+            r0, r1, c0, c1 = group_rect(g)
+            G.pixels(ws, R[:, :, r0:r1], C[:, :, c0:c1], weights=weights, precision=spec.precision)
         _sync(device)
         best = min(best, time.perf_counter() - t)
     return best

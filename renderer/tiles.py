@@ -8,10 +8,10 @@ line features.
 
 How a run of tiles ``[start, stop)`` goes (``tiles``):
 
-* **groups**: consecutive tiles of one plan row form one rectangle, rendered
-  by one pixel-stage call of up to ``call_pixels`` pixels (2^18 on a CPU,
-  2^20 on a GPU): small tiles waste no padded pixel blocks and a GPU gets
-  enough pixels per call.  A rectangle is exact whatever its size (any window
+* **groups**: a whole block of tiles (or, when it is larger, consecutive tiles
+  of one plan row) forms one rectangle, rendered by one pixel-stage call of up
+  to ``call_pixels`` pixels (2^18 on a CPU, 2^20 on a GPU): small tiles waste
+  no padded pixel blocks and a GPU gets enough pixels per call.  A rectangle is exact whatever its size (any window
   of the canvas equals the crop of the full frame, docs/exactness.md), so
   grouping does not change a byte.  A tile larger than ``call_pixels`` is
   rendered in bands of whole rows and assembled on the host.
@@ -119,8 +119,26 @@ def peak_rss_mb() -> float:
 
 
 def tile_groups(plan: TilePlan, start: int, stop: int, max_pixels: int) -> Iterator[list[Tile]]:
-    """Tiles [start, stop) as groups of consecutive tiles of one plan row (one rectangle each),
-    at most ``max_pixels`` together; a tile larger than that is a group of its own."""
+    """Tiles [start, stop) as groups that are one rectangle each, at most ``max_pixels`` together:
+    a whole block of a block plan when it fits (tile-row-major inside, so ``group[0]`` is its top
+    left tile), else consecutive tiles of one plan row; a tile larger than that is a group of its own."""
+    if plan.block == 1:
+        yield from _row_groups(plan, start, stop, max_pixels)
+        return
+    k = start
+    while k < stop:
+        b = plan.block_of(k)
+        a, z = plan.block_range(b)
+        r0, r1, c0, c1 = plan.block_rect(b)
+        end = min(z, stop)
+        if a == k and z <= stop and (r1 - r0) * (c1 - c0) <= max_pixels:
+            yield plan.tiles(a, z)
+        else:
+            yield from _row_groups(plan, k, end, max_pixels)
+        k = end
+
+
+def _row_groups(plan: TilePlan, start: int, stop: int, max_pixels: int) -> Iterator[list[Tile]]:
     group: list[Tile] = []
     pixels = 0
     for t in plan.tiles(start, stop):
@@ -131,6 +149,20 @@ def tile_groups(plan: TilePlan, start: int, stop: int, max_pixels: int) -> Itera
         pixels += t.pixels
     if group:
         yield group
+
+
+def group_rect(group: list[Tile]) -> tuple[int, int, int, int]:
+    """(r0, r1, c0, c1) of a group of tiles (``tile_groups``: one rectangle, its top left tile first)."""
+    return group[0].r0, max(t.r1 for t in group), group[0].c0, max(t.c1 for t in group)
+
+
+def _tile_flags(img: torch.Tensor, group: list[Tile]) -> torch.Tensor:
+    """bool [len(group)]: whether each tile of a group's output [1, 3, h, w] is finite everywhere."""
+    finite = torch.isfinite(img[0]).all(dim=0)  # [h, w]
+    r0, _, c0, _ = group_rect(group)
+    if len(group) == 1:
+        return finite.all().reshape(1)
+    return torch.stack([finite[t.r0 - r0 : t.r1 - r0, t.c0 - c0 : t.c1 - c0].all() for t in group])
 
 
 class _BlockLevels:
@@ -167,7 +199,7 @@ def _non_finite(name: str) -> RendererError:
     return RendererError(f"tile {name}: non-finite output (NaN/inf): the weights are broken")
 
 
-Fetch = Callable[[], tuple[np.ndarray, np.ndarray]]  # -> (uint8 [3, h, w], finite per column [w])
+Fetch = Callable[[], tuple[np.ndarray, np.ndarray]]  # -> (uint8 [3, h, w], finite per tile of the group)
 
 
 # ---------------------------------------------------------------- renderer
@@ -292,23 +324,22 @@ class TileRenderer:
             out[:, a - r0 : b - r0] = creps.to_uint8(img)[0].cpu().numpy()
         return out
 
-    def _stage(self, img: torch.Tensor) -> Fetch:
+    def _stage(self, img: torch.Tensor, group: list[Tile]) -> Fetch:
         """Start moving a group's output to the host; the writer thread calls the result.
 
         CPU: nothing to move; the conversion runs in the writer thread.  CUDA:
-        uint8 and per-column finite flags computed on the device, copied to
+        uint8 and per-tile finite flags computed on the device, copied to
         pinned memory on the side stream after an event, waited for by the
         writer alone.
         """
         if not self.cuda:
 
             def fetch_cpu() -> tuple[np.ndarray, np.ndarray]:
-                finite = torch.isfinite(img[0]).all(dim=0).all(dim=0)
-                return creps.to_uint8(img)[0].numpy(), finite.numpy()
+                return creps.to_uint8(img)[0].numpy(), _tile_flags(img, group).numpy()
 
             return fetch_cpu
         u8 = creps.to_uint8(img)[0].contiguous()  # (3, h, w) as the store wants it, made on the compute stream
-        finite = torch.isfinite(img[0]).all(dim=0).all(dim=0)
+        finite = _tile_flags(img, group)
         stream = self._copy_stream
         assert stream is not None
         ready = torch.cuda.Event()
@@ -336,19 +367,19 @@ class TileRenderer:
         """Writer thread: check a group, write its chunks in one store call, crc32 each tile (no marker).
 
         One ``write_chunks`` for the whole group (its tiles are whole chunks or
-        shards side by side): on a local store each chunk is encoded and stored
+        shards making one rectangle): on a local store each chunk is encoded and stored
         directly, elsewhere one zarr call serves the group.
         """
         u8, finite = fetch()
-        g0 = group[0].c0
-        for t in group:  # all checked before anything is written
-            if not bool(finite[t.c0 - g0 : t.c1 - g0].all()):
+        for t, ok in zip(group, finite, strict=True):  # all checked before anything is written
+            if not bool(ok):
                 raise _non_finite(t.id)
-        self.store.write_chunks(0, group[0].r0, g0, u8)
+        r0, _, c0, _ = group_rect(group)
+        self.store.write_chunks(0, r0, c0, u8)
         seconds = round((time.perf_counter() - t0) / len(group), 4)
         results = []
         for t in group:
-            data = np.ascontiguousarray(u8[:, :, t.c0 - g0 : t.c1 - g0])
+            data = np.ascontiguousarray(u8[:, t.r0 - r0 : t.r1 - r0, t.c0 - c0 : t.c1 - c0])
             results.append(self._result(t, data, seconds))
             self._add_to_block(t, data, blocks)
         return results
@@ -412,8 +443,8 @@ class TileRenderer:
                     data = self.render_tile(t.r0, t.r1, t.c0, t.c1, name=t.id)
                     batch.submit(functools.partial(self._write_tile, t, data, t0, blocks))
                     continue
-                img = self._pixels(group[0].r0, group[0].r1, group[0].c0, group[-1].c1)
-                fetch = self._stage(img)
+                img = self._pixels(*group_rect(group))
+                fetch = self._stage(img, group)
                 batch.submit(functools.partial(self._write_group, group, fetch, t0, blocks))
             results = [r for part in batch.drain() for r in part]
         except BaseException:

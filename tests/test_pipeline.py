@@ -19,7 +19,7 @@ from renderer.errors import RendererError
 from renderer.pipeline import WritePipeline
 from renderer.store import ImageStore, open_store
 from renderer.tasks import TilePlan
-from renderer.tiles import tile_groups
+from renderer.tiles import group_rect, tile_groups
 
 
 def _job(tmp_path, **kw) -> JobSpec:
@@ -91,6 +91,24 @@ def test_tile_groups_are_rectangles_within_one_plan_row():
         assert all(t.r0 == g[0].r0 and t.r1 == g[0].r1 for t in g)
         assert all(a.c1 == b.c0 for a, b in itertools.pairwise(g))
     assert [len(g) for g in tile_groups(TilePlan(64, 64, 64), 0, 1, max_pixels=10)] == [1]  # a big tile alone
+
+
+def test_tile_groups_of_a_block_plan_are_whole_blocks_when_they_fit():
+    plan = TilePlan(100, 100, 32, block=2)  # blocks of 2 x 2 tiles (64², edges 64 x 36, 36²)
+    groups = list(tile_groups(plan, 0, len(plan), max_pixels=64 * 64))
+    assert [[t.id for t in g] for g in groups][:2] == [
+        ["r0_c0", "r0_c1", "r1_c0", "r1_c1"],
+        ["r0_c2", "r0_c3", "r1_c2", "r1_c3"],
+    ]
+    assert len(groups) == plan.blocks and [t for g in groups for t in g] == plan.tiles()
+    for g in groups:  # one rectangle, exactly covered by its tiles
+        r0, r1, c0, c1 = group_rect(g)
+        assert sum(t.pixels for t in g) == (r1 - r0) * (c1 - c0)
+    # a block larger than a call, or only part of one: rows of tiles, as in a row-major plan
+    small = list(tile_groups(plan, 0, len(plan), max_pixels=2 * 32 * 32))
+    assert [[t.id for t in g] for g in small][:2] == [["r0_c0", "r0_c1"], ["r1_c0", "r1_c1"]]
+    part = list(tile_groups(plan, 1, 4, max_pixels=64 * 64))
+    assert [[t.id for t in g] for g in part] == [["r0_c1"], ["r1_c0", "r1_c1"]]
 
 
 # ---------------------------------------------------------------- direct chunk writes

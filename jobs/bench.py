@@ -235,7 +235,7 @@ def _group_compute_seconds(checkpoint: str, spec: JobSpec, device: str) -> float
     """The pixel stage alone, one thread, on the groups of tiles the renderer forms for this job."""
     from renderer.tiles import CALL_PIXELS, group_rect, tile_groups
 
-    from .plan import job_plan
+    from .run import prepare
 
     G = creps.load(checkpoint, device=device)
     cv = creps.Canvas(spec.height, spec.width)
@@ -244,7 +244,7 @@ def _group_compute_seconds(checkpoint: str, spec: JobSpec, device: str) -> float
     C = G.lines(ws, cv.col_coords().to(device), "col")
     mode = creps.matmul_mode(spec.precision, device)
     weights = G.pixel_weights(ws).lowered(mode)
-    plan = job_plan(spec)
+    plan = prepare(spec).plan  # the job's own plan: shard and block resolved as the run resolved them
     groups = list(tile_groups(plan, 0, len(plan), CALL_PIXELS["cuda" if device == "cuda" else "cpu"]))
     G.pixels(ws, R[:, :, :1], C[:, :, :1], weights=weights, precision=spec.precision)  # warm up
     best = float("inf")

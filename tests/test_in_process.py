@@ -138,3 +138,14 @@ def test_in_process_to_s3(moto_s3, render_reference):
     assert summary["status"] == "done" and summary["tiles_rendered"] == 15
     got = open_store(spec.out, dict(options), mode="r").read_region(0, 0, 120, 0, 200)
     np.testing.assert_array_equal(got, render_reference(120, 200, seed=4, psi=0.8))
+
+
+def test_bench_overhead_job_runs_on_the_jobs_own_plan():
+    """`render.py bench`'s small-job figures: the pixel stage is timed on the groups the job
+    formed (its resolved shard and block), and every figure is there (not timed here)."""
+    from jobs.bench import overhead
+
+    o = overhead("preset:tiny", 256, 128, 32, 1, "cpu", "fp32")
+    assert o["overhead_tiles"] == 32 and o["overhead_lanes"] == 1
+    assert o["startup_s"] is not None and o["startup_s"] > 0 and o["tile_compute_ms"] > 0
+    assert all(isinstance(o[k], float) for k in ("tile_overhead_ms", "tile_overhead_cpu_ms"))

@@ -274,6 +274,13 @@ def inspect_output(job: Prepared, overwrite: bool) -> ImageStore | None:
         old = {**IDENTITY_DEFAULTS, **old}  # a store from before a key existed holds its default (fp32)
         diff = ", ".join(f"{k}: {old.get(k)!r} -> {v!r}" for k, v in job.identity.items() if old.get(k) != v)
         raise JobSpecError(f"{spec.out} holds a different job ({diff}); re-run with the same job or --overwrite")
+    recorded = store.block_levels
+    if recorded != (spec.block, job.levels):  # same job, but its levels would not be the ones the store records
+        raise JobSpecError(
+            f"{spec.out} records pyramid levels 1..{recorded[1]} written with blocks of {recorded[0]} tiles, but this "
+            f"version writes 1..{job.levels} with blocks of {spec.block}; finish it with the version that made it, "
+            "or --overwrite"
+        )
     return store
 
 

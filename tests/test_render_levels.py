@@ -180,3 +180,17 @@ def test_verify_checks_the_levels_of_each_block_and_repairs_them(tmp_path):
     assert outcome.ok and outcome.rerendered == ("r2_c4",)
     np.testing.assert_array_equal(np.asarray(open_store(url).level(1)[:, 32:64, 64:96]), level1)
     _check_levels(url, 1)
+
+
+def test_a_store_whose_recorded_levels_differ_is_refused_before_anything_runs(tmp_path):
+    from jobs import JobSpecError
+
+    url = str(tmp_path / "rec.zarr")
+    spec = tiny_job(url, height=256, width=256, tile=32, block=4, workers=0)
+    run_job(spec, max_tiles=16, progress=False, log=lambda s: None)
+    store = open_store(url)
+    store.update_meta(render_levels={"block": 4, "levels": 1})  # as if another version had made it
+    before = store.done_count()
+    with pytest.raises(JobSpecError, match=r"records pyramid levels 1\.\.1 .* writes 1\.\.2"):
+        run_job(spec, progress=False, log=lambda s: None)
+    assert open_store(url).done_count() == before

@@ -172,18 +172,13 @@ def _reusable(prog: dict, shapes: list[tuple[int, int]], chunk: int, source: dic
     )
 
 
-def _all_written(store: ImageStore, prog: dict, shapes: list[tuple[int, int]]) -> bool:
+def _all_written(store: ImageStore, prog: dict, shapes: list[tuple[int, int]], chunk: int) -> bool:
     rows = prog.get("rows", {})
-    first = _first_built(store, shapes)
+    first = _render_written(store, shapes, chunk)
     return isinstance(rows, dict) and all(
         (k <= first or rows.get(str(k)) == h) and store.has_level(k) and store.level(k).shape == (3, h, w)
         for k, (h, w) in enumerate(shapes[1:], start=1)
     )
-
-
-def _first_built(store: ImageStore, shapes: list[tuple[int, int]]) -> int:
-    """The level a pass starts from: L (levels 1..L come with the tiles), at most the last level."""
-    return min(render_levels(store), len(shapes) - 1)
 
 
 def pyramid_current(store: ImageStore, min_size: int | None = None) -> bool:
@@ -194,7 +189,7 @@ def pyramid_current(store: ImageStore, min_size: int | None = None) -> bool:
     """
     chunk, shapes = _plan(store, min_size)
     prog = store.pyramid_progress() or {}
-    return _reusable(prog, shapes, chunk, source_state(store)) and _all_written(store, prog, shapes)
+    return _reusable(prog, shapes, chunk, source_state(store)) and _all_written(store, prog, shapes, chunk)
 
 
 def pyramid_complete(store: ImageStore, min_size: int | None = None) -> bool:
@@ -206,7 +201,7 @@ def pyramid_complete(store: ImageStore, min_size: int | None = None) -> bool:
     chunk, shapes = _plan(store, min_size)
     prog = store.pyramid_progress() or {}
     source = source_state(store)
-    return not source["partial"] and _reusable(prog, shapes, chunk, source) and _all_written(store, prog, shapes)
+    return not source["partial"] and _reusable(prog, shapes, chunk, source) and _all_written(store, prog, shapes, chunk)
 
 
 def read_rows(store: ImageStore, level: int, r0: int, r1: int, arr: Any = None) -> np.ndarray:
@@ -334,13 +329,7 @@ class _Writer:
             self.save()
 
     def save(self) -> None:
-        """Write the progress record, keeping a ``stale`` mark a render set since the pass began."""
-        if not self.progress.get("stale"):
-            current = self.store.pyramid_progress() or {}
-            if current.get("stale"):
-                self.progress["stale"] = True
-                self.progress["stale_reason"] = current.get("stale_reason", "level-0 tiles changed")
-        self.store.write_pyramid_progress(self.progress)
+        _save_progress(self.store, self.progress)
 
     def drain(self) -> None:
         while self.inflight:
@@ -360,16 +349,16 @@ def _resume_rows(prog: dict, shapes: list[tuple[int, int]], chunk: int) -> list[
 
 
 def _prepare_levels(
-    store: ImageStore, shapes: list[tuple[int, int]], chunk: int, force: bool, source: dict, first: int
+    store: ImageStore, shapes: list[tuple[int, int]], chunk: int, force: bool, source: dict, first: int, prog: dict
 ) -> dict:
     """Create or check arrays first+1..n-1, drop stale deeper ones; return the progress record.
 
     A record that is not reusable (other plan, stale, built from other tiles,
     partial, or ``force``) starts over: every level the pass builds is
     recreated empty (a full rebuild). Levels 1..``first`` are the render's
-    (written with their tiles) and are never touched here.
+    (written with their tiles) and are never touched here. ``prog`` is the
+    record as the caller read it.
     """
-    prog = store.pyramid_progress() or {}
     if force or source["partial"] or not _reusable(prog, shapes, chunk, source):
         prog = {
             "shapes": [list(s) for s in shapes],
@@ -420,19 +409,10 @@ def build_pyramid(
     order (the exports use it to avoid a second read); a resumed pass reads only
     part of level 0, so a caller must check what it saw.
     """
-    chunk, shapes = _plan(store, min_size)
-    source = source_state(store)
-    prog = store.pyramid_progress() or {}
-    if (
-        not force
-        and not source["partial"]
-        and _reusable(prog, shapes, chunk, source)
-        and _all_written(store, prog, shapes)
-    ):
-        return len(shapes)
-    first = _first_built(store, shapes)
-    prog = _prepare_levels(store, shapes, chunk, force, source, first)
-    done = _resume_rows(prog, shapes, chunk)
+    lp = start_level_pass(store, min_size, force)
+    if lp is None:
+        return len(pyramid_plan(store, min_size))
+    shapes, chunk, prog, done, first = lp.shapes, lp.chunk, lp.prog, lp.done, lp.kept
     workers = workers or max(2, os.cpu_count() or 2)
     with ThreadPoolExecutor(workers) as pool:
         writer = _Writer(store, pool, prog, max_pending=2 * workers)
@@ -449,16 +429,7 @@ def build_pyramid(
                 tap if top == 0 else None,
             )  # fmt: skip
         writer.drain()
-    after = source_state(store)
-    if not prog.get("stale") and after != source:  # tiles landed while we read level 0
-        prog["stale"] = True
-        prog["stale_reason"] = (
-            f"level-0 tiles changed during the pyramid pass ({source['tiles_done']} -> {after['tiles_done']} done)"
-        )
-    writer.save()
-    store.write_ome()
-    store.update_meta(pyramid={"levels": len(shapes), "chunk": chunk, "rule": RULE, "source": source})
-    return len(shapes)
+    return lp.finish()
 
 
 def _feed(
@@ -516,8 +487,11 @@ class LevelPass:
     ``build_pyramid`` does (stale check, OME metadata, store meta).
     """
 
-    def __init__(self, store: ImageStore, shapes: list[tuple[int, int]], chunk: int, source: dict, prog: dict) -> None:
+    def __init__(
+        self, store: ImageStore, shapes: list[tuple[int, int]], chunk: int, source: dict, prog: dict, kept: int = 0
+    ) -> None:
         self.store, self.shapes, self.chunk, self.source, self.prog = store, shapes, chunk, source, prog
+        self.kept = kept  # levels 1..kept are the render's (render_levels), never rebuilt
         self.done = _resume_rows(prog, shapes, chunk)  # rows of each level already written (level 0: all)
         self.first = next((k for k in range(1, len(shapes)) if self.done[k] < shapes[k][0]), len(shapes))
 
@@ -528,17 +502,18 @@ class LevelPass:
         _save_progress(self.store, self.prog)
 
     def finish(self) -> int:
-        after = source_state(self.store)
-        if not self.prog.get("stale") and after != self.source:  # tiles landed while we read
-            self.prog["stale"] = True
-            self.prog["stale_reason"] = (
-                f"level-0 tiles changed during the pyramid pass ({self.source['tiles_done']} -> {after['tiles_done']} done)"
+        """Close the pass (either builder): stale if level-0 tiles changed while it read, the
+        record, the OME metadata and the store meta; the level count."""
+        store, prog, source = self.store, self.prog, self.source
+        after = source_state(store)
+        if not prog.get("stale") and after != source:  # tiles landed while we read
+            prog["stale"] = True
+            prog["stale_reason"] = (
+                f"level-0 tiles changed during the pyramid pass ({source['tiles_done']} -> {after['tiles_done']} done)"
             )
-        _save_progress(self.store, self.prog)
-        self.store.write_ome()
-        self.store.update_meta(
-            pyramid={"levels": len(self.shapes), "chunk": self.chunk, "rule": RULE, "source": self.source}
-        )
+        _save_progress(store, prog)
+        store.write_ome()
+        store.update_meta(pyramid={"levels": len(self.shapes), "chunk": self.chunk, "rule": RULE, "source": source})
         return len(self.shapes)
 
 
@@ -577,34 +552,11 @@ def start_level_pass(store: ImageStore, min_size: int | None = None, force: bool
     source = source_state(store)
     prog = store.pyramid_progress() or {}
     reusable = _reusable(prog, shapes, chunk, source)
-    if not force and not source["partial"] and reusable and _all_written(store, prog, shapes):
+    if not force and not source["partial"] and reusable and _all_written(store, prog, shapes, chunk):
         return None
     kept = _render_written(store, shapes, chunk)
-    if force or source["partial"] or not reusable:
-        prog = {
-            "shapes": [list(s) for s in shapes],
-            "chunk": chunk,
-            "rule": RULE,
-            "rows": {},
-            "source": dict(source),
-            "started": time.time(),
-        }
-    for k, (h, w) in enumerate(shapes[1:], start=1):
-        if k <= kept:
-            prog["rows"][str(k)] = h
-            continue
-        ok = (
-            store.has_level(k)
-            and store.level(k).shape == (3, h, w)
-            and tuple(store.level(k).chunks) == (3, chunk, chunk)
-            and str(k) in prog["rows"]
-        )
-        if not ok:
-            store.create_level(k, h, w, chunk=chunk, overwrite=True)
-            prog["rows"][str(k)] = 0
-    store.delete_levels_from(len(shapes))  # deeper levels of an older plan
-    store.write_pyramid_progress(prog)
-    return LevelPass(store, shapes, chunk, source, prog)
+    prog = _prepare_levels(store, shapes, chunk, force, source, kept, prog)
+    return LevelPass(store, shapes, chunk, source, prog, kept)
 
 
 def read_block(store: ImageStore, level: int, r0: int, r1: int, c0: int, c1: int, arr: Any = None) -> np.ndarray:

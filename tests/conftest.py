@@ -96,21 +96,8 @@ def moto_s3():
     """A real S3 endpoint: ``moto_server`` on 127.0.0.1 (in-memory; dies with the fixture).
     Yields the endpoint URL."""
     port = free_port()
-    proc = subprocess.Popen(
-        [str(VENV_BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
-        wait_port(port)
+    with _serve([str(VENV_BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)], port):
         yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def render_cli_env() -> dict:
@@ -252,3 +239,61 @@ def race_leases(make_lease, n: int = 4) -> list[object]:
         if lease is not None:
             lease.release()
     return got
+
+
+def session_pids(sid: int, needle: str = "") -> list[int]:
+    """Pids of the processes of session ``sid`` (one we started with ``start_new_session``) whose
+    command line contains ``needle``."""
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{name}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if int(fields[3]) == sid and needle in cmd:  # field 6 of stat: the session id
+            found.append(int(name))
+    return found
+
+
+def kill_session(sid: int) -> None:
+    """SIGKILL every process of session ``sid``, one pid at a time (never a process group of others)."""
+    import signal
+
+    for pid in session_pids(sid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+@pytest.fixture
+def ray_head():
+    """`ray start --head --block` (2 CPUs, 127.0.0.1) in its own session and temp dir (so no other
+    `ray.init()` on this machine finds it); stopped by ending exactly the processes it started."""
+    import shutil
+    import signal
+
+    port = free_port()
+    temp = f"/tmp/creps-ray-{port}"
+    argv = [str(VENV_BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}"]
+    argv += ["--num-cpus=2", "--num-gpus=0", "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp}"]
+    head = subprocess.Popen(
+        argv, env=render_cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    try:
+        wait_port(port, timeout=180)
+        time.sleep(2.0)  # the raylet registers after the GCS listens
+        yield f"127.0.0.1:{port}"
+    finally:
+        head.send_signal(signal.SIGTERM)
+        try:
+            head.wait(20)
+        except subprocess.TimeoutExpired:
+            pass
+        kill_session(head.pid)
+        shutil.rmtree(temp, ignore_errors=True)

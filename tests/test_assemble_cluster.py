@@ -5,64 +5,19 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 import tifffile
-from conftest import REPO, VENV_BIN, free_port, render_cli_env, wait_port
+from conftest import REPO, render_cli_env
 
 from jobs.assemble import assemble
 from renderer.pyramid import pyramid_complete, reference_pyramid
 from renderer.store import open_store
 
 H, W, T = 301, 517, 64
-
-
-def _session_pids(sid: int) -> list[int]:
-    pids = []
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                with open(f"/proc/{name}/stat") as f:
-                    if int(f.read().rsplit(")", 1)[1].split()[3]) == sid:
-                        pids.append(int(name))
-            except (OSError, ValueError, IndexError):
-                continue
-    return pids
-
-
-@pytest.fixture
-def ray_head():
-    """`ray start --head --block` (2 CPUs, 127.0.0.1) in its own session and temp dir; stopped by
-    ending exactly the processes of that session, one pid at a time."""
-    port = free_port()
-    temp = f"/tmp/creps-ray-{port}"
-    argv = [str(VENV_BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}"]
-    argv += ["--num-cpus=2", "--num-gpus=0", "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp}"]
-    head = subprocess.Popen(
-        argv, env=render_cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
-    )
-    try:
-        wait_port(port, timeout=180)
-        time.sleep(2.0)  # the raylet registers after the GCS listens
-        yield f"127.0.0.1:{port}"
-    finally:
-        head.send_signal(signal.SIGTERM)
-        try:
-            head.wait(20)
-        except subprocess.TimeoutExpired:
-            pass
-        for pid in _session_pids(head.pid):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        shutil.rmtree(temp, ignore_errors=True)
 
 
 def _store(url: str, seed: int = 7) -> np.ndarray:

@@ -14,63 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
-from conftest import REPO, VENV_BIN, free_port, render_cli_env, wait_port
-
-
-def _session_kill(sid: int) -> None:
-    """SIGKILL every process of the session we started, one pid at a time."""
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[3]) == sid:
-            try:
-                os.kill(int(name), signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-
-
-@pytest.fixture
-def ray_head():
-    """`ray start --head --block` in its own session and temp dir (so no other `ray.init()`
-    on this machine finds it); stopped by ending exactly the processes it started."""
-    port = free_port()
-    temp = f"/tmp/creps-ray-{port}"
-    head = subprocess.Popen(
-        [
-            str(VENV_BIN / "ray"),
-            "start",
-            "--head",
-            "--block",
-            "--node-ip-address=127.0.0.1",
-            f"--port={port}",
-            "--num-cpus=2",
-            "--num-gpus=0",
-            "--include-dashboard=false",
-            "--disable-usage-stats",
-            f"--temp-dir={temp}",
-        ],
-        env=render_cli_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
-        wait_port(port, timeout=180)
-        time.sleep(2.0)  # the raylet registers after the GCS listens
-        yield f"127.0.0.1:{port}"
-    finally:
-        head.send_signal(signal.SIGTERM)
-        try:
-            head.wait(20)
-        except subprocess.TimeoutExpired:
-            pass
-        _session_kill(head.pid)
-        shutil.rmtree(temp, ignore_errors=True)
+from conftest import REPO, VENV_BIN, free_port, kill_session, render_cli_env, session_pids, wait_port
 
 
 def test_render_through_address(ray_head, tmp_path, render_reference):
@@ -106,24 +50,6 @@ def test_render_through_address(ray_head, tmp_path, render_reference):
     assert summary["tiles_rendered"] == summary["tiles_total"] == 20
     got = np.asarray(zarr.open_group(str(out), mode="r")["0"][:])
     np.testing.assert_array_equal(got, render_reference(100, 140, seed=4))
-
-
-def _session_pids(sid: int, needle: str) -> list[int]:
-    """Pids of the processes of session ``sid`` whose command line contains ``needle``."""
-    found = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            with open(f"/proc/{name}/cmdline", "rb") as f:
-                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if int(fields[3]) == sid and needle in cmd:
-            found.append(int(name))
-    return found
 
 
 @pytest.fixture
@@ -179,7 +105,7 @@ def two_nodes(tmp_path):
                     proc.wait(20)
                 except subprocess.TimeoutExpired:
                     pass
-                _session_kill(proc.pid)
+                kill_session(proc.pid)
         shutil.rmtree(temp, ignore_errors=True)
 
 
@@ -215,7 +141,7 @@ def test_node_lost_mid_job_finishes_on_the_head(two_nodes, tmp_path, render_refe
         if markers.is_dir() and len(os.listdir(markers)) >= 6 and len(_marker_pids(markers)) >= 2:
             break
         time.sleep(0.05)
-    raylets = _session_pids(second_sid, "raylet/raylet")
+    raylets = session_pids(second_sid, "raylet/raylet")
     workers = _marker_pids(markers)
     assert job.poll() is None and len(raylets) == 1 and len(workers) == 2, (job.poll(), raylets, workers)
     os.kill(raylets[0], signal.SIGKILL)

@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 import zarr
-from conftest import REPO, render_cli_env, tiny_job
+from conftest import REPO, kill_session, render_cli_env, tiny_job
 
 import render
 from jobs.run import run_job
@@ -39,21 +39,6 @@ def test_killed_worker_is_replaced_and_bytes_identical(tmp_path, render_ray, ren
     assert killed and summary["workers_replaced"] >= 1
     assert summary["status"] == "done" and summary["tiles_rendered"] == summary["tiles_total"] == 110
     np.testing.assert_array_equal(_level0(spec.out), render_reference(160, 176))
-
-
-def _session_pids(sid: int) -> list[int]:
-    """Processes of the session we started (the driver and the Ray it spawned)."""
-    pids = []
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                with open(f"/proc/{name}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[3]) == sid:  # field 6 of stat: session id
-                pids.append(int(name))
-    return pids
 
 
 def test_killed_driver_then_rerun_renders_only_missing_tiles(tmp_path, render_ray, render_reference):
@@ -95,11 +80,7 @@ def test_killed_driver_then_rerun_renders_only_missing_tiles(tmp_path, render_ra
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
     finally:  # the orphaned Ray of the killed driver: its session, process by process
-        for pid in _session_pids(proc.pid):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        kill_session(proc.pid)
     time.sleep(0.5)
     done_before = len(open_store(str(out), mode="r").done_tiles())
     total = 16 * 12

@@ -6,7 +6,6 @@ import contextlib
 import io
 import os
 import re
-import threading
 
 import numpy as np
 import pytest
@@ -16,7 +15,7 @@ from PIL import Image
 
 import creps
 from renderer.store import open_store
-from viewer.server import make_server, open_source
+from viewer.server import open_source
 from viewer.tiles import max_level, tile_bounds
 
 CHROMIUM = "/usr/bin/chromium"
@@ -163,15 +162,8 @@ SETTLED = (
 def serving_endless(**kw):
     from viewer.endless import open_endless
 
-    source = open_endless(BUNDLED, width=2**20, height=2**20, view=(0.0, 1024.0, 0.0, 1024.0), **kw)
-    server = make_server(source, "127.0.0.1", 0)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
+    with serving(open_endless(BUNDLED, width=2**20, height=2**20, view=(0.0, 1024.0, 0.0, 1024.0), **kw)) as server:
         yield server
-    finally:
-        server.shutdown()
-        server.server_close()
-        server.close_source()
 
 
 def test_endless_zoom_from_the_whole_view_to_the_deepest_level(browser, tmp_path):

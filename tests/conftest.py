@@ -271,12 +271,24 @@ def kill_session(sid: int) -> None:
             pass
 
 
+def stop_session(proc: subprocess.Popen) -> None:
+    """End a process started with ``start_new_session``: SIGTERM, up to 20 s to go, then every
+    process left in its session (``kill_session``)."""
+    import signal
+
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        pass
+    kill_session(proc.pid)
+
+
 @pytest.fixture
 def ray_head():
     """`ray start --head --block` (2 CPUs, 127.0.0.1) in its own session and temp dir (so no other
     `ray.init()` on this machine finds it); stopped by ending exactly the processes it started."""
     import shutil
-    import signal
 
     port = free_port()
     temp = f"/tmp/creps-ray-{port}"
@@ -290,10 +302,5 @@ def ray_head():
         time.sleep(2.0)  # the raylet registers after the GCS listens
         yield f"127.0.0.1:{port}"
     finally:
-        head.send_signal(signal.SIGTERM)
-        try:
-            head.wait(20)
-        except subprocess.TimeoutExpired:
-            pass
-        kill_session(head.pid)
+        stop_session(head)
         shutil.rmtree(temp, ignore_errors=True)

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
-from conftest import REPO, VENV_BIN, free_port, kill_session, render_cli_env, session_pids, wait_port
+from conftest import REPO, VENV_BIN, free_port, render_cli_env, session_pids, stop_session, wait_port
 
 
 def test_render_through_address(ray_head, tmp_path, render_reference):
@@ -100,12 +100,7 @@ def two_nodes(tmp_path):
     finally:
         for proc in (second, head):
             if proc is not None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(20)
-                except subprocess.TimeoutExpired:
-                    pass
-                kill_session(proc.pid)
+                stop_session(proc)
         shutil.rmtree(temp, ignore_errors=True)
 
 

@@ -136,3 +136,20 @@ def test_no_import_cycles() -> None:
     for n in sorted(graph):
         if n not in state:
             dfs(n)
+
+
+def test_the_checks_see_typing_imports_and_private_reads(tmp_path: Path) -> None:
+    """The checker itself: an import under TYPE_CHECKING is an edge, and a private name read
+    through an imported module (``alias._name``) is reported like one imported by name."""
+    src = tmp_path / "probe.py"
+    src.write_text(
+        "from typing import TYPE_CHECKING\n"
+        "from jobs import run as run_mod\n"
+        "import renderer.store as st\n"
+        "from . import plan\n"
+        "if TYPE_CHECKING:\n"
+        "    from .stages import LineStage\n"
+        "a, b, c = run_mod._private, st._Private, plan.public\n"
+    )
+    assert ("jobs.stages", ["LineStage"], False) in _imports("jobs.probe", src)
+    assert _private_reads("jobs.probe", src) == ["jobs.run._private", "renderer.store._Private"]

@@ -3,6 +3,11 @@
 Tasks are typed (a worker dispatches on the type, never on a method name) and
 cheap to ship to Ray: pixels never travel, they go from the worker straight
 into the store and only these records return.
+
+The records sit at the bottom of renderer (they import nothing of it): the
+plan of tiles, the ``RenderContext`` a job sends with each task, the tasks,
+their results and the ``Pool`` protocol, so the store, the pixel stage, the
+pools and the driver all name them without importing one another.
 """
 
 from __future__ import annotations

@@ -141,7 +141,7 @@ def _cluster(address: str, workers: int | None) -> Runner:
     """Join the Ray cluster at ``address`` (Ray is imported only here, for this path)."""
     from renderer.cluster import RayRunner
 
-    from .run import probe_address
+    from .pools import probe_address
 
     probe_address(address)
     try:

@@ -37,7 +37,7 @@ from .plan import line_chunk
 from .spec import JobSpec, parse_size, parse_storage_options, parse_view
 
 if TYPE_CHECKING:
-    from .run import Prepared
+    from .job import Prepared
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -38,8 +38,7 @@ import creps
 from creps.errors import first_line
 
 from .errors import RendererError
-from .tasks import OnResult, Ready, Result, Task
-from .tiles import RenderContext
+from .tasks import OnResult, Ready, RenderContext, Result, Task
 from .worker import RenderWorker
 
 

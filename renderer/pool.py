@@ -29,23 +29,9 @@ from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
 from creps.errors import first_line
 
 from .errors import RendererError
-from .local import READY_DEPTH, Attempts, LocalPool, next_ready, retry_later, stalled
-from .tasks import OnResult, Pool, Ready, Task, TileTask
-from .tiles import RenderContext
+from .local import READY_DEPTH, Attempts, next_ready, retry_later, stalled
+from .tasks import OnResult, Ready, RenderContext, Task, TileTask
 from .worker import RenderWorker
-
-__all__ = [  # Pool, OnResult, RenderWorker and LocalPool live in Ray-free modules; named here for older imports
-    "LocalPool",
-    "OnResult",
-    "Pool",
-    "RenderWorker",
-    "WorkerPool",
-    "cluster_resources",
-    "get_pool",
-    "release_pools",
-    "start_ray",
-    "stop_ray",
-]
 
 REPO_ROOT = str(Path(__file__).resolve().parent.parent)
 
@@ -272,48 +258,68 @@ class WorkerPool:
         while queue or pending:
             now = time.monotonic()
             self._settle_suspects()
-            asked = waiting = False  # waiting: nothing queued is ready now, ask no further slot this round
-            for i, slot in enumerate(self.slots):
-                if slot.retired or slot.suspect is not None or not self._started(i, slot):
-                    continue
-                asked = True
-                while not waiting and slot.in_flight < self.in_flight and queue:
-                    task = next_ready(queue, now, ready, READY_DEPTH if pending else None)
-                    if task is None:
-                        waiting = True
-                        break
-                    ref = slot.actor.run.remote(ctx, task.task)
-                    pending[ref] = (i, slot.generation, task)
-                    slot.in_flight += 1
+            asked = self._hand_out(ctx, queue, pending, ready, now)
             if not pending:
                 time.sleep(stalled(queue, now) if asked else 0.05)  # else no actor is up to take a task yet
                 continue
             done, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
             for ref in done:
-                i, gen, task = pending.pop(ref)
-                slot = self.slots[i]
-                if gen == slot.generation:
-                    slot.in_flight -= 1
-                try:
-                    value = ray.get(ref)
-                except ActorUnavailableError as e:
-                    # unreachable: a blip, or its node is dying; its tasks go elsewhere meanwhile
-                    if gen == slot.generation and slot.suspect is None:
-                        self._learn_node(slot)
-                        slot.suspect = slot.actor.pid.remote()
-                    self._retry(queue, task, _root_cause(e), backoff=False)
-                except RayActorError as e:
-                    if gen == slot.generation:  # first news of this actor's death: replace it
-                        self._learn_node(slot)
-                        self._replace(i, f"{task.task.key}: {_root_cause(e)}")
-                    self._retry(queue, task, _root_cause(e), backoff=False)
-                except (RayTaskError, RayError, GetTimeoutError) as e:
-                    self._retry(queue, task, _root_cause(e), backoff=True)
-                else:
-                    if gen == slot.generation:
-                        self._learn_node(slot)
-                    on_result(task.task, value)
+                self._collect(ref, pending.pop(ref), queue, on_result)
         self._settle_suspects(final=True)
+
+    def _hand_out(
+        self,
+        ctx: RenderContext,
+        queue: collections.deque[Attempts],
+        pending: dict[Any, tuple[int, int, Attempts]],
+        ready: Ready | None,
+        now: float,
+    ) -> bool:
+        """Fill the started slots up to ``in_flight`` with the first ready tasks; whether any slot
+        was up to ask.  Once nothing queued is ready, no further slot is asked this round."""
+        asked = waiting = False
+        for i, slot in enumerate(self.slots):
+            if slot.retired or slot.suspect is not None or not self._started(i, slot):
+                continue
+            asked = True
+            while not waiting and slot.in_flight < self.in_flight and queue:
+                task = next_ready(queue, now, ready, READY_DEPTH if pending else None)
+                if task is None:
+                    waiting = True
+                    break
+                ref = slot.actor.run.remote(ctx, task.task)
+                pending[ref] = (i, slot.generation, task)
+                slot.in_flight += 1
+        return asked
+
+    def _collect(
+        self, ref: Any, sent: tuple[int, int, Attempts], queue: collections.deque[Attempts], on_result: OnResult
+    ) -> None:
+        """Take one finished task: its result to ``on_result``, or its failure to the slot (an
+        unreachable actor is suspect, a dead one replaced) and the task back on the queue."""
+        i, gen, task = sent
+        slot = self.slots[i]
+        if gen == slot.generation:
+            slot.in_flight -= 1
+        try:
+            value = ray.get(ref)
+        except ActorUnavailableError as e:
+            # unreachable: a blip, or its node is dying; its tasks go elsewhere meanwhile
+            if gen == slot.generation and slot.suspect is None:
+                self._learn_node(slot)
+                slot.suspect = slot.actor.pid.remote()
+            self._retry(queue, task, _root_cause(e), backoff=False)
+        except RayActorError as e:
+            if gen == slot.generation:  # first news of this actor's death: replace it
+                self._learn_node(slot)
+                self._replace(i, f"{task.task.key}: {_root_cause(e)}")
+            self._retry(queue, task, _root_cause(e), backoff=False)
+        except (RayTaskError, RayError, GetTimeoutError) as e:
+            self._retry(queue, task, _root_cause(e), backoff=True)
+        else:
+            if gen == slot.generation:
+                self._learn_node(slot)
+            on_result(task.task, value)
 
     def _retry(self, queue: collections.deque[Attempts], task: Attempts, error: str, backoff: bool) -> None:
         self.retries += 1

@@ -3,6 +3,11 @@
 Tasks are typed (a worker dispatches on the type, never on a method name) and
 cheap to ship to Ray: pixels never travel, they go from the worker straight
 into the store and only these records return.
+
+The records sit at the bottom of renderer (they import nothing of it): the
+plan of tiles, the ``RenderContext`` a job sends with each task, the tasks,
+their results and the ``Pool`` protocol, so the store, the pixel stage, the
+pools and the driver all name them without importing one another.
 """
 
 from __future__ import annotations
@@ -10,12 +15,11 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, Protocol
-
-if TYPE_CHECKING:
-    from .tiles import RenderContext
+from typing import Any, Protocol
 
 import numpy as np
+
+import creps
 
 
 @dataclass(frozen=True)
@@ -31,9 +35,6 @@ class Tile:
     @property
     def pixels(self) -> int:
         return (self.r1 - self.r0) * (self.c1 - self.c0)
-
-    def as_tuple(self) -> tuple[str, int, int, int, int]:
-        return (self.id, self.r0, self.r1, self.c0, self.c1)
 
 
 @dataclass(frozen=True)
@@ -180,6 +181,39 @@ class TilePlan:
 
 
 _TILE_ID = re.compile(r"r(\d+)_c(\d+)")
+
+
+@dataclass(frozen=True)
+class RenderContext:
+    """Everything a worker needs about a job (plain values, cheap to ship to Ray)."""
+
+    url: str
+    storage_options: dict
+    checkpoint: str
+    init_seed: int
+    seed: int
+    psi: float
+    height: int
+    width: int
+    view: tuple[float, float, float, float]  # y0, y1, x0, x1
+    chunk: int  # level-0 chunk side
+    tile_side: int = 0  # side of a plan tile (a chunk, or a shard when sharded); 0 = chunk
+    warp_rows: str = ""  # creps.warp text of the row / column coordinates ("" = none)
+    warp_cols: str = ""
+    precision: str = "fp32"  # of the pixel stage (creps.precision); part of the job's identity
+    block: int = 1  # plan tiles per block side (renderer.tasks.TilePlan)
+    levels: int = 0  # pyramid levels 1..levels written with each block
+
+    @property
+    def plan(self) -> TilePlan:
+        return TilePlan(self.height, self.width, self.tile_side or self.chunk, self.block)
+
+    @property
+    def canvas(self) -> creps.Canvas:
+        y0, y1, x0, x1 = self.view
+        return creps.Canvas(
+            self.height, self.width, y=(y0, y1), x=(x0, x1), warp_rows=self.warp_rows, warp_cols=self.warp_cols
+        )
 
 
 @dataclass(frozen=True)

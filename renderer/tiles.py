@@ -70,46 +70,13 @@ from .errors import RendererError
 from .pipeline import WriteBatch, WritePipeline
 from .pyramid import downsample
 from .store import ImageStore, open_store
-from .tasks import LineResult, Tile, TilePlan, TileResult
+from .tasks import LineResult, RenderContext, Tile, TilePlan, TileResult
 
 CALL_PIXELS = {"cpu": 1 << 18, "cuda": 1 << 20}  # pixels per pixel-stage call (a group of tiles)
 # Whole line arrays kept in host memory up to this size (both axes): on a CPU every worker holds its own,
 # and reading a group's lines from the store costs ~0.4 % of its compute there; on a GPU the store reads
 # would cost more than the compute (18 MB per 2^20 pixels of ffhq512), so the budget is larger.
 LINE_CACHE_BYTES = {"cpu": 256 << 20, "cuda": 2 << 30}
-
-
-@dataclasses.dataclass(frozen=True)
-class RenderContext:
-    """Everything a worker needs about a job (plain values, cheap to ship to Ray)."""
-
-    url: str
-    storage_options: dict
-    checkpoint: str
-    init_seed: int
-    seed: int
-    psi: float
-    height: int
-    width: int
-    view: tuple[float, float, float, float]  # y0, y1, x0, x1
-    chunk: int  # level-0 chunk side
-    tile_side: int = 0  # side of a plan tile (a chunk, or a shard when sharded); 0 = chunk
-    warp_rows: str = ""  # creps.warp text of the row / column coordinates ("" = none)
-    warp_cols: str = ""
-    precision: str = "fp32"  # of the pixel stage (creps.precision); part of the job's identity
-    block: int = 1  # plan tiles per block side (renderer.tasks.TilePlan)
-    levels: int = 0  # pyramid levels 1..levels written with each block
-
-    @property
-    def plan(self) -> TilePlan:
-        return TilePlan(self.height, self.width, self.tile_side or self.chunk, self.block)
-
-    @property
-    def canvas(self) -> creps.Canvas:
-        y0, y1, x0, x1 = self.view
-        return creps.Canvas(
-            self.height, self.width, y=(y0, y1), x=(x0, x1), warp_rows=self.warp_rows, warp_cols=self.warp_cols
-        )
 
 
 # ---------------------------------------------------------------- helpers

@@ -16,8 +16,8 @@ import torch
 
 import creps
 
-from .tasks import LineTask, Result, Task, TileTask
-from .tiles import RenderContext, TileRenderer
+from .tasks import LineTask, RenderContext, Result, Task, TileTask
+from .tiles import TileRenderer
 
 
 def resolve_device(device: str) -> str:

@@ -1,5 +1,6 @@
 """The layering of docs/architecture.md, checked on the source: imports only point down,
-no import cycle between modules, no module imports another module's private name."""
+no import cycle between modules (typing-only imports count: they are edges of the design too),
+no module imports another module's private name or reads one through an imported module."""
 
 from __future__ import annotations
 
@@ -61,16 +62,36 @@ def _imports(name: str, path: Path) -> list[tuple[str, list[str], bool]]:
                 rest = [n for n in names if n not in subs]
                 if rest:
                     out.append((target, rest, nested))
-            elif isinstance(child, ast.If) and _is_type_checking(child):
-                continue  # typing-only imports do not run
             visit(child, nested)
 
     visit(tree, False)
     return [(m, n, f) for m, n, f in out if m.split(".")[0] in (*PACKAGES, "render", "train")]
 
 
-def _is_type_checking(node: ast.If) -> bool:
-    return isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING"
+def _private_reads(name: str, path: Path) -> list[str]:
+    """``alias._name`` read through a module of ours imported as ``alias`` (``from jobs import run``,
+    ``import renderer.store as store``): a private name used across modules all the same."""
+    tree = ast.parse(path.read_text(), str(path))
+    pkg = name if path.stem == "__init__" else name.rsplit(".", 1)[0]
+    aliases: dict[str, str] = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for a in node.names:
+                if a.asname and a.name in MODULES:
+                    aliases[a.asname] = a.name
+        elif isinstance(node, ast.ImportFrom):
+            base = pkg.split(".")[: len(pkg.split(".")) - (node.level - 1)] if node.level else []
+            target = ".".join(base + ([node.module] if node.module else []))
+            for a in node.names:
+                if f"{target}.{a.name}" in MODULES:
+                    aliases[a.asname or a.name] = f"{target}.{a.name}"
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases:
+            module = aliases[node.value.id]
+            if module != name and node.attr.startswith("_") and not node.attr.startswith("__"):
+                out.append(f"{module}.{node.attr}")
+    return out
 
 
 @pytest.mark.parametrize("name", sorted(MODULES))
@@ -83,6 +104,8 @@ def test_imports_point_down_and_use_public_names(name: str) -> None:
         if other != top or target != name:
             private = [n for n in names if n.startswith("_") and n != "__version__"]
             assert not private, f"{name} imports private names {private} from {target}"
+        assert not target.rsplit(".", 1)[-1].startswith("_"), f"{name} imports the private module {target}"
+    assert not _private_reads(name, MODULES[name]), f"{name} reads private names {_private_reads(name, MODULES[name])}"
 
 
 def test_no_import_cycles() -> None:
@@ -113,3 +136,20 @@ def test_no_import_cycles() -> None:
     for n in sorted(graph):
         if n not in state:
             dfs(n)
+
+
+def test_the_checks_see_typing_imports_and_private_reads(tmp_path: Path) -> None:
+    """The checker itself: an import under TYPE_CHECKING is an edge, and a private name read
+    through an imported module (``alias._name``) is reported like one imported by name."""
+    src = tmp_path / "probe.py"
+    src.write_text(
+        "from typing import TYPE_CHECKING\n"
+        "from jobs import run as run_mod\n"
+        "import renderer.store as st\n"
+        "from . import plan\n"
+        "if TYPE_CHECKING:\n"
+        "    from .stages import LineStage\n"
+        "a, b, c = run_mod._private, st._Private, plan.public\n"
+    )
+    assert ("jobs.stages", ["LineStage"], False) in _imports("jobs.probe", src)
+    assert _private_reads("jobs.probe", src) == ["jobs.run._private", "renderer.store._Private"]

@@ -84,7 +84,8 @@ def test_a_four_million_tile_job_starts_bounded(tmp_path):
     code = """
 import resource, sys
 sys.path.insert(0, {repo!r})
-from jobs.run import prepare, create_output, _todo
+from jobs.output import create_output, tiles_todo
+from jobs.run import prepare
 from jobs.plan import runs
 from jobs.spec import JobSpec
 spec = JobSpec(checkpoint="preset:tiny", width=1 << 20, height=1 << 20, tile=512, out={out!r})
@@ -92,7 +93,7 @@ job = prepare(spec)
 store = create_output(job)
 store.mark_tiles(0, 5000, [])
 store.mark_tiles(100000, 100064, [])
-todo = _todo(job, store, (), None)
+todo = tiles_todo(job, store, (), None)
 tasks = list(runs(todo, 64))
 print("RESULT", len(job.plan), len(todo), len(tasks), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
 """.format(repo=str(REPO), out=str(tmp_path / "tera.zarr"))

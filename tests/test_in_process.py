@@ -116,7 +116,7 @@ def test_specs_saved_before_workers_0_meant_in_process_keep_their_meaning(tmp_pa
 
 
 def test_device_picks_the_ray_pool_shape():
-    from jobs.run import pool_shape
+    from jobs.pools import pool_shape
 
     assert pool_shape(JobSpec(checkpoint="preset:tiny", device="cpu"), cpus=4, gpus=1) == (4, 1, 0.0)
     assert pool_shape(JobSpec(checkpoint="preset:tiny"), cpus=4, gpus=1) == (1, 1, 1.0)

@@ -1,5 +1,5 @@
 """The line stage overlaps the first tiles: a tile task is handed out once the line ranges it
-reads are stored (jobs.run._LineStage, the pools' ``ready``), and the bytes do not change."""
+reads are stored (jobs.stages.LineStage, the pools' ``ready``), and the bytes do not change."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from conftest import tiny_job
 
 import creps
-from jobs import run as run_mod
+from jobs import stages
 from jobs.plan import line_chunk, line_ranges
 from jobs.run import run_job
 from renderer.errors import RendererError
@@ -51,7 +51,7 @@ class _Watch:
         tiles_back = 0
         self.handed: list[tuple[TileTask, bool]] = []  # (tile task, line ranges still outstanding)
         self.wrong: list[str] = []
-        stage = run_mod._LineStage
+        stage = stages.LineStage
         ready0, on_result0 = stage.ready, stage.on_result
         watch = self
 

@@ -77,7 +77,6 @@ import numpy as np
 from creps.errors import UserError, first_line
 
 from .blocks import (
-    BAND_PIXELS,
     Band,
     BandResult,
     DziTiles,
@@ -91,7 +90,7 @@ from .blocks import (
 from .dzi import dzi_xml, max_level
 from .errors import RendererError
 from .fsio import atomic_local_write, filesystem, fresh_ls, is_local, local_path, write_bytes
-from .pyramid import RULE, pyramid_current, pyramid_plan, run_level_pass, source_state, start_level_pass
+from .pyramid import BAND_PIXELS, RULE, pyramid_current, pyramid_plan, run_level_pass, source_state, start_level_pass
 from .scaleout import Runner, ThreadRunner, in_order
 from .store import ImageStore, object_rows
 from .tiff import COMPRESSIONS, TIFF_TILES, write_levels

@@ -315,17 +315,16 @@ def _prepare_levels(
 
 
 # ---------------------------------------------------------------- the builder: levels k+1..m from level k
-def halvings(
-    pixels: np.ndarray, y: int, x: int, last: int, level: int = 0
-) -> Iterator[tuple[int, int, int, np.ndarray]]:
-    """Levels ``level``+1..``last`` of a (3, h, w) block of level ``level`` at (y, x): (k, y_k, x_k, pixels_k).
+def halvings(pixels: np.ndarray, y: int, x: int, last: int) -> Iterator[tuple[int, int, int, np.ndarray]]:
+    """Levels 1..``last`` of a (3, h, w) block of level-0 pixels at (y, x): (k, y_k, x_k, pixels_k),
+    each the rule of the one before.
 
     Exactly the whole image's pixels of each level when the block starts at
     an even row and column of every level it averages (a block of whole
-    chunks, 2^(last - level) of them per side, or one that ends at the image's
-    edge): renderer.tiles writes them, renderer.verify compares them.
+    chunks, 2^last of them per side, or one that ends at the image's edge):
+    renderer.tiles writes them, renderer.verify compares them.
     """
-    for k in range(level + 1, last + 1):
+    for k in range(1, last + 1):
         pixels, y, x = downsample(pixels), y // 2, x // 2
         yield k, y, x, pixels
 

@@ -39,8 +39,8 @@ from creps.cli import command
 from renderer.errors import IncompleteStoreError, RendererError
 from renderer.exports import COMPRESSIONS, DZI_ENGINES, TIFF_TILES, check_target, write_dzi, write_exports, write_tiff
 from renderer.fsio import parse_storage_options
-from renderer.pyramid import source_state
-from renderer.scaleout import Runner, build_levels
+from renderer.pyramid import build_levels, source_state
+from renderer.scaleout import Runner
 from renderer.store import open_store, store_lease
 
 from . import JobSpecError

@@ -110,8 +110,7 @@ def run_levels(url: str, levels: int, workers: int | None = None) -> dict:
     """
     import dask.array as da
 
-    from renderer.arrays import downsampled, halved
-    from renderer.pyramid import pyramid_plan
+    from renderer.pyramid import downsampled, halved, pyramid_plan
     from renderer.store import open_store
 
     store = open_store(url, mode="a")

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from creps import LINE_BLOCK
+from renderer.store import level_shapes
 from renderer.tasks import Tile, TilePlan
 
 from . import JobSpecError
@@ -38,7 +39,6 @@ __all__ = [
     "line_chunk",
     "line_ranges",
     "runs",
-    "tile_plan",
 ]
 
 # A job's done set is one bit per tile in the driver (and markers on the store):
@@ -105,14 +105,10 @@ def auto_block(height: int, width: int, side: int) -> int:
 def block_levels(height: int, width: int, tile: int, shard: int, block: int) -> int:
     """L: the pyramid levels a block of ``block`` x ``block`` plan tiles (each ``shard`` x ``shard``
     chunks of ``tile``) owns whole chunks of: 2**L divides the block's chunks per side; at most the
-    pyramid's last level (renderer.pyramid.level_shapes with one chunk as the smallest side)."""
+    pyramid's last level (renderer.store.level_shapes with one chunk as the smallest side)."""
     chunks = block * shard
     levels = (chunks & -chunks).bit_length() - 1  # 2-adic valuation
-    n = 1
-    h, w = height, width
-    while max(h, w) > tile:
-        h, w, n = (h + 1) // 2, (w + 1) // 2, n + 1
-    return min(levels, n - 1)
+    return min(levels, len(level_shapes(height, width, tile)) - 1)
 
 
 def block_runs(plan: TilePlan, todo: np.ndarray, size: int) -> Iterator[tuple[int, int]]:
@@ -129,11 +125,6 @@ def block_runs(plan: TilePlan, todo: np.ndarray, size: int) -> Iterator[tuple[in
                 b = plan.block_range(plan.block_of(b))[1]
             yield a, b
             a = b
-
-
-def tile_plan(height: int, width: int, tile: int, shard: int = 1) -> list[Tile]:
-    """Every tile of side ``tile * shard`` as a list (small canvases, tests)."""
-    return list(TilePlan(height, width, tile * shard))
 
 
 def runs(todo: np.ndarray, size: int) -> Iterator[tuple[int, int]]:

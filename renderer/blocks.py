@@ -1,11 +1,10 @@
-"""Block work of an assemble: plain functions that one thread or one Ray task runs on a band of rows.
+"""Export work of an assemble: plain functions that one thread or one Ray task runs on a band of rows.
 
 Every function here opens the store by URL and writes its own outputs, so
 the same code runs on a local thread (renderer.scaleout.ThreadRunner) or as a
 Ray task on any node (renderer.cluster.RayRunner); no Ray and no dask here.
+(The pyramid levels' own band task is renderer.pyramid.level_rows.)
 
-- ``level_rows``: rows [r0, r1) of pyramid level k (whole chunk rows) from
-  rows [2 r0, 2 r1) of level k-1, by the rule of renderer.pyramid.downsample.
 - ``export_band``: rows [a, b) of a level: its TIFF tiles (encoded here, the
   bytes returned, in TIFF order, for the one TIFF writer) and the DeepZoom
   tile rows that start in [a, b) (encoded and written here, to a local folder
@@ -28,11 +27,9 @@ import numpy as np
 
 from .dzi import encode_tile, span
 from .fsio import filesystem, is_local, local_path
-from .pyramid import downsample, read_rows
-from .store import ImageStore, open_store, read_rows_hwc
+from .pyramid import BAND_PIXELS, downsample
+from .store import ImageStore, object_rows, open_store
 from .tiff import tile_encoder
-
-BAND_PIXELS = 64 << 20  # level pixels per export band: a few bands per large level, each a few seconds
 
 
 # ---------------------------------------------------------------- where things go
@@ -145,27 +142,6 @@ def _file_writer() -> ThreadPoolExecutor:
         return _WRITER[0]
 
 
-# ---------------------------------------------------------------- pyramid levels
-def level_bands(
-    height: int, width: int, chunk: int, start: int = 0, pixels: int = BAND_PIXELS
-) -> list[tuple[int, int]]:
-    """[r0, r1) of whole chunk rows of a level to build, from row ``start`` (a chunk row boundary)."""
-    rows = max(1, pixels // max(1, width * chunk)) * chunk
-    return [(r, min(r + rows, height)) for r in range(start, height, rows)]
-
-
-def level_rows(source: Source, k: int, r0: int, r1: int) -> int:
-    """Write rows [r0, r1) of level k from level k-1, a chunk row at a time; return the rows written."""
-    store = source.open("a")
-    above, out = store.level(k - 1), store.level(k)
-    h_above = int(above.shape[1])
-    step = int(out.chunks[1])
-    for y in range(r0, r1, step):
-        y1 = min(y + step, r1)
-        out[:, y:y1, :] = downsample(read_rows(store, k - 1, 2 * y, min(2 * y1, h_above), above))
-    return r1 - r0
-
-
 # ---------------------------------------------------------------- export bands
 @dataclass(frozen=True)
 class Band:
@@ -255,17 +231,16 @@ def band_strips(store: ImageStore, k: int, r0: int, r1: int) -> Iterator[np.ndar
     """Rows [r0, r1) of level k as (rows, w, 3) pieces of whole stored chunk rows (or shard rows).
 
     Plain local levels are decoded straight into interleaved rows
-    (renderer.store.read_rows_hwc); anything else, or a chunk that does not
-    decode, goes through zarr (which names an unreadable chunk).
+    (``ImageStore.read_rows_hwc``); anything else, or a chunk that does not
+    decode, goes through zarr (``ImageStore.read_rows`` names an unreadable chunk).
     """
     arr = store.level(k)
-    shards = getattr(arr, "shards", None)
-    step = int(shards[1]) if shards else int(arr.chunks[1])
+    step = object_rows(arr)
     y = r0
     while y < r1:
         y1 = min((y // step + 1) * step, r1)
-        rows = read_rows_hwc(store, k, y, y1)
-        yield rows if rows is not None else hwc(read_rows(store, k, y, y1, arr))
+        rows = store.read_rows_hwc(k, y, y1)
+        yield rows if rows is not None else hwc(store.read_rows(k, y, y1, arr))
         y = y1
 
 

@@ -2,7 +2,7 @@
 
 `write_exports` is block work (renderer.blocks, run by a renderer.scaleout
 ``Runner``: local threads, or Ray tasks with renderer.cluster): first the
-pyramid levels that are missing (renderer.scaleout.build_levels), then every
+pyramid levels that are missing (renderer.pyramid.build_levels), then every
 level in bands of rows, each band read once for both exports and holding a
 chunk row or two of its level at a time (docs/assemble.md); `write_tiff` and
 `write_dzi` are the single-export forms.
@@ -52,7 +52,7 @@ temporary files.
   pyramid levels, the export settings, the time and the software version.
   It is written atomically right after its export is put in place.
 - One line for a broken input: an unreadable chunk is a ``RendererError``
-  naming the level and the chunk (renderer.pyramid.read_rows); a failed write
+  naming the level and the chunk (ImageStore.read_rows); a failed write
   or upload names the target.
 """
 
@@ -77,7 +77,6 @@ import numpy as np
 from creps.errors import UserError, first_line
 
 from .blocks import (
-    BAND_PIXELS,
     Band,
     BandResult,
     DziTiles,
@@ -91,9 +90,9 @@ from .blocks import (
 from .dzi import dzi_xml, max_level
 from .errors import RendererError
 from .fsio import atomic_local_write, filesystem, fresh_ls, is_local, local_path, write_bytes
-from .pyramid import RULE, pyramid_current, pyramid_plan, read_rows, source_state, start_level_pass
-from .scaleout import Runner, ThreadRunner, in_order, run_level_pass
-from .store import ImageStore
+from .pyramid import BAND_PIXELS, RULE, pyramid_current, pyramid_plan, run_level_pass, source_state, start_level_pass
+from .scaleout import Runner, ThreadRunner, in_order
+from .store import ImageStore, object_rows
 from .tiff import COMPRESSIONS, TIFF_TILES, write_levels
 
 DZI_ENGINES = ("vips", "zarr")
@@ -479,7 +478,7 @@ def write_exports(
 ) -> None:
     """The TIFF and/or the DeepZoom pyramid (zarr engine), as block work on ``runner``.
 
-    The pyramid levels that are missing (renderer.scaleout.run_level_pass;
+    The pyramid levels that are missing (renderer.pyramid.run_level_pass;
     nothing when the pyramid is current, renderer.pyramid.pyramid_current) are
     built beside the bands of the levels already there; then every level in bands
     (renderer.blocks.export_band), each band read once for both exports: its
@@ -618,7 +617,7 @@ def _finish_dzi(
     last = len(shapes) - 1
     below = max_level(width, height) - last  # DeepZoom level of the last zarr level
     if below > 0:
-        written.extend(small_dzi_levels(hwc(read_rows(store, last, 0, shapes[last][0])), below, spec))
+        written.extend(small_dzi_levels(hwc(store.read_rows(last, 0, shapes[last][0])), below, spec))
     target.tiles_written(DZI_FOLDER, written)
     with open(target.stage + ".dzi", "w") as f:
         f.write(dzi_xml(width, height, "jpg", spec.tile, spec.overlap))
@@ -667,12 +666,11 @@ def _raw_planes(store: ImageStore, path: str, progress: bool) -> None:
     """Level 0 as three planes (R, G, B) of H*W bytes each, copied chunk row by chunk row."""
     arr = store.level(0)
     _, h, w = arr.shape
-    shards = getattr(arr, "shards", None)  # whole stored objects per read: no range requests
-    step = int(shards[1]) if shards else int(arr.chunks[1])
+    step = object_rows(arr)  # whole stored objects per read: no range requests
     bar = _bar(progress, h * w, "raw")
 
     def read(r: int) -> np.ndarray:
-        return read_rows(store, 0, r, min(r + step, h), arr)
+        return store.read_rows(0, r, min(r + step, h), arr)
 
     try:
         with open(path, "wb") as f, ThreadPoolExecutor(1) as pool:

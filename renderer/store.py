@@ -7,10 +7,11 @@ an ``ImageStore`` for what it needs and never builds a path inside a store:
   <url>/0                            level 0, (3, H, W) uint8, chunks (3, T, T), dims c/y/x
   <url>/1 .. n                       pyramid levels (renderer.pyramid); 1..L written by the render's
                                      workers with their blocks (meta ``render_levels``), the rest by assemble
-  <url>/lines/row, lines/col         line features of the job (renderer.lines)
+  <url>/lines/row, lines/col         line features of the job (``write_lines`` / ``read_lines``)
   <url>/lines/done/<which>_<a>_<b>.json, lines/done/all.json   line-range completion markers
   <url>/tiles/b<start>_<stop>.json   completion marker of tiles [start, stop), written after their data
-                                     (stores written before batches: tiles/<id>.json, one per tile)
+                                     (stores written before batches: tiles/<id>.json, one per tile);
+                                     what a marker holds and its crc32: renderer.markers
   <url>/pyramid.json                 how far each pyramid level got (renderer.pyramid)
   <url>/lease/<gen>.json             who writes the store now (renderer.lease)
 
@@ -19,28 +20,35 @@ listing, on any filesystem, with no locking: each tile is written by exactly
 one worker and its marker only after its chunks.  The non-zarr entries
 (``tiles/``, ``pyramid.json``, ``lines/done``, ``lease/``) are never reached through a
 zarr listing here (levels are probed by name), so zarr never meets them.
+
+Reads go through here too: ``read_block`` / ``read_rows`` turn an unreadable
+chunk into one ``RendererError`` naming the level and the stored object,
+``object_rows(arr)`` is the row height of a level's stored objects (a chunk, or a
+shard when sharded: whole objects per read, no range requests), and
+``read_rows_hwc`` decodes plain local chunks straight into interleaved rows
+(renderer.chunks). ``level_shapes`` is the halving of level shapes that every
+pyramid level follows.
 """
 
 from __future__ import annotations
 
 import os
-import re
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import zarr
-from numcodecs import Zstd
-from zarr.codecs import BytesCodec, ZstdCodec
+from zarr.codecs import ZstdCodec
 from zarr.storage import FsspecStore, LocalStore
 
-from creps.errors import first_line
+from creps.errors import UserError, first_line
 
 from . import fsio
+from .chunks import DirectChunks
 from .errors import RendererError
 from .lease import Lease, LeaseRecord, holder_alive
+from .markers import marker_records, run_name, run_of, run_record
 from .tasks import TilePlan
 
 ATTRS_KEY = "creps_gigapixel"
@@ -51,10 +59,37 @@ LINES_ALL_DONE = "all"
 PYRAMID_PROGRESS = "pyramid.json"
 RENDER_LEVELS = "render_levels"  # meta key: {"block": G, "levels": L} (renderer.pyramid.render_levels)
 LEASE_DIR = "lease"
-_BATCH_MARKER = re.compile(r"b(\d+)_(\d+)")
 CHANNEL_COLORS = ("FF0000", "00FF00", "0000FF")
 CHANNEL_LABELS = ("red", "green", "blue")
 LINE_KINDS = ("row", "col")
+
+
+def level_shapes(height: int, width: int, min_size: int) -> list[tuple[int, int]]:
+    """(h, w) of levels 0..n-1: halve (ceil) until the larger side is <= min_size.
+
+    The one statement of the pyramid's level sizes: renderer.pyramid plans
+    with it (``min_size`` = the chunk side), ``create_job_store`` makes the
+    render's levels with it and jobs.plan bounds a block's levels by it.
+    """
+    if min_size < 1:
+        raise RendererError(f"pyramid min_size must be >= 1, got {min_size}")
+    shapes = [(height, width)]
+    while max(shapes[-1]) > min_size:
+        h, w = shapes[-1]
+        shapes.append(((h + 1) // 2, (w + 1) // 2))
+    return shapes
+
+
+def _object_side(arr: Any) -> tuple[int, int]:
+    """(rows, cols) of one stored object of a level array: a shard when sharded, else a chunk."""
+    outer = getattr(arr, "shards", None) or arr.chunks
+    return int(outer[1]), int(outer[2])
+
+
+def object_rows(arr: Any) -> int:
+    """Rows of one stored object of a level array (``ImageStore.level``): a shard when sharded, else
+    a chunk. Reads of whole object rows need no range requests, and a plan tile is one object of level 0."""
+    return _object_side(arr)[0]
 
 
 @dataclass(frozen=True)
@@ -80,7 +115,7 @@ class ImageStore:
     # Off by default: readers beside a writer (viewer, assemble) must see arrays it recreates.
     cache_arrays: bool = False
     _arrays: dict[str, zarr.Array] = field(default_factory=dict, repr=False)
-    _direct: dict[int, _DirectChunks | None] = field(default_factory=dict, repr=False, compare=False)
+    _direct: dict[int, DirectChunks | None] = field(default_factory=dict, repr=False, compare=False)
 
     def _path(self, rel: str) -> str:
         return f"{self.root}/{rel}"
@@ -186,20 +221,69 @@ class ImageStore:
             return
         direct.write(r0, c0, data)
 
-    def _direct_chunks(self, level: int) -> _DirectChunks | None:
+    def _direct_chunks(self, level: int) -> DirectChunks | None:
         if level not in self._direct:
             arr = self.level(level)
-            self._direct[level] = _DirectChunks.of(arr, self.url) if fsio.is_local(self.url) else None
+            self._direct[level] = DirectChunks.of(arr, self.url) if fsio.is_local(self.url) else None
         return self._direct[level]
 
+    # ------------------------------------------------------------ reads
     def read_region(self, level: int, r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
+        """Pixels [r0:r1, c0:c1] of a level as they read, errors as zarr raises them (renderer.verify
+        tells a damaged chunk from unreachable storage by them)."""
         return np.asarray(self.level(level)[:, r0:r1, c0:c1])
+
+    def read_block(self, level: int, r0: int, r1: int, c0: int, c1: int, arr: Any = None) -> np.ndarray:
+        """Pixels [r0:r1, c0:c1] of a level, (3, h, w); an unreadable chunk is one ``RendererError``
+        naming the level and the first stored object of rows [r0, r1) that does not read by itself.
+        ``arr``: the level's array when the caller holds it (saves a metadata read)."""
+        arr = self.level(level) if arr is None else arr
+        try:
+            return np.asarray(arr[:, r0:r1, c0:c1])
+        except UserError:
+            raise
+        except Exception as e:
+            raise RendererError(self._unreadable(level, arr, r0, r1, e)) from e
+
+    def read_rows(self, level: int, r0: int, r1: int, arr: Any = None) -> np.ndarray:
+        """Rows [r0, r1) of a level as (3, r1 - r0, w), errors as ``read_block``."""
+        arr = self.level(level) if arr is None else arr
+        return self.read_block(level, r0, r1, 0, int(arr.shape[2]), arr)
+
+    def read_rows_hwc(self, level: int, r0: int, r1: int) -> np.ndarray | None:
+        """Rows [r0, r1) of a plain local level as (r1 - r0, w, 3), decoded without zarr's machinery.
+
+        For the exports (renderer.blocks), which want interleaved pixels. None
+        when the level is not a plain local array (``DirectChunks.of``: object
+        stores, shards, other codecs) or any chunk does not decode: then read
+        through ``read_rows`` (which names an unreadable chunk).
+        """
+        if not fsio.is_local(self.url):
+            return None
+        direct = self._direct_chunks(level)
+        return direct.read_rows_hwc(r0, r1) if direct is not None else None
+
+    def _unreadable(self, level: int, arr: Any, r0: int, r1: int, error: Exception) -> str:
+        """Name the first stored object of rows [r0, r1) that does not read by itself (best effort)."""
+        sy, sx = _object_side(arr)
+        width = int(arr.shape[2])
+        for y0 in range(r0 // sy * sy, r1, sy):
+            for x0 in range(0, width, sx):
+                try:
+                    np.asarray(arr[:, y0 : y0 + sy, x0 : x0 + sx])
+                except Exception as e:
+                    return (
+                        f"level {level} chunk {self.chunk_path(level, y0, x0)} of {self.url} (rows "
+                        f"{y0}:{min(y0 + sy, int(arr.shape[1]))}, cols {x0}:{min(x0 + sx, width)}) is unreadable: "
+                        f"{first_line(e)}; re-render those tiles (or restore the store) and re-run"
+                    )
+        return f"cannot read rows {r0}:{r1} of level {level} of {self.url}: {first_line(error)}"
 
     def chunk_path(self, level: int, y: int, x: int) -> str:
         """The stored object (chunk, or shard when sharded) holding pixel (y, x) of a level, relative to the URL."""
         arr = self.level(level)
-        outer = getattr(arr, "shards", None) or arr.chunks
-        key = arr.metadata.encode_chunk_key((0, y // int(outer[1]), x // int(outer[2])))
+        sy, sx = _object_side(arr)
+        key = arr.metadata.encode_chunk_key((0, y // sy, x // sx))
         return f"{level}/{key}"
 
     # ------------------------------------------------------------ attributes
@@ -243,26 +327,20 @@ class ImageStore:
 
     # ------------------------------------------------------------ tile markers
     def tile_plan(self) -> TilePlan:
-        """The tile grid of level 0: one tile per shard (or per chunk when unsharded), in the job's blocks."""
+        """The tile grid of level 0: one tile per stored object (shard, or chunk when unsharded), in the job's blocks."""
         arr = self.level(0)
-        shards = getattr(arr, "shards", None)
-        side = int(shards[1]) if shards else int(arr.chunks[1])
         _, h, w = arr.shape
-        return TilePlan(h, w, side, self.block_levels[0])
+        return TilePlan(h, w, object_rows(arr), self.block_levels[0])
 
     def mark_tiles(self, start: int, stop: int, records: list[dict]) -> None:
         """Record finished tiles [start, stop) of the plan; call only after all their data is written.
 
-        One marker per rendered run of tiles (``tiles/b<start>_<stop>.json``), so
-        a job of millions of tiles has a few thousand markers and its done set
-        comes from names alone.
+        One marker per rendered run of tiles (``tiles/b<start>_<stop>.json``,
+        renderer.markers), so a job of millions of tiles has a few thousand
+        markers and its done set comes from names alone.
         """
-        record = {"start": start, "stop": stop, "tiles": records}
-        fsio.write_json(self.fs, self._path(f"{MARKER_DIR}/b{start}_{stop}.json"), record)
-
-    def mark_done(self, tile_id: str, info: dict) -> None:
-        """Record one finished tile by id (the per-tile marker of stores written before batches)."""
-        fsio.write_json(self.fs, self._path(f"{MARKER_DIR}/{tile_id}.json"), info)
+        path = self._path(f"{MARKER_DIR}/{run_name(start, stop)}.json")
+        fsio.write_json(self.fs, path, run_record(start, stop, records))
 
     def _marker_names(self) -> set[str]:
         return fsio.list_names(self.fs, self._path(MARKER_DIR))
@@ -272,9 +350,9 @@ class ImageStore:
         plan = plan or self.tile_plan()
         mask = np.zeros(len(plan), dtype=bool)
         for name in self._marker_names():
-            m = _BATCH_MARKER.fullmatch(name)
-            if m is not None:
-                mask[int(m.group(1)) : int(m.group(2))] = True
+            run = run_of(name)
+            if run is not None:
+                mask[run[0] : run[1]] = True
                 continue
             k = plan.index(name)
             if k is not None:
@@ -289,24 +367,13 @@ class ImageStore:
         plan = self.tile_plan()
         return {plan.tile(int(k)).id for k in np.flatnonzero(self.done_mask(plan))}
 
-    def tile_records(self) -> Iterator[dict]:
-        """Every done tile's record (``TileResult.marker()``: id, rows, cols, crc32, ...)."""
-        for group in self.tile_record_groups():
-            yield from group
-
     def tile_record_groups(self) -> Iterator[list[dict]]:
-        """The done tiles' records, one list per marker (a run of tiles: whole blocks in a block plan)."""
+        """The done tiles' records (renderer.markers.tile_marker), one list per marker (a run of
+        tiles: whole blocks in a block plan); an unreadable marker yields nothing."""
         for name in sorted(self._marker_names()):
-            record = fsio.read_json(self.fs, self._path(f"{MARKER_DIR}/{name}.json"))
-            if not isinstance(record, dict):
-                continue
-            if _BATCH_MARKER.fullmatch(name):
-                yield [r for r in record.get("tiles", []) if isinstance(r, dict)]
-            else:
-                yield [record]
-
-    def clear_markers(self) -> None:
-        fsio.remove_tree(self.fs, self._path(MARKER_DIR))
+            content = fsio.read_json(self.fs, self._path(f"{MARKER_DIR}/{name}.json"))
+            if isinstance(content, dict):
+                yield marker_records(name, content)
 
     # ------------------------------------------------------------ line features
     def create_line_arrays(self, height: int, width: int, shape: LineShape) -> None:
@@ -334,8 +401,15 @@ class ImageStore:
             raise RendererError(f"{self.url} has no {which} line features; re-run the render job")
         return arr
 
-    def has_line_arrays(self) -> bool:
-        return all(self._array(f"{LINES_GROUP}/{w}") is not None for w in LINE_KINDS)
+    def write_lines(self, which: str, start: int, data: np.ndarray) -> None:
+        """Store float32 features [K, n, rank, C] at line positions [start, start + n), then mark the range."""
+        stop = start + data.shape[1]
+        self.line_array(which)[:, start:stop] = data
+        self.mark_lines(which, start, stop)
+
+    def read_lines(self, which: str, start: int, stop: int) -> np.ndarray:
+        """Features [K, stop - start, rank, C] of positions [start, stop), exactly as stored (C-ordered)."""
+        return np.ascontiguousarray(np.asarray(self.line_array(which)[:, start:stop]))
 
     def mark_lines(self, which: str, start: int, stop: int) -> None:
         """Record a stored line range; call only after its data is written."""
@@ -380,90 +454,6 @@ class ImageStore:
         record = self.pyramid_progress()
         if record is not None and not record.get("stale"):
             self.write_pyramid_progress({**record, "stale": True, "stale_reason": reason})
-
-
-@dataclass(frozen=True)
-class _DirectChunks:
-    """Chunk files of one plain local level array, written without zarr's machinery.
-
-    Replicates exactly what zarr 3 writes for such an array (``of`` refuses
-    any other layout): each chunk's C-order bytes, padded with the fill value
-    at the array's edge, through ``ZstdCodec``'s numcodecs ``Zstd`` when the
-    array has one; the chunk key from the array's own key encoding; a chunk
-    equal to the fill value everywhere is not stored (zarr's
-    ``write_empty_chunks=False``).  tests/test_pipeline.py compares the files
-    with zarr's, byte for byte.
-    """
-
-    folder: str
-    shape: tuple[int, int, int]
-    chunk: tuple[int, int, int]
-    codec: Zstd | None
-    encode_key: Any
-
-    @classmethod
-    def of(cls, arr: zarr.Array, url: str) -> _DirectChunks | None:
-        meta = arr.metadata
-        compressors = tuple(arr.compressors)
-        plain = (
-            getattr(meta, "zarr_format", None) == 3
-            and getattr(arr, "shards", None) is None
-            and arr.dtype == np.uint8
-            and meta.fill_value == 0
-            and isinstance(arr.serializer, BytesCodec)
-            and not arr.filters
-            and (not compressors or (len(compressors) == 1 and isinstance(compressors[0], ZstdCodec)))
-            and not zarr.config.get("array.write_empty_chunks")
-        )
-        if not plain:
-            return None
-        zc = compressors[0] if compressors else None
-        codec = Zstd(level=zc.level, checksum=zc.checksum) if isinstance(zc, ZstdCodec) else None
-        folder = os.path.join(fsio.local_path(url), *arr.path.split("/"))
-        shape = tuple(int(v) for v in arr.shape)
-        chunk = tuple(int(v) for v in arr.chunks)
-        return cls(folder, (shape[0], shape[1], shape[2]), (chunk[0], chunk[1], chunk[2]), codec, meta.encode_chunk_key)
-
-    def aligned(self, r0: int, c0: int, h: int, w: int) -> bool:
-        _, H, W = self.shape
-        _, th, tw = self.chunk
-        return (
-            r0 % th == 0
-            and c0 % tw == 0
-            and (h % th == 0 or r0 + h == H)
-            and (w % tw == 0 or c0 + w == W)
-            and r0 + h <= H
-            and c0 + w <= W
-        )
-
-    def write(self, r0: int, c0: int, data: np.ndarray) -> None:
-        nc, th, tw = self.chunk
-        _, h, w = data.shape
-        for y in range(0, h, th):
-            for x in range(0, w, tw):
-                part = data[:, y : y + th, x : x + tw]
-                if part.shape != (nc, th, tw):  # an edge chunk: zarr stores it whole, padded with the fill value
-                    full = np.zeros((nc, th, tw), dtype=np.uint8)
-                    full[:, : part.shape[1], : part.shape[2]] = part
-                    part = full
-                key = self.encode_key((0, (r0 + y) // th, (c0 + x) // tw))
-                path = os.path.join(self.folder, *key.split("/"))
-                if not part.any():
-                    if os.path.exists(path):
-                        os.unlink(path)
-                    continue
-                raw = np.ascontiguousarray(part)
-                blob = self.codec.encode(raw) if self.codec is not None else raw.tobytes()
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                tmp = f"{path}.{uuid.uuid4().hex}.partial"
-                try:
-                    with open(tmp, "wb") as f:
-                        f.write(blob)
-                    os.replace(tmp, path)
-                except BaseException:
-                    if os.path.exists(tmp):
-                        os.unlink(tmp)
-                    raise
 
 
 def ome_metadata(shapes: list[tuple[int, ...]], name: str = "creps") -> dict:
@@ -581,54 +571,11 @@ def create_job_store(
     fs.invalidate_cache()
     store = open_store(url, storage_options, mode="a")
     store.create_level(0, height, width, tile, shard, compressor, overwrite=True)
-    h, w = height, width
-    for k in range(1, levels + 1):  # the pyramid's own arrays (renderer.pyramid), made early
-        h, w = (h + 1) // 2, (w + 1) // 2
-        store.create_level(k, h, w, chunk=tile, overwrite=True)
+    for k, (h, w) in enumerate(level_shapes(height, width, 1)[1 : levels + 1], start=1):
+        store.create_level(
+            k, h, w, chunk=tile, overwrite=True
+        )  # the pyramid's own arrays (renderer.pyramid), made early
     store.create_line_arrays(height, width, lines)
     store.update_meta(**meta, **{RENDER_LEVELS: {"block": block, "levels": levels}})
     store.write_ome(name=name)
     return store
-
-
-def read_rows_hwc(store: ImageStore, level: int, r0: int, r1: int) -> np.ndarray | None:
-    """Rows [r0, r1) of a plain local level as (r1 - r0, w, 3), decoded without zarr's machinery.
-
-    For the exports (renderer.blocks), which want interleaved pixels: each
-    stored chunk is read, decoded and interleaved straight into the output
-    (no planar copy of the rows). None when the level is not a plain local
-    array (``_DirectChunks.of``: object stores, shards, other codecs) or any
-    chunk does not decode: then read through zarr (renderer.pyramid.read_rows,
-    which names an unreadable chunk).
-    """
-    if not fsio.is_local(store.url):
-        return None
-    direct = store._direct_chunks(level)
-    if direct is None:
-        return None
-    nc, th, tw = direct.chunk
-    _, h, w = direct.shape
-    r1 = min(r1, h)
-    out = np.empty((r1 - r0, w, nc), np.uint8)
-    for cy in range(r0 // th, (r1 + th - 1) // th):
-        y0 = cy * th
-        a, b = max(r0, y0), min(r1, y0 + th)  # rows of this chunk row we want
-        for cx in range((w + tw - 1) // tw):
-            x0 = cx * tw
-            key = direct.encode_key((0, cy, cx))
-            try:
-                with open(os.path.join(direct.folder, *key.split("/")), "rb") as f:
-                    blob = f.read()
-            except FileNotFoundError:
-                out[a - r0 : b - r0, x0 : x0 + tw] = 0  # not stored: the fill value
-                continue
-            try:
-                raw = direct.codec.decode(blob) if direct.codec is not None else blob
-                chunk = np.frombuffer(raw, np.uint8).reshape(nc, th, tw)
-            except Exception:
-                return None
-            part = chunk[:, a - y0 : b - y0, : min(tw, w - x0)]
-            dest = out[a - r0 : b - r0, x0 : x0 + part.shape[2]]
-            for c in range(nc):
-                dest[..., c] = part[c]
-    return out

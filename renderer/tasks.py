@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
@@ -258,7 +258,7 @@ class LineResult:
 
 @dataclass(frozen=True)
 class TileResult:
-    """One rendered tile; also the content of its completion marker."""
+    """One rendered tile; its marker record is renderer.markers.tile_marker of it."""
 
     id: str
     rows: tuple[int, int]
@@ -275,14 +275,6 @@ class TileResult:
     @property
     def pixels(self) -> int:
         return (self.rows[1] - self.rows[0]) * (self.cols[1] - self.cols[0])
-
-    def marker(self) -> dict[str, Any]:
-        """The marker record (JSON): everything but the worker's memory and storage figures."""
-        d = asdict(self)
-        for key in ("peak_rss_mb", "requests", "objects_written"):
-            d.pop(key)
-        d["rows"], d["cols"] = list(self.rows), list(self.cols)
-        return d
 
 
 Result = LineResult | list[TileResult]

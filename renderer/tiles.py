@@ -29,9 +29,9 @@ How a run of tiles ``[start, stop)`` goes (``tiles``):
   (``RenderContext.levels``) has every task cover whole blocks; each block's
   level-0 pixels are gathered in host memory as its tiles are written, and the
   writer thread that writes its last tile averages and writes the block's
-  chunks of levels 1..L (the pyramid rule, renderer.pyramid.downsample; a
-  block owns whole chunks of each of those levels, so no two workers share
-  one) -- all before the run's marker.
+  chunks of levels 1..L (renderer.pyramid.write_block_levels; a block owns
+  whole chunks of each of those levels, so no two workers share one) -- all
+  before the run's marker (renderer.markers: one record per tile, its crc32).
 * **lines**: the job's whole line arrays are read once into host memory when
   they fit ``LINE_CACHE_BYTES`` (256 MiB on a CPU, 2 GiB pinned on CUDA; laid
   out position-major so a group's slice is one contiguous block); each group
@@ -56,7 +56,6 @@ import resource
 import socket
 import threading
 import time
-import zlib
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -65,10 +64,10 @@ import torch
 import creps
 
 from . import fsio
-from . import lines as line_store
 from .errors import RendererError
+from .markers import tile_crc, tile_marker
 from .pipeline import WriteBatch, WritePipeline
-from .pyramid import downsample
+from .pyramid import write_block_levels
 from .store import ImageStore, open_store
 from .tasks import LineResult, RenderContext, Tile, TilePlan, TileResult
 
@@ -135,10 +134,10 @@ def _tile_flags(img: torch.Tensor, group: list[Tile]) -> torch.Tensor:
 class _BlockLevels:
     """One block's level-0 pixels, gathered tile by tile by the writer threads.
 
-    The thread that adds the last tile writes the block's levels 1..L (each a
-    2x2 average of the one above, as renderer.pyramid does for the whole
-    image: the block starts at an even row and column of every level it
-    averages, so its pixels are exactly the whole image's).
+    The thread that adds the last tile writes the block's levels 1..L
+    (renderer.pyramid.write_block_levels: the block starts at an even row and
+    column of every level it averages, so its pixels are exactly the whole
+    image's).
     """
 
     def __init__(self, store: ImageStore, rect: tuple[int, int, int, int], tiles: int, levels: int) -> None:
@@ -156,10 +155,7 @@ class _BlockLevels:
             last = self.left == 0
         if last:
             img, self.pixels = self.pixels, None
-            r0, c0 = self.r0, self.c0
-            for k in range(1, self.levels + 1):
-                img, r0, c0 = downsample(img), r0 // 2, c0 // 2
-                self.store.write_chunks(k, r0, c0, img)
+            write_block_levels(self.store, img, self.r0, self.c0, self.levels)
 
 
 def _non_finite(name: str) -> RendererError:
@@ -216,7 +212,7 @@ class TileRenderer:
         coords = self.canvas.row_coords() if which == "row" else self.canvas.col_coords()
         with torch.no_grad():
             feats = self.G.lines(self.ws, coords.to(self.device), which, start, stop, weights=self._line_weights)
-        line_store.write_lines(self.store, which, start, feats)
+        self.store.write_lines(which, start, feats[0].detach().to("cpu", torch.float32).numpy())
         requests, objects = self._io_since_last()
         return LineResult(which, start, stop, time.perf_counter() - t0, peak_rss_mb(), requests, objects)
 
@@ -254,7 +250,7 @@ class TileRenderer:
         """Line features [1, K, stop-start, rank, C] on the device, exactly as stored."""
         cache = self._line_cache()
         if cache is None:
-            return line_store.read_lines(self.store, which, start, stop, self.device)
+            return torch.from_numpy(self.store.read_lines(which, start, stop)).unsqueeze(0).to(self.device)
         part = cache[which][start:stop].to(self.device, non_blocking=True)  # one contiguous block
         return part.permute(1, 0, 2, 3).unsqueeze(0)
 
@@ -384,7 +380,7 @@ class TileRenderer:
             id=t.id,
             rows=(t.r0, t.r1),
             cols=(t.c0, t.c1),
-            crc32=zlib.crc32(data.data),
+            crc32=tile_crc(data),
             seconds=seconds,
             pid=os.getpid(),
             host=socket.gethostname(),
@@ -417,7 +413,7 @@ class TileRenderer:
         except BaseException:
             batch.discard()
             raise
-        self.store.mark_tiles(start, stop, [r.marker() for r in results])
+        self.store.mark_tiles(start, stop, [tile_marker(r) for r in results])
         requests, objects = self._io_since_last()
         results[-1] = dataclasses.replace(results[-1], requests=requests, objects_written=objects)
         return results

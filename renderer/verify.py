@@ -1,6 +1,6 @@
 """Check a store's level-0 tiles against their completion markers.
 
-Every marker (``TileResult.marker()``) holds the crc32 of the tile's uint8
+Every marker (renderer.markers) holds the crc32 of the tile's uint8
 pixels as the worker wrote them.  Verifying a tile reads its region of level 0
 back, decodes it and compares the crc32.  A tile is bad when
 
@@ -13,7 +13,7 @@ back, decodes it and compares the crc32.  A tile is bad when
 In a store whose render writes pyramid levels 1..L with its blocks
 (``ImageStore.block_levels``), each block is read once as a whole: its tiles
 are checked from that read, and then its chunks of levels 1..L are compared
-with the 2x2 means of its level-0 pixels (renderer.pyramid.downsample). A
+with the 2x2 means of its level-0 pixels (renderer.pyramid.halvings). A
 block whose levels do not match (a damaged or lost level chunk) makes its
 first tile bad with that reason, so a repair renders the block again, levels
 included.
@@ -31,7 +31,6 @@ from __future__ import annotations
 import functools
 import re
 import time
-import zlib
 from collections.abc import Callable, Collection, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -42,7 +41,8 @@ import numpy as np
 from creps.errors import first_line
 
 from .errors import RendererError
-from .pyramid import downsample
+from .markers import Marked, tile_crc
+from .pyramid import halvings
 from .store import ImageStore
 from .tasks import TilePlan
 
@@ -100,23 +100,6 @@ def _natural(tile_id: str) -> list[Any]:
     return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", tile_id)]
 
 
-def tile_crc(data: np.ndarray) -> int:
-    """The crc32 a marker holds: of the C-order bytes of the uint8 (3, h, w) tile."""
-    return zlib.crc32(np.ascontiguousarray(data, dtype=np.uint8).tobytes())
-
-
-def _span(record: dict, key: str) -> tuple[int, int] | None:
-    value = record.get(key)
-    if (
-        isinstance(value, (list, tuple))
-        and len(value) == 2
-        and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
-        and 0 <= value[0] < value[1]
-    ):
-        return int(value[0]), int(value[1])
-    return None
-
-
 Reader = Callable[[tuple[int, int], tuple[int, int]], np.ndarray]  # (rows, cols) -> (3, h, w) uint8
 
 
@@ -126,10 +109,9 @@ def check_tile(store: ImageStore, record: dict, shape: tuple[int, int]) -> BadTi
 
 
 def _check_record(store: ImageStore, record: dict, shape: tuple[int, int], read: Reader) -> BadTile | None:
-    tile_id = str(record.get("id"))
-    rows, cols = _span(record, "rows"), _span(record, "cols")
-    crc = record.get("crc32")
-    if rows is None or cols is None or not isinstance(crc, int) or isinstance(crc, bool):
+    m = Marked.of(record)
+    tile_id, rows, cols, crc = m.id, m.rows, m.cols, m.crc32
+    if rows is None or cols is None or crc is None:
         return BadTile(tile_id, rows, cols, "malformed marker (no rows/cols/crc32)")
     h, w = shape
     if rows[1] > h or cols[1] > w:
@@ -149,11 +131,12 @@ def _check_record(store: ImageStore, record: dict, shape: tuple[int, int], read:
 
 
 Found = list[tuple[str, BadTile | None]]  # (tile id, why it is bad or None), one per record checked
+Checked = tuple[Found, BadTile | None]  # the findings of one unit of work, and a block whose levels are bad
 
 
 def check_block(
     store: ImageStore, plan: TilePlan, block: int, records: list[dict], shape: tuple[int, int], levels: int
-) -> tuple[Found, BadTile | None]:
+) -> Checked:
     """The records of one block checked from one read of it, then its levels 1..``levels``.
 
     Returns the per-record findings and, when every tile of the block is in
@@ -180,26 +163,117 @@ def check_block(
     good = {tile_id for tile_id, bad in found if bad is None}
     if not levels or not all(plan.tile(k).id in good for k in range(a, z)):
         return found, None
+    reason = _level_problem(store, pixels, (r0, r1, c0, c1), levels)
+    if reason is None:
+        return found, None
     first = plan.tile(a)
-    img, y, x = pixels, r0, c0
-    for k in range(1, levels + 1):
-        img, y, x = downsample(img), y // 2, x // 2
+    return found, BadTile(first.id, (first.r0, first.r1), (first.c0, first.c1), reason)
+
+
+def _level_problem(store: ImageStore, pixels: np.ndarray, rect: tuple[int, int, int, int], levels: int) -> str | None:
+    """Why the stored levels 1..``levels`` of a block do not hold the 2x2 means of its level-0 ``pixels``, or None."""
+    r0, r1, c0, c1 = rect
+    for k, y, x, img in halvings(pixels, r0, c0, levels):
         where = f"pyramid level {k} of its block (level-0 rows {r0}:{r1}, cols {c0}:{c1})"
         try:
             stored = store.read_region(k, y, y + img.shape[1], x, x + img.shape[2])
         except FATAL_ERRORS as e:
             raise RendererError(f"cannot read level {k} of {store.url}: {first_line(e)}") from None
         except Exception as e:
-            reason = f"{where} cannot be decoded ({type(e).__name__}: {first_line(e)})"
-            return found, BadTile(first.id, (first.r0, first.r1), (first.c0, first.c1), reason)
+            return f"{where} cannot be decoded ({type(e).__name__}: {first_line(e)})"
         if not np.array_equal(stored, img):
-            reason = f"{where} does not hold the 2x2 means of its tiles"
-            return found, BadTile(first.id, (first.r0, first.r1), (first.c0, first.c1), reason)
-    return found, None
+            return f"{where} does not hold the 2x2 means of its tiles"
+    return None
 
 
-def _one(store: ImageStore, record: dict, shape: tuple[int, int]) -> tuple[Found, BadTile | None]:
+def _one(store: ImageStore, record: dict, shape: tuple[int, int]) -> Checked:
     return [(str(record["id"]), check_tile(store, record, shape))], None
+
+
+def _units(store: ImageStore, plan: TilePlan, done: set[str], names: set[str]) -> Iterator[Callable[[], Checked]]:
+    """The checks to run: one per record, or one per block (of one marker) in a store with levels."""
+    shape = store.shape
+    _, levels = store.block_levels
+    for group in store.tile_record_groups():
+        ours = [r for r in group if isinstance(r.get("id"), str) and r["id"] in done]  # others: not ours
+        if not levels:
+            yield from (functools.partial(_one, store, r, shape) for r in ours if r["id"] in names)
+            continue
+        blocks: dict[int, list[dict]] = {}
+        for r in ours:
+            k = plan.index(r["id"])
+            if k is not None:
+                blocks.setdefault(plan.block_of(k), []).append(r)
+        for b, recs in blocks.items():
+            if any(r["id"] in names for r in recs):
+                yield functools.partial(check_block, store, plan, b, recs, shape, levels)
+
+
+class _Tally:
+    """What the checks found so far, tile by tile (a tile with several records is good when any matches)."""
+
+    def __init__(self, names: set[str], plan: TilePlan, on_tile: Callable[[str, BadTile | None], None] | None):
+        self.names, self.plan, self.on_tile = names, plan, on_tile
+        self.seen: set[str] = set()  # tiles with a readable record
+        self.good: set[str] = set()
+        self.bad: dict[str, BadTile] = {}
+        self.level_bad: dict[str, BadTile] = {}  # blocks whose levels do not match: bad whatever their crc32 says
+
+    def add(self, checked: Checked) -> None:
+        found, level_problem = checked
+        for tile_id, result in found:
+            if tile_id in self.names:
+                self._tile(tile_id, result)
+        if level_problem is not None:  # reported on the block's first tile we were asked about
+            asked = [tile_id for tile_id, _ in found if tile_id in self.names]
+            if level_problem.id not in self.names and asked:
+                t = self.plan.tile(self.plan.index(asked[0]) or 0)
+                level_problem = BadTile(t.id, (t.r0, t.r1), (t.c0, t.c1), level_problem.reason)
+            self.level_bad[level_problem.id] = level_problem
+
+    def _tile(self, tile_id: str, result: BadTile | None) -> None:
+        self.seen.add(tile_id)
+        first = tile_id not in self.good and tile_id not in self.bad
+        if result is None:
+            self.good.add(tile_id)
+            self.bad.pop(tile_id, None)
+        elif tile_id not in self.good:
+            self.bad.setdefault(tile_id, result)
+        if first and self.on_tile is not None:
+            self.on_tile(tile_id, result)
+
+    def report(self, seconds: float) -> VerifyReport:
+        for tile_id, problem in self.level_bad.items():
+            self.good.discard(tile_id)
+            self.bad[tile_id] = problem
+            self.seen.add(tile_id)
+        # marked done, but no readable record says what its pixels were: it cannot be trusted
+        for name in sorted(self.names - self.seen):
+            unreadable = BadTile(name, None, None, "marker unreadable (no record of this tile's crc32)")
+            self.bad[name] = unreadable
+            if self.on_tile is not None:
+                self.on_tile(name, unreadable)
+        report = tuple(sorted(self.bad.values(), key=lambda b: _natural(b.id)))
+        return VerifyReport(checked=len(self.good) + len(self.bad), bad=report, seconds=seconds)
+
+
+def _run_bounded(units: Iterator[Callable[[], Checked]], workers: int, add: Callable[[Checked], None]) -> None:
+    """Run ``units`` on ``workers`` threads, at most ``workers`` in flight; ``add`` each result in this thread."""
+    with ThreadPoolExecutor(workers, thread_name_prefix="verify") as pool:
+        pending: set[Future] = set()
+        try:
+            for unit in units:
+                while len(pending) >= workers:
+                    finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                    for fut in finished:
+                        add(fut.result())  # a fatal storage error propagates from here
+                pending.add(pool.submit(unit))
+            for fut in list(pending):
+                pending.discard(fut)
+                add(fut.result())
+        finally:
+            for fut in pending:
+                fut.cancel()
 
 
 def verify_store(
@@ -216,82 +290,9 @@ def verify_store(
     bad_or_None)`` is called once per tile as it is checked, in this thread.
     """
     t0 = time.perf_counter()
-    workers = max(1, int(workers))
-    shape = store.shape
     plan = store.tile_plan()
-    _, levels = store.block_levels
     done = store.done_tiles()
     names = done & set(ids) if ids is not None else done
-    seen: set[str] = set()  # tiles with a readable record
-    good: set[str] = set()
-    bad: dict[str, BadTile] = {}
-    level_bad: dict[str, BadTile] = {}  # blocks whose levels do not match: bad whatever their crc32 says
-
-    def units() -> Iterator[Callable[[], tuple[Found, BadTile | None]]]:
-        """The checks to run: one per record, or one per block (of one marker) in a store with levels."""
-        for group in store.tile_record_groups():
-            ours = [
-                r for r in group if isinstance(r.get("id"), str) and r["id"] in done
-            ]  # records outside the plan: not ours
-            if levels:
-                blocks: dict[int, list[dict]] = {}
-                for r in ours:
-                    k = plan.index(r["id"])
-                    if k is not None:
-                        blocks.setdefault(plan.block_of(k), []).append(r)
-                for b, recs in blocks.items():
-                    if any(r["id"] in names for r in recs):
-                        yield functools.partial(check_block, store, plan, b, recs, shape, levels)
-            else:
-                for r in ours:
-                    if r["id"] in names:
-                        yield functools.partial(_one, store, r, shape)
-
-    def finish(fut: Future) -> None:
-        found, level_problem = fut.result()  # a fatal storage error propagates from here
-        for tile_id, result in found:
-            if tile_id not in names:
-                continue
-            seen.add(tile_id)
-            first = tile_id not in good and tile_id not in bad
-            if result is None:
-                good.add(tile_id)
-                bad.pop(tile_id, None)
-            elif tile_id not in good:
-                bad.setdefault(tile_id, result)
-            if first and on_tile is not None:
-                on_tile(tile_id, result)
-        if level_problem is not None:  # reported on the block's first tile we were asked about
-            asked = [tile_id for tile_id, _ in found if tile_id in names]
-            if level_problem.id not in names and asked:
-                t = plan.tile(plan.index(asked[0]) or 0)
-                level_problem = BadTile(t.id, (t.r0, t.r1), (t.c0, t.c1), level_problem.reason)
-            level_bad[level_problem.id] = level_problem
-
-    with ThreadPoolExecutor(workers, thread_name_prefix="verify") as pool:
-        pending: set[Future] = set()
-        try:
-            for unit in units():
-                while len(pending) >= workers:
-                    finished, pending = wait(pending, return_when=FIRST_COMPLETED)
-                    for fut in finished:
-                        finish(fut)
-                pending.add(pool.submit(unit))
-            for fut in list(pending):
-                pending.discard(fut)
-                finish(fut)
-        finally:
-            for fut in pending:
-                fut.cancel()
-    for tile_id, problem in level_bad.items():
-        good.discard(tile_id)
-        bad[tile_id] = problem
-        seen.add(tile_id)
-    # marked done, but no readable record says what its pixels were: it cannot be trusted
-    for name in sorted(names - seen):
-        unreadable = BadTile(name, None, None, "marker unreadable (no record of this tile's crc32)")
-        bad[name] = unreadable
-        if on_tile is not None:
-            on_tile(name, unreadable)
-    report = tuple(sorted(bad.values(), key=lambda b: _natural(b.id)))
-    return VerifyReport(checked=len(good) + len(bad), bad=report, seconds=time.perf_counter() - t0)
+    tally = _Tally(names, plan, on_tile)
+    _run_bounded(_units(store, plan, done, names), max(1, int(workers)), tally.add)
+    return tally.report(time.perf_counter() - t0)

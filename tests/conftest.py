@@ -49,6 +49,20 @@ def wait_port(port: int, timeout: float = 60.0) -> None:
     raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout} s")
 
 
+def mark_tile(store, tile_id: str, record: dict | None = None) -> None:
+    """Mark one tile of ``store``'s plan done the way a render does: its run's marker (ImageStore.mark_tiles)."""
+    k = store.tile_plan().index(tile_id)
+    assert k is not None, tile_id
+    store.mark_tiles(k, k + 1, [{"id": tile_id} if record is None else record])
+
+
+def pyramid_complete(store) -> bool:
+    """The pyramid is current and built from every level-0 tile (a pass then has nothing to do)."""
+    from renderer.pyramid import pyramid_current, source_state
+
+    return pyramid_current(store) and not source_state(store)["partial"]
+
+
 def tiny_job(out: str, **fields):
     """A JobSpec of the tiny preset on two single-thread workers, one tile per task, no exports."""
     from jobs.spec import JobSpec

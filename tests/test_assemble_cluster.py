@@ -11,10 +11,10 @@ import sys
 import numpy as np
 import pytest
 import tifffile
-from conftest import REPO, render_cli_env
+from conftest import REPO, pyramid_complete, render_cli_env
 
 from jobs.assemble import assemble
-from renderer.pyramid import pyramid_complete, reference_pyramid
+from renderer.pyramid import reference_pyramid
 from renderer.store import open_store
 
 H, W, T = 301, 517, 64

@@ -21,7 +21,7 @@ import zipfile
 import numpy as np
 import pytest
 import tifffile
-from conftest import REPO, render_cli_env
+from conftest import REPO, mark_tile, render_cli_env
 
 import render
 from jobs.assemble import assemble
@@ -240,7 +240,7 @@ def test_sidecars_say_what_each_export_was_built_from(tmp_path):
     store.update_meta(tiles_total=35)  # 5 x 7 tiles of 64
     for i in range(5):
         for j in range(7):
-            store.mark_done(f"r{i}_c{j}", {"id": f"r{i}_c{j}"})
+            mark_tile(store, f"r{i}_c{j}")
     t0 = time.time()
     assemble(store.url, tiff=f"{out}/o.tif", dzi=f"{out}/o", compression="zstd", quality=80)
     for name, kind in (("o.tif", "tiff"), ("o.dzi", "dzi"), ("o.szi", "szi")):

@@ -168,9 +168,9 @@ def test_exports_after_interrupted_pyramid(tmp_path):
     store = open_store(str(tmp_path / "s.zarr"), mode="w")
     store.create_level(0, 200, 150, chunk=32)
     store.write_region(0, 0, 0, img)
-    from renderer.pyramid import build_pyramid
+    from renderer.pyramid import build_levels
 
-    build_pyramid(store)
+    build_levels(store)
     prog = json.loads((tmp_path / "s.zarr" / "pyramid.json").read_text())
     prog["rows"] = {k: (32 if k == "1" else 0) for k in prog["rows"]}
     (tmp_path / "s.zarr" / "pyramid.json").write_text(json.dumps(prog))

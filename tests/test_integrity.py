@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from conftest import serving, tiny_job
+from conftest import mark_tile, serving, tiny_job
 from PIL import Image
 
 import creps
@@ -150,9 +150,10 @@ def test_verify_store_unit(tmp_path):
         for j in range(3):
             tile = img[:, i * 32 : i * 32 + 32, j * 32 : j * 32 + 32]
             record = {"id": f"r{i}_c{j}", "rows": [i * 32, i * 32 + 32], "cols": [j * 32, j * 32 + 32]}
-            store.mark_done(f"r{i}_c{j}", {**record, "crc32": zlib.crc32(tile.tobytes())})
-    store.mark_done("r0_c1", {"id": "r0_c1", "rows": [0, 32]})  # no cols, no crc32
-    (tmp_path / "u.zarr" / "tiles" / "r1_c2.json").write_text("{not json")
+            if (i, j) != (1, 2):
+                mark_tile(store, f"r{i}_c{j}", {**record, "crc32": zlib.crc32(tile.tobytes())})
+    mark_tile(store, "r0_c1", {"id": "r0_c1", "rows": [0, 32]})  # its marker rewritten: no cols, no crc32
+    (tmp_path / "u.zarr" / "tiles" / "r1_c2.json").write_text("{not json")  # a per-tile marker of an older store
 
     active, peak = 0, 0
     lock = threading.Lock()
@@ -249,5 +250,5 @@ def test_nan_weights_fail_the_tile_and_leave_no_marker(tmp_path, render_ray):
     with pytest.raises(RendererError, match=r"tile r\d_c\d: non-finite output \(NaN/inf\): the weights are broken"):
         run_job(spec, progress=False)
     store = open_store(spec.out, mode="r")
-    assert store.done_tiles() == set() and not list(store.tile_records())
+    assert store.done_tiles() == set() and not list(store.tile_record_groups())
     assert store.meta["status"] == "failed" and "non-finite output" in store.meta["error"]

@@ -10,7 +10,7 @@ import pytest
 
 import render
 from jobs import JobSpecError
-from jobs.plan import auto_batch, line_chunk, line_ranges, tile_plan
+from jobs.plan import TilePlan, auto_batch, line_chunk, line_ranges
 from jobs.spec import JobSpec, parse_size, parse_storage_options, parse_view
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "jobs" / "examples"
@@ -94,7 +94,7 @@ def test_parsers():
 def test_plan_covers_canvas_once_on_chunk_grid(h, w, t, shard):
     import numpy as np
 
-    tiles = tile_plan(h, w, t, shard)
+    tiles = list(TilePlan(h, w, t * shard))
     cover = np.zeros((h, w), int)
     for tile in tiles:
         assert tile.r0 % (t * shard) == 0 and tile.c0 % (t * shard) == 0  # one chunk/shard per tile

@@ -1,4 +1,4 @@
-"""renderer.pyramid: exact 2x2 rule against numpy, shapes, NGFF validation, resume, fsspec URLs."""
+"""renderer.pyramid: exact 2x2 rule against numpy, shapes, NGFF validation, the builder's record and resume, fsspec URLs."""
 
 from __future__ import annotations
 
@@ -7,16 +7,11 @@ import json
 import numpy as np
 import pytest
 import zarr
+from conftest import pyramid_complete
 
 from renderer.errors import RendererError
-from renderer.pyramid import (
-    build_pyramid,
-    downsample,
-    level_shapes,
-    pyramid_complete,
-    reference_pyramid,
-)
-from renderer.store import open_store
+from renderer.pyramid import build_levels, downsample, halvings, level_bands, reference_pyramid
+from renderer.store import level_shapes, open_store
 
 
 def make_store(url: str, height: int, width: int, chunk: int, seed: int = 0):
@@ -48,7 +43,7 @@ def test_rule_on_hand_values():
 )
 def test_levels_equal_numpy_reference(tmp_path, height, width, chunk):
     store, img = make_store(str(tmp_path / "s.zarr"), height, width, chunk)
-    n = build_pyramid(store, workers=2)
+    n = build_levels(store, workers=2)
     ref = reference_pyramid(img, chunk)
     assert n == len(ref) == store.level_count()
     assert [store.level(k).shape[1:] for k in range(n)] == level_shapes(height, width, chunk)
@@ -64,13 +59,34 @@ def test_shapes_for_odd_nonsquare():
     assert level_shapes(301, 517, 64) == [(301, 517), (151, 259), (76, 130), (38, 65), (19, 33)]
     assert level_shapes(16384, 16384, 512)[-1] == (512, 512)
     assert len(level_shapes(16384, 16384, 512)) == 6
+    with pytest.raises(RendererError, match="min_size must be >= 1"):
+        level_shapes(10, 10, 0)
+
+
+def test_halvings_of_a_block_are_the_whole_image_levels():
+    """A block of whole chunks (2^L of them per side, or up to the image's edge) halved L times is
+    exactly its part of each level of the whole image; the render writes it, verify compares it."""
+    img = np.random.default_rng(5).integers(0, 256, (3, 150, 201), dtype=np.uint8)
+    ref = reference_pyramid(img, 16)
+    for y, x in [(0, 0), (64, 128), (128, 192)]:  # inside, and blocks cut by the bottom/right edges
+        block = img[:, y : y + 64, x : x + 64]
+        got = list(halvings(block, y, x, 2))
+        assert [(k, yk, xk) for k, yk, xk, _ in got] == [(1, y // 2, x // 2), (2, y // 4, x // 4)]
+        for k, yk, xk, px in got:
+            np.testing.assert_array_equal(px, ref[k][:, yk : yk + px.shape[1], xk : xk + px.shape[2]])
+
+
+def test_level_bands_are_whole_chunk_rows_from_the_resume_row():
+    assert level_bands(151, 259, 16, pixels=16 * 259 * 2) == [(0, 32), (32, 64), (64, 96), (96, 128), (128, 151)]
+    assert level_bands(151, 259, 16, start=64, pixels=1) == [(r, min(r + 16, 151)) for r in range(64, 151, 16)]
+    assert level_bands(40, 7, 16, pixels=1 << 20) == [(0, 40)]
 
 
 def test_ome_zarr_models_validates(tmp_path):
     from ome_zarr_models.v05.image import Image
 
     store, _ = make_store(str(tmp_path / "s.zarr"), 301, 517, 64)
-    build_pyramid(store)
+    build_levels(store)
     group = zarr.open_group(str(tmp_path / "s.zarr"), mode="r")
     image = Image.from_zarr(group)
     ms = image.ome_attributes.multiscales[0]
@@ -83,22 +99,22 @@ def test_ome_zarr_models_validates(tmp_path):
 def test_memory_url_and_rerun_is_noop():
     store, img = make_store("memory://pyr-test", 200, 130, 32)
     assert not pyramid_complete(store)
-    n = build_pyramid(store)
+    n = build_levels(store)
     assert pyramid_complete(store)
     ref = reference_pyramid(img, 32)
     for k in range(1, n):
         np.testing.assert_array_equal(read_level(store, k), ref[k])
     store.level(1)[:, :32, :32] = 0  # a complete pyramid is left alone on re-run
-    assert build_pyramid(store) == n
+    assert build_levels(store) == n
     assert not read_level(store, 1)[:, :32, :32].any()
-    build_pyramid(store, force=True)
+    build_levels(store, force=True)
     np.testing.assert_array_equal(read_level(store, 1), ref[1])
 
 
 def test_resume_finishes_and_keeps_finished_rows(tmp_path):
     url = str(tmp_path / "s.zarr")
     store, img = make_store(url, 301, 517, 16)
-    n = build_pyramid(store)
+    n = build_levels(store)
     ref = reference_pyramid(img, 16)
     # Simulate a run killed part-way: each level's recorded prefix is shorter and the rows after
     # it hold garbage; a sentinel inside a finished prefix shows finished rows are not recomputed.
@@ -111,7 +127,7 @@ def test_resume_finishes_and_keeps_finished_rows(tmp_path):
     prog_path.write_text(json.dumps(prog))
     store.level(1)[:, 0, 0] = 1  # sentinel in a finished chunk row
     assert not pyramid_complete(store)
-    assert build_pyramid(store) == n
+    assert build_levels(store) == n
     assert pyramid_complete(store)
     lvl1 = read_level(store, 1)
     assert (lvl1[:, 0, 0] == 1).all()
@@ -123,14 +139,14 @@ def test_resume_finishes_and_keeps_finished_rows(tmp_path):
 
 def test_resume_clamps_inconsistent_progress(tmp_path):
     store, img = make_store(str(tmp_path / "s.zarr"), 150, 90, 16)
-    n = build_pyramid(store)
+    n = build_levels(store)
     prog_path = tmp_path / "s.zarr" / "pyramid.json"
     prog = json.loads(prog_path.read_text())
     prog["rows"] = {"1": 16, "2": 38, "3": 19, "4": 10}  # deeper levels claim more than level 1 supports
     prog_path.write_text(json.dumps(prog))
     for k in range(1, n):
         store.level(k)[:, 16:, :] = 5
-    build_pyramid(store)
+    build_levels(store)
     for k, r in enumerate(reference_pyramid(img, 16)[1:], start=1):
         np.testing.assert_array_equal(read_level(store, k), r)
 
@@ -138,11 +154,11 @@ def test_resume_clamps_inconsistent_progress(tmp_path):
 def test_stale_levels_replaced(tmp_path):
     url = str(tmp_path / "s.zarr")
     store, _ = make_store(url, 300, 300, 16, seed=1)
-    build_pyramid(store)
+    build_levels(store)
     assert store.level_count() == 6
     store2, img2 = make_store(url, 100, 40, 16, seed=2)  # re-rendered smaller, old levels gone by 'w'
     store2.create_level(5, 3, 3, chunk=16)  # a stray deeper level from an older plan
-    n = build_pyramid(store2)
+    n = build_levels(store2)
     assert n == store2.level_count() == 4
     assert not store2.has_level(5)
     for k, r in enumerate(reference_pyramid(img2, 16)[1:], start=1):
@@ -152,4 +168,4 @@ def test_stale_levels_replaced(tmp_path):
 def test_missing_level0_is_one_clear_error(tmp_path):
     store = open_store(str(tmp_path / "empty.zarr"), mode="w")
     with pytest.raises(RendererError, match="no level 0"):
-        build_pyramid(store)
+        build_levels(store)

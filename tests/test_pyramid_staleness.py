@@ -13,18 +13,13 @@ import os
 import numpy as np
 import pytest
 import tifffile
+from conftest import mark_tile, pyramid_complete
 
 import render
 from jobs.assemble import assemble
 from renderer.errors import IncompleteStoreError
-from renderer.pyramid import (
-    build_pyramid,
-    pyramid_complete,
-    pyramid_current,
-    reference_pyramid,
-    render_levels,
-    source_state,
-)
+from renderer.pyramid import build_levels, pyramid_current, reference_pyramid, render_levels, source_state
+from renderer.scaleout import ThreadRunner
 from renderer.store import PYRAMID_PROGRESS, open_store
 from viewer.tiles import usable_levels
 
@@ -135,7 +130,7 @@ def _job_store(url: str, done: int, total: int = 4, side: int = 64, chunk: int =
     for k in range(done):
         i, j = divmod(k, side // chunk)
         store.write_region(0, i * chunk, j * chunk, rng.integers(0, 256, (3, chunk, chunk), dtype=np.uint8))
-        store.mark_done(f"r{i}_c{j}", {"id": f"r{i}_c{j}"})
+        mark_tile(store, f"r{i}_c{j}")
     return store
 
 
@@ -147,7 +142,30 @@ def _render_rest(store, start: int, chunk: int = 32, seed: int = 1) -> None:
     for k in range(start, (side // chunk) ** 2):
         i, j = divmod(k, side // chunk)
         store.write_region(0, i * chunk, j * chunk, rng.integers(0, 256, (3, chunk, chunk), dtype=np.uint8))
-        store.mark_done(f"r{i}_c{j}", {"id": f"r{i}_c{j}"})
+        mark_tile(store, f"r{i}_c{j}")
+
+
+class _HookRunner(ThreadRunner):
+    """Local threads that call ``hook`` once, as the pass hands out its first band (the pass has read
+    its source and written its record by then): something happening while a pass runs."""
+
+    def __init__(self, hook) -> None:
+        super().__init__(2)
+        self.hook = hook
+
+    def submit(self, fn, *args):
+        if self.hook is not None:
+            self.hook, hook = None, self.hook
+            hook()
+        return super().submit(fn, *args)
+
+
+def _build_with(store, hook) -> None:
+    runner = _HookRunner(hook)
+    try:
+        build_levels(store, runner)
+    finally:
+        runner.close()
 
 
 def _assert_reference(store, chunk: int = 32) -> None:
@@ -162,27 +180,27 @@ def test_source_state_and_a_store_without_a_job_counts_as_complete(tmp_path):
     plain = open_store(str(tmp_path / "p.zarr"), mode="w")
     plain.create_level(0, 40, 40, chunk=16)
     assert source_state(plain) == {"tiles_done": 0, "tiles_total": None, "partial": False}
-    build_pyramid(plain)
+    build_levels(plain)
     assert pyramid_complete(plain)
 
 
 def test_partial_record_is_rebuilt_by_the_next_pass(tmp_path):
     store = _job_store(str(tmp_path / "s.zarr"), done=2)
-    build_pyramid(store)
+    build_levels(store)
     assert store.pyramid_progress()["source"]["partial"] is True
     assert not pyramid_complete(store) and pyramid_current(store)
     store.level(1)[:, :, :] = 7  # a partial record is never trusted by the next pass: rebuilt in full
-    build_pyramid(store)
+    build_levels(store)
     _assert_reference(store)
 
 
 def test_stale_record_rebuilds_from_the_new_tiles(tmp_path):
     store = _job_store(str(tmp_path / "s.zarr"), done=2)
-    build_pyramid(store)
+    build_levels(store)
     _render_rest(store, start=2)
     assert store.pyramid_progress()["stale"] is True
     assert not pyramid_current(store) and usable_levels(store) == [(64, 64)]
-    build_pyramid(store)
+    build_levels(store)
     assert pyramid_complete(store) and "stale" not in store.pyramid_progress()
     _assert_reference(store)
     assert len(usable_levels(store)) == 2
@@ -191,12 +209,12 @@ def test_stale_record_rebuilds_from_the_new_tiles(tmp_path):
 def test_rewritten_tile_of_a_complete_store_invalidates(tmp_path):
     """A tile re-rendered (same count of done tiles) is caught by the stale mark alone."""
     store = _job_store(str(tmp_path / "s.zarr"), done=4)
-    build_pyramid(store)
+    build_levels(store)
     assert pyramid_complete(store)
     store.invalidate_pyramid("test: tile r1_c1 re-rendered")
     store.write_region(0, 32, 32, np.full((3, 32, 32), 200, np.uint8))
     assert not pyramid_complete(store)
-    build_pyramid(store)
+    build_levels(store)
     _assert_reference(store)
     assert (store.level(1)[:, 16:, 16:] == 200).all()
 
@@ -204,26 +222,21 @@ def test_rewritten_tile_of_a_complete_store_invalidates(tmp_path):
 def test_record_without_source_is_not_trusted(tmp_path):
     """pyramid.json of an older version (no ``source``) may have been built from an unfinished store."""
     store = _job_store(str(tmp_path / "s.zarr"), done=4)
-    build_pyramid(store)
+    build_levels(store)
     path = tmp_path / "s.zarr" / PYRAMID_PROGRESS
     record = json.loads(path.read_text())
     del record["source"]
     path.write_text(json.dumps(record))
     store.level(1)[:, :, :] = 0
     assert not pyramid_complete(store)
-    build_pyramid(store)
+    build_levels(store)
     _assert_reference(store)
 
 
 def test_invalidation_during_a_pass_is_kept(tmp_path):
     """A render that starts while the pyramid is built: its stale mark survives the pass's own records."""
     store = _job_store(str(tmp_path / "s.zarr"), done=4, side=128)
-
-    def tap(r0: int, strip: np.ndarray) -> None:
-        if r0 == 0:
-            store.invalidate_pyramid("test: a render started")
-
-    build_pyramid(store, tap=tap)
+    _build_with(store, lambda: store.invalidate_pyramid("test: a render started"))
     record = store.pyramid_progress()
     assert record["stale"] is True and record["stale_reason"] == "test: a render started"
     assert not pyramid_complete(store)
@@ -232,14 +245,13 @@ def test_invalidation_during_a_pass_is_kept(tmp_path):
 def test_tiles_landing_during_a_pass_make_it_stale(tmp_path):
     store = _job_store(str(tmp_path / "s.zarr"), done=2)
 
-    def tap(r0: int, strip: np.ndarray) -> None:
-        if r0 == 0:  # a tile finished without invalidating (e.g. an older renderer)
-            store.write_region(0, 32, 0, np.full((3, 32, 32), 9, np.uint8))
-            store.mark_done("r1_c0", {"id": "r1_c0"})
+    def land() -> None:  # a tile finished without invalidating (e.g. an older renderer)
+        store.write_region(0, 32, 0, np.full((3, 32, 32), 9, np.uint8))
+        mark_tile(store, "r1_c0")
 
-    build_pyramid(store, tap=tap)
+    _build_with(store, land)
     assert store.pyramid_progress()["stale"] is True
-    build_pyramid(store)
+    build_levels(store)
     assert store.pyramid_progress()["source"]["tiles_done"] == 3
     _assert_reference(store)
 

@@ -15,11 +15,11 @@ import os
 
 import numpy as np
 import pytest
-from conftest import tiny_job
+from conftest import pyramid_complete, tiny_job
 
 from jobs.plan import auto_block, block_levels, block_runs
 from jobs.run import run_job
-from renderer.pyramid import build_pyramid, pyramid_complete, reference_pyramid, render_levels
+from renderer.pyramid import build_levels, reference_pyramid, render_levels
 from renderer.store import open_store
 from renderer.tasks import TilePlan
 
@@ -101,7 +101,7 @@ def test_in_process_levels_equal_the_mean_of_level_0_odd_sizes(tmp_path):
     store = open_store(url)
     level1 = os.path.join(url, "1")
     before = {os.path.join(r, f): os.stat(os.path.join(r, f)).st_mtime_ns for r, _, fs in os.walk(level1) for f in fs}
-    n = build_pyramid(store)
+    n = build_levels(store)
     after = {os.path.join(r, f): os.stat(os.path.join(r, f)).st_mtime_ns for r, _, fs in os.walk(level1) for f in fs}
     assert before == after and before
     got = _levels(url)
@@ -156,7 +156,7 @@ def test_row_major_stores_still_resume_and_assemble(tmp_path):
     rest = run_job(tiny_job(url, height=256, width=256, tile=32, workers=0), progress=False, log=lambda s: None)
     assert rest["tiles_rendered"] == 57 and open_store(url).meta["identity"]["block"] == 1
     store = open_store(url)
-    build_pyramid(store)
+    build_levels(store)
     got = _levels(url)
     for k, want in enumerate(reference_pyramid(got[0], 32)):
         np.testing.assert_array_equal(got[k], want)

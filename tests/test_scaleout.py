@@ -1,4 +1,5 @@
-"""Assemble as block work (renderer.scaleout, renderer.blocks, renderer.arrays): levels, dask arrays, tiles.
+"""Assemble as block work (renderer.pyramid's builder on renderer.scaleout runners, renderer.blocks,
+renderer.arrays): levels, dask arrays, tiles.
 
 The cluster path (`render.py assemble --address`, DeepZoom to S3) is in test_assemble_cluster.py.
 """
@@ -12,11 +13,12 @@ import os
 import numpy as np
 import pytest
 import tifffile
+from conftest import pyramid_complete
 
 import renderer
 from renderer.blocks import TiffTiles, export_bands
-from renderer.pyramid import pyramid_complete, pyramid_plan, reference_pyramid
-from renderer.scaleout import ThreadRunner, build_levels
+from renderer.pyramid import build_levels, pyramid_plan, reference_pyramid
+from renderer.scaleout import ThreadRunner
 from renderer.store import open_store
 from renderer.tiff import tile_encoder
 

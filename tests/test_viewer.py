@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import serving
+from conftest import mark_tile, serving
 from PIL import Image
 
 from renderer.store import open_store
@@ -99,7 +99,7 @@ def store_url(tmp_path_factory, image) -> str:
     url = make_store(tmp_path_factory.mktemp("v") / "img.zarr", image, meta)
     s = open_store(url)
     for i in range(4):
-        s.mark_done(f"r0_c{i}", {"i": i})
+        mark_tile(s, f"r0_c{i}", {"i": i})
     return url
 
 
@@ -213,12 +213,12 @@ def test_pyramid_levels_are_read_when_listed(tmp_path, image):
 
 def test_levels_of_a_built_pyramid_are_served(tmp_path, image):
     """With renderer.pyramid's levels, DZI level max-i is zarr level i, pixel for pixel."""
-    from renderer.pyramid import build_pyramid
+    from renderer.pyramid import build_levels
     from renderer.store import PYRAMID_PROGRESS
 
     url = make_store(tmp_path / "bp.zarr", image)
     s = open_store(url)
-    n = build_pyramid(s, workers=2)
+    n = build_levels(s, workers=2)
     assert n >= 3
     src = StoreTiles(url, fmt="png")
     assert src.info()["zarr_levels"] == n
@@ -273,7 +273,7 @@ def test_tiles_refresh_while_a_render_progresses(tmp_path):
         assert (decode(get(addr, f"/image_files/{top}/0_0.png")[2]) == 0).all()
         s = open_store(url)
         s.write_region(0, 0, 0, np.full((3, 256, 256), 200, np.uint8))
-        s.mark_done("r0_c0", {})
+        mark_tile(s, "r0_c0", {})
         info1 = json.loads(get(addr, "/api/info")[2])
         assert info1["tiles_done"] == 1 and info1["version"] != info0["version"]
         assert (decode(get(addr, f"/image_files/{top}/0_0.png")[2]) == 200).all()
@@ -482,7 +482,7 @@ def test_store_on_s3_is_served(s3_options, image):
     s.create_level(0, H, W, CHUNK)
     s.write_region(0, 0, 0, image)
     s.update_meta(tiles_total=3, spec={"seed": 5})
-    s.mark_done("r0_c0", {})
+    mark_tile(s, "r0_c0", {})
     with serving(open_source(url, s3_options, fmt="png")) as server:
         addr = server.server_address[:2]
         info = json.loads(get(addr, "/api/info")[2])

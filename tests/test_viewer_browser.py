@@ -10,7 +10,7 @@ import re
 import numpy as np
 import pytest
 import torch
-from conftest import serving, wait_until
+from conftest import mark_tile, serving, wait_until
 from PIL import Image
 
 import creps
@@ -81,7 +81,7 @@ def test_page_draws_tiles_and_zoom_requests_deeper_levels(browser, tmp_path):
     s.write_region(0, 0, 0, pattern(H, W))
     s.update_meta(spec={"seed": 1234, "psi": 0.5, "checkpoint": "tiny"}, tiles_total=4)
     for i in range(4):
-        s.mark_done(f"r0_c{i}", {})
+        mark_tile(s, f"r0_c{i}", {})
     with serving(open_source(url)) as server:
         base = server.url
         page, requests, errors = open_page(browser, base)

@@ -22,7 +22,7 @@ partial, and a pyramid whose tiles were re-rendered since is stale
 render finished always gives the exports of the finished image.
 
 Exports are staged under temporary names and put in place only when whole
-(renderer.exports): a failed assemble -- e.g. a corrupt chunk, reported as
+(renderer.publish): a failed assemble -- e.g. a corrupt chunk, reported as
 one line naming it -- leaves the previous exports as they were. Each export
 gets a ``<export>.source.json`` sidecar saying what it was built from.
 """

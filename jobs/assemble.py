@@ -22,7 +22,7 @@ partial, and a pyramid whose tiles were re-rendered since is stale
 render finished always gives the exports of the finished image.
 
 Exports are staged under temporary names and put in place only when whole
-(renderer.exports): a failed assemble -- e.g. a corrupt chunk, reported as
+(renderer.publish): a failed assemble -- e.g. a corrupt chunk, reported as
 one line naming it -- leaves the previous exports as they were. Each export
 gets a ``<export>.source.json`` sidecar saying what it was built from.
 """
@@ -37,11 +37,15 @@ from concurrent.futures import ThreadPoolExecutor
 
 from creps.cli import command
 from renderer.errors import IncompleteStoreError, RendererError
-from renderer.exports import COMPRESSIONS, DZI_ENGINES, TIFF_TILES, check_target, write_dzi, write_exports, write_tiff
+from renderer.exports import write_exports
 from renderer.fsio import parse_storage_options
+from renderer.options import DZI_ENGINES, DziOptions, OptionError, TiffOptions
+from renderer.publish import check_target
 from renderer.pyramid import build_levels, source_state
 from renderer.scaleout import Runner
 from renderer.store import open_store, store_lease
+from renderer.tiff import COMPRESSIONS, TIFF_TILES
+from renderer.vips import write_vips_dzi
 
 from . import JobSpecError
 
@@ -117,8 +121,7 @@ def assemble(
     there are and ``log`` says so. With ``address`` the block work runs as
     Ray tasks on that cluster (joined before anything is written).
     """
-    if not 1 <= quality <= 100:
-        raise RendererError(f"--quality must be 1..100, got {quality}")
+    tiff_options, dzi_options = _export_options(tiff_tile, compression, quality, szi, dzi_engine)
     for target in (tiff, dzi):
         if target:
             check_target(target, storage_options)
@@ -129,12 +132,25 @@ def assemble(
         lease.acquire("assemble")  # one writer at a time: not while a render or another assemble runs
         with lease:
             return _assemble(
-                url, tiff, dzi, storage_options, tiff_tile, compression, quality, szi, dzi_engine, skip_pyramid,
-                workers, progress, partial, log, runner,
+                url, tiff, dzi, storage_options, tiff_options, dzi_options, skip_pyramid, workers, progress, partial,
+                log, runner,
             )  # fmt: skip
     finally:
         if runner is not None:
             runner.close()
+
+
+def _export_options(
+    tiff_tile: int, compression: str, quality: int, szi: bool, dzi_engine: str
+) -> tuple[TiffOptions, DziOptions]:
+    """The export settings of the flags, checked by the option objects (--quality named as the flag)."""
+    try:
+        dzi = DziOptions(quality=quality, engine=dzi_engine, szi=szi)
+        return TiffOptions(tiff_tile, compression, quality), dzi
+    except OptionError as e:
+        if e.option != "quality":
+            raise
+        raise RendererError(f"--quality must be {e.allowed}, got {e.value}") from None
 
 
 def _cluster(address: str, workers: int | None) -> Runner:
@@ -155,11 +171,8 @@ def _assemble(
     tiff: str | None,
     dzi: str | None,
     storage_options: dict | None,
-    tiff_tile: int,
-    compression: str,
-    quality: int,
-    szi: bool,
-    dzi_engine: str,
+    tiff_options: TiffOptions,
+    dzi_options: DziOptions,
     skip_pyramid: bool,
     workers: int | None,
     progress: bool,
@@ -182,56 +195,25 @@ def _assemble(
         )
     times: dict[str, float] = {}
     # the zarr engine's exports build the missing levels beside their bands of the levels already there
-    fused = dzi_engine == "zarr" and bool(tiff or dzi)
+    fused = dzi_options.engine == "zarr" and bool(tiff or dzi)
     t = time.perf_counter()
     if not fused and (not skip_pyramid or tiff):  # the TIFF needs every level (vips dzsave reads level 0)
         build_levels(store, runner, storage_options, workers)
     times["pyramid"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    if dzi_engine == "zarr":  # one read of every level feeds both exports
-        write_exports(
-            store,
-            tiff=tiff,
-            dzi=dzi,
-            tiff_tile=tiff_tile,
-            compression=compression,
-            quality=quality,
-            szi=szi,
-            storage_options=storage_options,
-            workers=workers,
-            progress=progress,
-            runner=runner,
-        )
-    else:
-        jobs = []
+
+    def exports(tiff: str | None, dzi: str | None) -> None:
+        write_exports(store, tiff, dzi, tiff_options, dzi_options, storage_options, workers, progress, runner)
+
+    if fused:  # one read of every level feeds both exports
+        exports(tiff, dzi)
+    else:  # the vips engine: dzsave side by side with the TIFF
+        jobs: list[Callable[[], object]] = []
         if tiff:
-            jobs.append(
-                lambda: write_tiff(
-                    store,
-                    tiff,
-                    tile=tiff_tile,
-                    compression=compression,
-                    quality=quality,
-                    storage_options=storage_options,
-                    workers=workers,
-                    progress=progress,
-                    runner=runner,
-                )
-            )
+            jobs.append(lambda: exports(tiff, None))
         if dzi:
-            jobs.append(
-                lambda: write_dzi(
-                    store,
-                    dzi,
-                    quality=quality,
-                    szi=szi,
-                    storage_options=storage_options,
-                    progress=progress,
-                    engine="vips",
-                    workers=workers,
-                )
-            )
+            jobs.append(lambda: write_vips_dzi(store, dzi, dzi_options, storage_options, progress))
         with ThreadPoolExecutor(max(1, len(jobs))) as pool:
             for fut in [pool.submit(f) for f in jobs]:
                 fut.result()

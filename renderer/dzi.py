@@ -10,6 +10,10 @@ the cutting is block work, renderer.blocks) instead of re-shrinking level 0.
 The few levels smaller than the last zarr level (<= one chunk) are made in
 memory with the same rule.
 
+A DeepZoom export is ``<base>_files/``, ``<base>.dzi`` and, unless asked not
+to, ``<base>.szi``: a zip (stored, JPEG tiles do not shrink) of the same
+files in the layout libvips writes for ``.szi`` (``zip_szi``).
+
 Tile (c, r) of a level covers x in [c*ts - o, (c+1)*ts + o) clipped to the
 level (o = overlap, none on the outer sides); files are
 ``<base>_files/<level>/<c>_<r>.jpg``, level 0 being 1x1 px.
@@ -17,23 +21,24 @@ level (o = overlap, none on the outer sides); files are
 
 from __future__ import annotations
 
-import math
+import os
+import zipfile
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+if TYPE_CHECKING:
+    from .publish import Target
+
 TILE_SIZE = 254  # libvips' dzsave default: 254 + 2 px overlap = 256 px tiles
 OVERLAP = 1
+DZI_FOLDER = "_files"  # <base>_files/<level>/<col>_<row>.jpg
 
 
 # ---------------------------------------------------------------- geometry (the DeepZoom convention)
 def max_level(width: int, height: int) -> int:
     """Index of the full-resolution DZI level: ceil(log2(max side)) (0 for a 1x1 image)."""
     return (max(width, height) - 1).bit_length()
-
-
-def dzi_level_count(width: int, height: int) -> int:
-    """DeepZoom halves down to 1x1: max_level + 1 levels."""
-    return max_level(width, height) + 1
 
 
 def level_size(width: int, height: int, level: int) -> tuple[int, int]:
@@ -46,11 +51,6 @@ def tile_grid(width: int, height: int, level: int, tile: int = TILE_SIZE) -> tup
     """(columns, rows) of tiles at a DZI level."""
     w, h = level_size(width, height, level)
     return -(-w // tile), -(-h // tile)
-
-
-def spans(size: int, tile: int, overlap: int) -> list[tuple[int, int]]:
-    """[start, end) of each tile along one axis, overlap on the inner sides only."""
-    return [span(i, size, tile, overlap) for i in range(math.ceil(size / tile))]
 
 
 def span(i: int, size: int, tile: int, overlap: int) -> tuple[int, int]:
@@ -86,3 +86,38 @@ def encode_tile(px: np.ndarray, quality: int = 90) -> bytes:
     if px.strides != (px.shape[1] * 3, 3, 1):  # a view into wider rows (views of 1 px can look contiguous)
         px = px.copy()
     return bytes(imagecodecs.jpeg8_encode(px, level=quality, subsampling=(1, 1) if quality >= 90 else (2, 2)))
+
+
+# ---------------------------------------------------------------- the export's files
+def dzi_base(url: str) -> str:
+    """The base name of a DeepZoom export (a trailing .dzi dropped)."""
+    return url[: -len(".dzi")] if url.endswith(".dzi") else url
+
+
+def dzi_parts(szi: bool) -> tuple[str, ...]:
+    """What a DeepZoom export is, in the order it is put in place: tiles, .szi, then the .dzi."""
+    return (DZI_FOLDER, ".szi", ".dzi") if szi else (DZI_FOLDER, ".dzi")
+
+
+def zip_szi(target: Target, name: str) -> None:
+    """``<stage>.szi``: a stored zip with ``name/name.dzi`` and ``name/name_files/...``.
+
+    The DeepZoom files are where the target staged them (a temporary name;
+    tiles written straight to temporary keys of a remote target are read back
+    from there); ``name`` is the name they are published under, which the
+    zip's entries use.
+    """
+    base = target.stage
+    rels = target.folder_files(DZI_FOLDER)
+    with zipfile.ZipFile(base + ".szi", "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+        zf.write(base + ".dzi", f"{name}/{name}.dzi")
+        if target.local or DZI_FOLDER not in target.direct_parts():
+            for rel in rels:
+                zf.write(os.path.join(base + DZI_FOLDER, *rel.split("/")), f"{name}/{name}{DZI_FOLDER}/{rel}")
+            return
+        folder = target.remote_stage + DZI_FOLDER
+        for i in range(0, len(rels), 256):  # a batch of concurrent reads at a time
+            batch = rels[i : i + 256]
+            data = target.fs.cat([f"{folder}/{rel}" for rel in batch])
+            for rel in batch:
+                zf.writestr(f"{name}/{name}{DZI_FOLDER}/{rel}", data[f"{folder}/{rel}"])

@@ -17,6 +17,7 @@ import tifffile
 from jobs.assemble import assemble
 from renderer.errors import RendererError
 from renderer.exports import write_dzi, write_exports, write_tiff
+from renderer.options import DziOptions, OptionError, TiffOptions
 from renderer.pyramid import reference_pyramid
 from renderer.store import open_store
 
@@ -176,7 +177,9 @@ def test_exports_after_interrupted_pyramid(tmp_path):
     (tmp_path / "s.zarr" / "pyramid.json").write_text(json.dumps(prog))
     for k in range(1, store.level_count()):
         store.level(k)[:, 32:, :] = 9
-    write_exports(store, tiff=str(tmp_path / "o.tif"), dzi=str(tmp_path / "o"), compression="zstd")
+    write_exports(
+        store, tiff=str(tmp_path / "o.tif"), dzi=str(tmp_path / "o"), tiff_options=TiffOptions(compression="zstd")
+    )
     with tifffile.TiffFile(tmp_path / "o.tif") as tif:
         for lv, r in zip(tif.series[0].levels, reference_pyramid(img, 32), strict=False):
             np.testing.assert_array_equal(lv.asarray(), r.transpose(1, 2, 0))
@@ -216,6 +219,45 @@ def test_errors_before_work(tmp_path, store_and_image):
         assemble(store.url, tiff=str(blocker / "x.tif"))
     with pytest.raises(RendererError, match="compression"):
         write_tiff(store, str(tmp_path / "x.tif"), compression="lzw")
+
+
+@pytest.mark.parametrize(
+    "make,option,message",
+    [
+        (lambda: TiffOptions(tile=300), "tile", "TIFF tile must be one of (256, 512), got 300"),
+        (
+            lambda: TiffOptions(compression="lzw"),
+            "compression",
+            "unknown TIFF compression 'lzw'; use jpeg, zstd, deflate, none",
+        ),
+        (lambda: TiffOptions(quality=0), "quality", "JPEG quality must be 1..100, got 0"),
+        (lambda: DziOptions(quality=101), "quality", "JPEG quality must be 1..100, got 101"),
+        (lambda: DziOptions(tile_size=2, overlap=1), "tile_size", "bad DeepZoom tiling: tile_size=2, overlap=1"),
+        (lambda: DziOptions(engine="magick"), "engine", "unknown DeepZoom engine 'magick'; use vips or zarr"),
+    ],
+)
+def test_export_options_check_themselves(make, option, message):
+    """The one place export settings are checked: a RendererError (exit 1) naming the setting."""
+    with pytest.raises(OptionError) as info:
+        make()
+    assert str(info.value) == message and info.value.option == option and info.value.exit_code == 1
+    assert isinstance(info.value, RendererError)
+    assert TiffOptions(512, "zstd", 80).settings() == {"tile": 512, "compression": "zstd", "quality": 80}
+    assert list(DziOptions(szi=False).settings().items()) == [
+        ("engine", "zarr"), ("tile_size", 254), ("overlap", 1), ("quality", 90), ("szi", False),
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("engine", ["zarr", "vips"])
+def test_cli_bad_quality_one_line_nothing_written(tmp_path, store_and_image, capsys, engine):
+    """`assemble --quality 0`: one line worded after the flag, exit 1, before any file is touched."""
+    import render
+
+    store, _ = store_and_image
+    argv = ["assemble", store.url, "--tiff", str(tmp_path / "o.tif"), "--dzi", str(tmp_path / "o"), "--quality", "0"]
+    assert render.main([*argv, "--dzi-engine", engine]) == 1
+    assert capsys.readouterr().err.strip().splitlines() == ["error: --quality must be 1..100, got 0"]
+    assert os.listdir(tmp_path) == []
 
 
 def test_cli_assemble(tmp_path, store_and_image):

@@ -352,6 +352,7 @@ def test_non_loopback_bind_refused(store_url, capsys):
         (["MISSING"], "no image store"),
         (["MISSING.dzi"], "cannot read"),
         (["STORE", "--port", "70000"], "not a TCP port"),
+        (["STORE", "--quality", "0"], "error: --quality 0 must be in 1..100"),
     ],
 )
 def test_cli_bad_input_one_line(store_url, tmp_path, capsys, argv, message):

@@ -40,6 +40,7 @@ from typing import Any
 from creps.cli import add_warp_arguments, command, warp_flags
 from creps.precision import PRECISIONS
 from renderer.fsio import parse_storage_options
+from renderer.options import OptionError, check_quality
 
 from .errors import ViewerError
 from .server import check_bind, make_server, open_source
@@ -192,6 +193,14 @@ def endless_options(args: argparse.Namespace, storage_options: dict | None) -> d
     )
 
 
+def check_tile_quality(quality: int) -> None:
+    """--quality, checked where every JPEG quality is (renderer.options), the error worded after the flag."""
+    try:
+        check_quality(quality)
+    except OptionError as e:
+        raise ViewerError(f"--quality {e.value} must be in {e.allowed}") from None
+
+
 def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
@@ -201,8 +210,7 @@ def run(args: argparse.Namespace) -> int:
     options = parse_storage_options(args.storage_options, ViewerError)
     if not 0 <= args.port <= 65535:
         raise ViewerError(f"--port {args.port} is not a TCP port (0..65535)")
-    if not 1 <= args.quality <= 100:
-        raise ViewerError(f"--quality {args.quality} must be in 1..100")
+    check_tile_quality(args.quality)
     if (args.source is None) == (args.checkpoint is None):
         raise ViewerError("give either URL_OR_DZI (a store or an exported .dzi) or --checkpoint CKPT (endless zoom)")
     if args.source is not None:

@@ -14,7 +14,6 @@ import hashlib
 import json
 import time
 from collections.abc import Collection
-from importlib import metadata
 
 import numpy as np
 
@@ -22,19 +21,13 @@ from creps.errors import first_line
 from renderer.errors import RendererError
 from renderer.fsio import filesystem, is_local
 from renderer.lease import Lease
+from renderer.provenance import software_version
 from renderer.store import ImageStore, create_job_store, is_foreign_folder, open_store, store_exists
 
 from . import JobSpecError
 from .job import Prepared, store_options
 from .plan import auto_block, auto_shard
 from .spec import IDENTITY_DEFAULTS, JobSpec, same_identity
-
-
-def software_version() -> str:
-    try:
-        return f"creps-gigapixel {metadata.version('creps-gigapixel')}"
-    except metadata.PackageNotFoundError:
-        return "creps-gigapixel (source)"
 
 
 def resolve_layout(spec: JobSpec, sha: str) -> JobSpec:

@@ -12,9 +12,12 @@ from __future__ import annotations
 import argparse
 import functools
 import importlib
+import math
 import sys
 from collections.abc import Callable
+from typing import Any
 
+from .canvas import MAX_SIDE
 from .errors import UserError, run_cli
 
 DEBUG_HELP = "on an error, show the full traceback instead of one line (also: CREPS_DEBUG=1)"
@@ -111,3 +114,37 @@ def warp_flags(args: argparse.Namespace) -> dict[str, str]:
             except ValueError as e:
                 raise UserError(f"--{name.replace('_', '-')}: {e}") from None
     return out
+
+
+def parse_size(text: str, error: type[UserError] = UserError, name: str = "size") -> tuple[int, int]:
+    """'WIDTHxHEIGHT' or 'N' (square) -> (width, height), sides 1..2^20.
+
+    One parser for every command that takes a canvas size (render, video,
+    bench, view) and for a job file's ``size``; ``error`` is the caller's
+    exception type and ``name`` how the message calls the value.
+    """
+    parts = text.lower().replace("×", "x").split("x")
+    try:
+        nums = [int(p) for p in parts]
+    except ValueError:
+        raise error(f"{name} must be WIDTHxHEIGHT or N, got {text!r}") from None
+    if len(nums) == 1:
+        nums = nums * 2
+    if len(nums) != 2:
+        raise error(f"{name} must be WIDTHxHEIGHT or N, got {text!r}")
+    for n in nums:
+        if not 1 <= n <= MAX_SIDE:
+            raise error(f"{name} {text!r}: canvas sides must be 1..2^20 pixels, got {n}")
+    return nums[0], nums[1]
+
+
+def parse_view(value: Any, error: type[UserError] = UserError, name: str = "view") -> tuple[float, float, float, float]:
+    """'Y0,Y1,X0,X1' (or four numbers, as a job file gives them) -> four finite floats."""
+    items = value.split(",") if isinstance(value, str) else value
+    try:
+        vals = tuple(float(v) for v in items)
+    except (TypeError, ValueError):
+        raise error(f"{name} must be Y0,Y1,X0,X1, got {value!r}") from None
+    if len(vals) != 4 or not all(math.isfinite(v) for v in vals):
+        raise error(f"{name} must be four finite numbers Y0,Y1,X0,X1, got {value!r}")
+    return vals[0], vals[1], vals[2], vals[3]

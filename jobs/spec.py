@@ -21,13 +21,13 @@ from typing import Any
 
 import tomllib
 
-from creps import warp
+from creps import cli, warp
+from creps.canvas import MAX_SIDE
 from creps.precision import PRECISIONS
 from renderer import fsio
 
 from . import JobSpecError
 
-MAX_SIDE = 2**20
 MAX_TILE = 8192
 MAX_SHARD_SIDE = 16384  # a worker holds one shard (uint8): 16384^2 x 3 = 768 MiB
 TILE_MULTIPLE = 16
@@ -91,6 +91,13 @@ class JobSpec:
 
     # ------------------------------------------------------------ checks
     def validate(self) -> None:
+        """JobSpecError naming the first bad field: the image, then the store layout, then how it runs."""
+        self._check_image()
+        self._check_layout()
+        self._check_compute()
+
+    def _check_image(self) -> None:
+        """The latent and the canvas: seeds, checkpoint, psi, size or scale, view window."""
         _int("seed", self.seed, 0, 2**32 - 1)
         _int("init_seed", self.init_seed, 0, 2**63 - 1)
         if not isinstance(self.checkpoint, str) or not self.checkpoint:
@@ -106,6 +113,9 @@ class JobSpec:
             raise JobSpecError(f"view must be four finite numbers Y0,Y1,X0,X1, got {self.view!r}")
         if (self.view[0] == self.view[1] and self.height > 1) or (self.view[2] == self.view[3] and self.width > 1):
             raise JobSpecError(f"view window {self.view} is empty (Y0 == Y1 or X0 == X1)")
+
+    def _check_layout(self) -> None:
+        """How the store is laid out: tile, shard, block, compressor, and where it goes."""
         if not isinstance(self.tile, int) or isinstance(self.tile, bool) or self.tile <= 0 or self.tile % TILE_MULTIPLE:
             raise JobSpecError(f"tile must be a positive multiple of {TILE_MULTIPLE}, got {self.tile!r}")
         if self.tile > MAX_TILE:
@@ -122,6 +132,9 @@ class JobSpec:
             raise JobSpecError(f"compressor must be zstd or none, got {self.compressor!r}")
         if not isinstance(self.out, str) or not self.out.strip():
             raise JobSpecError("out must be a path or URL")
+
+    def _check_compute(self) -> None:
+        """Where and how it renders: workers, precision, device, threads, batch, retries, GPUs, storage, Ray."""
         if self.workers is not None:
             _int("workers", self.workers, 0, 4096, hint="0 renders in this process, without Ray")
         if self.precision not in PRECISIONS:
@@ -227,32 +240,13 @@ def same_identity(stored: dict, current: dict) -> bool:
 
 
 def parse_size(text: str) -> tuple[int, int]:
-    """'WIDTHxHEIGHT' or 'N' (square) -> (width, height)."""
-    parts = text.lower().replace("×", "x").split("x")
-    try:
-        nums = [int(p) for p in parts]
-    except ValueError:
-        raise JobSpecError(f"size must be WIDTHxHEIGHT or N, got {text!r}") from None
-    if len(nums) == 1:
-        nums = nums * 2
-    if len(nums) != 2:
-        raise JobSpecError(f"size must be WIDTHxHEIGHT or N, got {text!r}")
-    for n in nums:
-        if not 1 <= n <= MAX_SIDE:
-            raise JobSpecError(f"size {text!r}: canvas sides must be 1..2^20 pixels, got {n}")
-    return nums[0], nums[1]
+    """'WIDTHxHEIGHT' or 'N' (square) -> (width, height); JobSpecError when bad (creps.cli.parse_size)."""
+    return cli.parse_size(text, JobSpecError)
 
 
 def parse_view(value: Any) -> tuple[float, float, float, float]:
-    if isinstance(value, str):
-        value = value.split(",")
-    try:
-        vals = tuple(float(v) for v in value)
-    except (TypeError, ValueError):
-        raise JobSpecError(f"view must be Y0,Y1,X0,X1, got {value!r}") from None
-    if len(vals) != 4 or not all(_finite(v) for v in vals):
-        raise JobSpecError(f"view must be four finite numbers Y0,Y1,X0,X1, got {value!r}")
-    return vals[0], vals[1], vals[2], vals[3]
+    """'Y0,Y1,X0,X1' or four numbers -> four finite floats; JobSpecError when bad (creps.cli.parse_view)."""
+    return cli.parse_view(value, JobSpecError)
 
 
 def parse_storage_options(text: str) -> dict:

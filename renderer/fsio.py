@@ -103,7 +103,6 @@ _REQUEST_SEAMS = ("_call_s3", "_request")  # s3fs, gcsfs
 _WRITES = ("_pipe_file", "_put_file")
 _io_lock = threading.Lock()
 _io = {"requests": 0, "objects_written": 0}
-_by_call: dict[str, int] = {}
 
 
 def io_counts() -> tuple[int, int]:
@@ -112,21 +111,12 @@ def io_counts() -> tuple[int, int]:
         return _io["requests"], _io["objects_written"]
 
 
-def io_by_call() -> dict[str, int]:
-    """This process's counted calls so far, by the method counted (``_call_s3``, ``_pipe_file``, ...)."""
-    with _io_lock:
-        return dict(_by_call)
-
-
 def _counted(fn: Any, request: bool, write: bool) -> Any:
-    name = getattr(fn, "__name__", "call")
-
     @functools.wraps(fn)
     async def call(*args: Any, **kwargs: Any) -> Any:
         if request:
             with _io_lock:
                 _io["requests"] += 1
-                _by_call[name] = _by_call.get(name, 0) + 1
         out = await fn(*args, **kwargs)
         if write:
             with _io_lock:

@@ -62,6 +62,7 @@ import numpy as np
 import torch
 
 import creps
+from creps.latent import finite_uint8, non_finite, prepare_latent
 
 from . import fsio
 from .errors import RendererError
@@ -159,7 +160,7 @@ class _BlockLevels:
 
 
 def _non_finite(name: str) -> RendererError:
-    return RendererError(f"tile {name}: non-finite output (NaN/inf): the weights are broken")
+    return RendererError(non_finite(name))
 
 
 Fetch = Callable[[], tuple[np.ndarray, np.ndarray]]  # -> (uint8 [3, h, w], finite per tile of the group)
@@ -191,12 +192,7 @@ class TileRenderer:
         self.store: ImageStore = open_store(ctx.url, copy.deepcopy(ctx.storage_options) or None, mode="a")
         self.store.cache_arrays = True  # this job's arrays stay as they are while it renders
         self._io_mark = io0  # opening the store is reported with the first task's requests
-        self.mode = creps.matmul_mode(ctx.precision, device)
-        with torch.no_grad():
-            z = G.z_from_seed(ctx.seed).to(device)
-            self.ws = G.ws(z, ctx.psi)
-            self._line_weights = G.line_weights(self.ws)
-            self._pixel_weights = G.pixel_weights(self.ws).lowered(self.mode)
+        self.latent = prepare_latent(G, ctx.seed, ctx.psi, ctx.precision, device)
         cpus = os.cpu_count() or 1
         self.writers = writers or (max(2, min(8, cpus // 2)) if self.cuda else 2)
         self.depth = depth or 2 * self.writers
@@ -211,7 +207,9 @@ class TileRenderer:
         t0 = time.perf_counter()
         coords = self.canvas.row_coords() if which == "row" else self.canvas.col_coords()
         with torch.no_grad():
-            feats = self.G.lines(self.ws, coords.to(self.device), which, start, stop, weights=self._line_weights)
+            feats = self.G.lines(
+                self.latent.ws, coords.to(self.device), which, start, stop, weights=self.latent.line_weights
+            )
         self.store.write_lines(which, start, feats[0].detach().to("cpu", torch.float32).numpy())
         requests, objects = self._io_since_last()
         return LineResult(which, start, stop, time.perf_counter() - t0, peak_rss_mb(), requests, objects)
@@ -261,11 +259,11 @@ class TileRenderer:
         C = self._line_slice("col", c0, c1)
         with torch.no_grad():
             return self.G.pixels(
-                self.ws,
+                self.latent.ws,
                 R,
                 C,
                 pixel_block=self.pixel_block,
-                weights=self._pixel_weights,
+                weights=self.latent.pixel_weights,
                 precision=self.ctx.precision,
             )
 
@@ -281,10 +279,7 @@ class TileRenderer:
         band = max(1, self.call_pixels // max(1, c1 - c0))
         for a in range(r0, r1, band):
             b = min(r1, a + band)
-            img = self._pixels(a, b, c0, c1)
-            if not bool(torch.isfinite(img).all()):
-                raise _non_finite(what)
-            out[:, a - r0 : b - r0] = creps.to_uint8(img)[0].cpu().numpy()
+            out[:, a - r0 : b - r0] = finite_uint8(self._pixels(a, b, c0, c1), what, RendererError)
         return out
 
     def _stage(self, img: torch.Tensor, group: list[Tile]) -> Fetch:

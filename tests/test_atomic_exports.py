@@ -25,6 +25,7 @@ from conftest import REPO, mark_tile, render_cli_env
 
 import render
 from jobs.assemble import assemble
+from renderer.dzi import max_level, tile_grid
 from renderer.errors import RendererError
 from renderer.exports import write_dzi
 from renderer.pyramid import reference_pyramid
@@ -309,6 +310,16 @@ def test_s3_corrupt_chunk_keeps_the_old_dzi_and_tiff(moto_s3, capsys):
         assert zf.testzip() is None
 
 
+def _dzi_keys(prefix: str, width: int, height: int, tile: int) -> set[str]:
+    """Every tile object of a DeepZoom pyramid of ``tile`` px tiles under ``prefix``."""
+    return {
+        f"{prefix}/{level}/{c}_{r}.jpg"
+        for level in range(max_level(width, height) + 1)
+        for c in range(tile_grid(width, height, level, tile)[0])
+        for r in range(tile_grid(width, height, level, tile)[1])
+    }
+
+
 def test_s3_republish_replaces_tiles_and_removes_old_ones(moto_s3):
     fs = _s3(moto_s3, "republish")
     opts = _options(moto_s3)
@@ -320,8 +331,9 @@ def test_s3_republish_replaces_tiles_and_removes_old_ones(moto_s3):
     write_dzi(store, "s3://republish/out", storage_options=opts, szi=False, tile_size=126)
     keys = _s3_snapshot(fs, "republish")
     second = {k for k in keys if k.startswith("republish/out_files/")}
-    assert len(second) > len(first) and not [k for k in keys if TMP in k]
-    assert "republish/out_files/9/3_2.jpg" in second  # 420 x 300 at 126 px: 4 x 3 tiles
+    assert first == _dzi_keys("republish/out_files", W, H, 254) and not [k for k in keys if TMP in k]
+    assert second == _dzi_keys("republish/out_files", W, H, 126)  # at 126 px the top level has 4 x 3 tiles
+    assert "republish/out_files/9/3_2.jpg" in second
     assert 'TileSize="126"' in fs.cat_file("republish/out.dzi").decode()
     write_dzi(store, "s3://republish/out", storage_options=opts, szi=False)  # back to 254 px tiles
     third = {k for k in _s3_snapshot(fs, "republish") if k.startswith("republish/out_files/")}

@@ -141,12 +141,29 @@ def test_in_process_to_s3(moto_s3, render_reference):
     np.testing.assert_array_equal(got, render_reference(120, 200, seed=4, psi=0.8))
 
 
-def test_bench_overhead_job_runs_on_the_jobs_own_plan():
+def test_bench_overhead_job_runs_on_the_jobs_own_plan(monkeypatch):
     """`render.py bench`'s small-job figures: the pixel stage is timed on the groups the job
-    formed (its resolved shard and block), and every figure is there (not timed here)."""
+    formed (its resolved shard and block), and every figure is there (its timings are not checked)."""
     from jobs.bench import overhead
+    from renderer import tiles
 
+    calls = []  # (plan, start, stop, max_pixels) of every grouping: the job's runs, then the bench's
+    groups = tiles.tile_groups
+
+    def recorded(plan, start, stop, max_pixels):
+        calls.append((plan, start, stop, max_pixels))
+        return groups(plan, start, stop, max_pixels)
+
+    monkeypatch.setattr(tiles, "tile_groups", recorded)
     o = overhead("preset:tiny", 256, 128, 32, 1, "cpu", "fp32")
+    *job, timed = calls
+    plan = timed[0]
+    assert (plan.height, plan.width, plan.side) == (128, 256, 32) and len(plan) == 32
+    assert timed[1:] == (0, 32, tiles.CALL_PIXELS["cpu"])  # every tile of the job, grouped as the job's renderer
+    assert {c[0] for c in job} == {plan} and sum(stop - start for _, start, stop, _ in job) == 32
+    assert set(o) == {
+        "startup_s", "overhead_job_seconds", "overhead_tiles", "overhead_lanes",
+        "tile_compute_ms", "tile_overhead_ms", "tile_overhead_cpu_ms",
+    }  # fmt: skip
     assert o["overhead_tiles"] == 32 and o["overhead_lanes"] == 1
-    assert o["startup_s"] is not None and o["startup_s"] > 0 and o["tile_compute_ms"] > 0
-    assert all(isinstance(o[k], float) for k in ("tile_overhead_ms", "tile_overhead_cpu_ms"))
+    assert 0 < o["startup_s"] < o["overhead_job_seconds"] and o["tile_compute_ms"] > 0

@@ -124,7 +124,7 @@ def test_render_kill_resume_assemble_view(cloud, tmp_path, render_ray, render_re
     summary = json.loads(next(ln for ln in again.stdout.splitlines() if ln.startswith("summary "))[8:])
     assert summary["status"] == "done" and summary["tiles_skipped"] >= done_at_kill
     assert summary["tiles_rendered"] + summary["tiles_skipped"] == summary["tiles_total"] == SHARDS
-    assert summary["requests"] > 0 and summary["objects_written"] >= summary["tiles_rendered"]
+    assert summary["requests"] >= summary["objects_written"] >= summary["tiles_rendered"] > 0  # a write is a request
     # 3. assemble: pyramid in the store, DeepZoom into the same bucket
     dzi = f"{prefix}/img"
     done = subprocess.run(

@@ -66,7 +66,16 @@ def test_ome_zarr_valid(tmp_path, render_ray):
     ome_models = pytest.importorskip("ome_zarr_models.v05.image")
     spec = _spec(tmp_path, height=48, width=40, tile=16)
     run_job(spec, progress=False)
-    ome_models.Image.from_zarr(zarr.open_group(spec.out, mode="r"))
+    image = ome_models.Image.from_zarr(zarr.open_group(spec.out, mode="r"))  # raises when not valid OME-Zarr 0.5
+    (ms,) = image.attributes.ome.multiscales
+    assert ms.name == spec.name
+    assert [(a.name, a.type) for a in ms.axes] == [("c", "channel"), ("y", "space"), ("x", "space")]
+    # 3 x 3 tiles: no block levels during the render, so level 0 alone, at scale 1
+    assert [(d.path, d.coordinateTransformations[0].scale) for d in ms.datasets] == [("0", [1.0, 1.0, 1.0])]
+    level0 = image.members["0"]
+    assert list(image.members) == ["0"] and level0.shape == (3, 48, 40) and str(level0.data_type) == "uint8"
+    assert level0.dimension_names == ("c", "y", "x")
+    assert level0.chunk_grid["configuration"]["chunk_shape"] == (3, 16, 16)
 
 
 def test_resume_renders_only_missing_and_refuses_other_jobs(tmp_path, render_ray, render_reference):

@@ -36,8 +36,8 @@ def test_r1_penalty_hand_computed():
     # loss = mean * gamma / 2 * interval, and it is differentiable (create_graph)
     loss = r1_loss(x, (a * x.square()).sum(dim=(1, 2, 3)), gamma=10.0, interval=16)
     assert loss.item() == pytest.approx(7.0 * 5 * 16)
-    loss.backward()
-    assert x.grad is not None
+    loss.backward()  # loss = 40 * sum(x^2) here, so its gradient is 80 x
+    assert x.grad.flatten().tolist() == pytest.approx([80.0, 160.0, 240.0, 0.0])
 
 
 def test_ema_rule():

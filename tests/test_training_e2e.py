@@ -4,6 +4,7 @@ an uninterrupted run -> the exported generator renders.  Plus bad input."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -287,7 +288,10 @@ def test_device_training_script_runs_end_to_end_on_cpu(dataset, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert {p.name for p in out.iterdir()} >= {"G_ema.safetensors", "fakes.png", "log.jsonl", "train.log"}
     summary = json.loads((out / "summary.txt").read_text().strip().splitlines()[-1])
-    assert summary["kimg"] > 0
+    ticks = [r for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "kimg" in r]
+    last = ticks[-1]  # the summary is the last tick of the copied log; its kimg is steps x batch (4)
+    assert (summary["kimg"], summary["loss_G"]) == (last["kimg"], last["loss_G"]) and math.isfinite(last["loss_G"])
+    assert last["step"] >= 1 and last["kimg"] == round(last["step"] * 4 / 1000, 3)
     import creps
 
     assert creps.load(out / "G_ema.safetensors").cfg == creps.preset("tiny")

@@ -37,7 +37,8 @@ import threading
 import webbrowser
 from typing import Any
 
-from creps.cli import add_warp_arguments, command, warp_flags
+from creps.canvas import MAX_SIDE
+from creps.cli import add_warp_arguments, command, parse_size, parse_view, warp_flags
 from creps.precision import PRECISIONS
 from renderer.fsio import parse_storage_options
 from renderer.options import OptionError, check_quality
@@ -46,7 +47,6 @@ from .errors import ViewerError
 from .server import check_bind, make_server, open_source
 from .tiles import FORMATS
 
-MAX_SIDE = 2**20
 # flags that only mean something with --checkpoint (dest -> flag)
 ENDLESS_ONLY = {
     "init_seed": "--init-seed",
@@ -118,37 +118,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
-def parse_size(text: str) -> tuple[int, int]:
-    """'WIDTHxHEIGHT' or 'N' (square) -> (width, height), sides 1..2^20."""
-    parts = text.lower().replace("×", "x").split("x")
-    try:
-        nums = [int(p) for p in parts]
-    except ValueError:
-        raise ViewerError(f"--size must be WIDTHxHEIGHT or N, got {text!r}") from None
-    if len(nums) == 1:
-        nums = nums * 2
-    if len(nums) != 2 or not all(1 <= n <= MAX_SIDE for n in nums):
-        raise ViewerError(f"--size {text!r}: two canvas sides of 1..2^20 pixels expected")
-    return nums[0], nums[1]
-
-
-def parse_view(text: str) -> tuple[float, float, float, float]:
-    """'Y0,Y1,X0,X1' -> four finite floats."""
-    try:
-        vals = tuple(float(v) for v in text.split(","))
-    except ValueError:
-        raise ViewerError(f"--view must be Y0,Y1,X0,X1, got {text!r}") from None
-    if len(vals) != 4 or not all(math.isfinite(v) for v in vals):
-        raise ViewerError(f"--view must be four finite numbers Y0,Y1,X0,X1, got {text!r}")
-    return vals[0], vals[1], vals[2], vals[3]
-
-
 def endless_options(args: argparse.Namespace, storage_options: dict | None) -> dict[str, Any]:
     """Keyword arguments of ``viewer.endless.open_endless`` from the flags (checked, one line on error)."""
     width = height = None
     if args.size is not None:
-        width, height = parse_size(args.size)
-    view = parse_view(args.view) if args.view is not None else (0.0, 1.0, 0.0, 1.0)
+        width, height = parse_size(args.size, ViewerError, "--size")
+    view = parse_view(args.view, ViewerError, "--view") if args.view is not None else (0.0, 1.0, 0.0, 1.0)
     if (view[0] == view[1] and (height or MAX_SIDE) > 1) or (view[2] == view[3] and (width or MAX_SIDE) > 1):
         raise ViewerError(f"--view {args.view} is empty (Y0 == Y1 or X0 == X1)")
     for name, value, lo, hi in (
@@ -201,6 +176,27 @@ def check_tile_quality(quality: int) -> None:
         raise ViewerError(f"--quality {e.value} must be in {e.allowed}") from None
 
 
+def check_source_flags(args: argparse.Namespace) -> None:
+    """A store or a checkpoint, not both, and no endless-zoom flag with a store."""
+    if (args.source is None) == (args.checkpoint is None):
+        raise ViewerError("give either URL_OR_DZI (a store or an exported .dzi) or --checkpoint CKPT (endless zoom)")
+    if args.source is not None:
+        given = [flag for dest, flag in ENDLESS_ONLY.items() if getattr(args, dest, None) is not None]
+        if given:
+            raise ViewerError(f"{', '.join(given)} only apply to --checkpoint (endless zoom), not to {args.source}")
+
+
+def open_viewed(args: argparse.Namespace, options: dict | None) -> tuple[Any, str]:
+    """(the tile source to serve, how the banner names it): an endless image or a store / .dzi."""
+    if args.checkpoint is not None:
+        from .endless import open_endless
+
+        kwargs = endless_options(args, options)
+        source: Any = open_endless(args.checkpoint, **kwargs)
+        return source, f"{args.checkpoint} ({source.width}x{source.height}, endless zoom)"
+    return open_source(args.source, options, fmt=args.tile_format, quality=args.quality), args.source
+
+
 def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
@@ -211,23 +207,10 @@ def run(args: argparse.Namespace) -> int:
     if not 0 <= args.port <= 65535:
         raise ViewerError(f"--port {args.port} is not a TCP port (0..65535)")
     check_tile_quality(args.quality)
-    if (args.source is None) == (args.checkpoint is None):
-        raise ViewerError("give either URL_OR_DZI (a store or an exported .dzi) or --checkpoint CKPT (endless zoom)")
-    if args.source is not None:
-        given = [flag for dest, flag in ENDLESS_ONLY.items() if getattr(args, dest, None) is not None]
-        if given:
-            raise ViewerError(f"{', '.join(given)} only apply to --checkpoint (endless zoom), not to {args.source}")
+    check_source_flags(args)
     # Check the bind address before touching the (maybe remote) source or loading a model.
     check_bind(args.host, args.allow_remote)
-    if args.checkpoint is not None:
-        from .endless import open_endless
-
-        kwargs = endless_options(args, options)
-        source: Any = open_endless(args.checkpoint, **kwargs)
-        what = f"{args.checkpoint} ({source.width}x{source.height}, endless zoom)"
-    else:
-        source = open_source(args.source, options, fmt=args.tile_format, quality=args.quality)
-        what = args.source
+    source, what = open_viewed(args, options)
     try:
         server = make_server(source, args.host, args.port, allow_remote=args.allow_remote, token=args.token)
     except BaseException:

@@ -45,6 +45,7 @@ import torch
 
 import creps
 from creps import LINE_BLOCK
+from creps.latent import finite_uint8, prepare_latent
 from creps.precision import PRECISIONS
 from renderer.dzi import max_level, tile_bounds, tile_grid
 
@@ -266,12 +267,8 @@ class TileMaker:
         self._coords: dict[tuple[int, str], torch.Tensor] = {}
         self._coords_lock = threading.Lock()
         self._helpers = ThreadPoolExecutor(4, thread_name_prefix="tile-lines")
-        self.mode = creps.matmul_mode(spec.precision, device)  # as renderer.tiles.TileRenderer
-        with torch.no_grad():
-            z = G.z_from_seed(spec.seed).to(device)
-            self.ws = G.ws(z, spec.psi)
-            self._line_weights = G.line_weights(self.ws)
-            self._pixel_weights = G.pixel_weights(self.ws).lowered(self.mode)  # lowered once, for every tile
+        # as the render job's workers prepare it (renderer.tiles.TileRenderer): same latent, same weights, same bytes
+        self.latent = prepare_latent(G, spec.seed, spec.psi, spec.precision, device)
 
     def coords(self, level: int, which: str) -> torch.Tensor:
         """The level's global row or column coordinate vector (Canvas.row_coords / col_coords), kept."""
@@ -293,7 +290,7 @@ class TileMaker:
 
             def compute(b0: int = b0, b1: int = b1) -> torch.Tensor:
                 with torch.no_grad():
-                    return self.G.lines(self.ws, coords, which, b0, b1, weights=self._line_weights)
+                    return self.G.lines(self.latent.ws, coords, which, b0, b1, weights=self.latent.line_weights)
 
             feats = self.lines.block((level, which, b), compute, self.device)
             parts.append(feats[:, :, max(start, b0) - b0 : min(stop, b1) - b0])
@@ -308,16 +305,14 @@ class TileMaker:
         R = rows.result()
         with torch.no_grad():
             img = self.G.pixels(
-                self.ws,
+                self.latent.ws,
                 R,
                 C,
                 pixel_block=self.spec.pixel_block,
-                weights=self._pixel_weights,
+                weights=self.latent.pixel_weights,
                 precision=self.spec.precision,
             )
-            if not bool(torch.isfinite(img).all()):
-                raise ViewerError(f"tile {level}/{col}_{row}: non-finite output (NaN/inf): the weights are broken")
-            return creps.to_uint8(img)[0].cpu().numpy()
+            return finite_uint8(img, f"{level}/{col}_{row}", ViewerError)
 
     def tile(self, level: int, col: int, row: int, fmt: str, quality: int) -> tuple[bytes, float]:
         """(encoded tile, seconds spent on it)."""

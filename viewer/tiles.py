@@ -125,6 +125,15 @@ class EncodedLRU:
     def __len__(self) -> int:
         return len(self._lru)
 
+    def __iter__(self) -> Iterator[Hashable]:
+        """The keys, least recently used first (a snapshot)."""
+        with self._lock:
+            return iter(list(self._lru))
+
+    def __contains__(self, key: Hashable) -> bool:
+        with self._lock:
+            return key in self._lru
+
     def get(self, key: Hashable) -> bytes | None:
         with self._lock:
             hit = self._lru.get(key)

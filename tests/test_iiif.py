@@ -333,6 +333,24 @@ def test_endless_requests_over_max_area_cost_nothing(endless_server):
     assert info["tiles"][0]["scaleFactors"][-1] == 2048 and info["sizes"][-1] == {"width": 1024, "height": 1024}
 
 
+def test_ray_actors_make_the_same_iiif_images(render_ray):
+    """--workers: IIIF images rendered on a Ray actor (queued as the scheduler's key) equal in-process ones."""
+    from viewer.iiif import Limits, parse_request
+
+    kw = dict(width=4096, height=4096, view=(0, 4, 0, 4), fmt="png", cache_url=None)
+    local = open_endless("preset:tiny", threads=1, **kw)
+    remote = open_endless("preset:tiny", workers=1, **kw)
+    assert "Ray" in remote.engine.describe()
+    try:
+        for parts in (("1001,2002,97,33", "max"), ("full", "300,"), ("5,6,20,10", "^80,40")):
+            req = parse_request(*parts, "!90", "default.png", 4096, 4096, Limits())
+            assert remote.iiif(req) == local.iiif(req), parts
+        assert remote.stats()["tiles_rendered"] == 3
+    finally:
+        remote.close()
+        local.close()
+
+
 # ---------------------------------------------------------------- real IIIF viewers in Chromium
 @pytest.fixture(scope="module")
 def browser():

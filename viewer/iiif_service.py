@@ -95,7 +95,7 @@ class IIIFService:
         if len(rest) == 1:
             return Answer(303, b"", "text/plain; charset=utf-8", {**CORS, "Location": f"{base}/info.json"})
         if rest[1:] == ["info.json"]:
-            preferred = {"jpeg": "jpg", "png": "png"}.get(str(self.source.info().get("tile_format")))
+            preferred = {"jpeg": "jpg", "jpg": "jpg", "png": "png"}.get(str(self.source.info().get("tile_format")))
             return self._json(info_json(base, self.source.width, self.source.height, self.limits, preferred), accept)
         if len(rest) != 5:
             return _error(IIIFError(400, "expected /iiif/3/image/{region}/{size}/{rotation}/{quality}.{format}"))

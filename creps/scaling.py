@@ -39,6 +39,7 @@ __all__ = [
     "psnr",
     "to_unit",
     "upsampled_canvas",
+    "window_canvas",
 ]
 
 
@@ -53,17 +54,34 @@ def upsampled_canvas(base: Canvas, height: int, width: int) -> Canvas:
     """
     if base.height < 2 or base.width < 2:
         raise ValueError(f"the base canvas must be at least 2x2, got {base.height}x{base.width}")
+    return window_canvas(base, (0, base.height), (0, base.width), height, width)
 
-    def window(n: int, m: int, lo: float, hi: float) -> tuple[float, float]:
-        step = (hi - lo) / (n - 1)
-        first, last = 0.5 * n / m - 0.5, (m - 0.5) * n / m - 0.5
+
+def window_canvas(base: Canvas, rows: tuple[int, int], cols: tuple[int, int], height: int, width: int) -> Canvas:
+    """The ``height x width`` canvas sampled where a centre-aligned resize of a window of ``base`` samples.
+
+    ``upsampled_canvas`` for the window rows ``[r0, r1)`` x cols ``[c0, c1)``
+    of ``base`` (in its pixels) instead of all of it: output pixel j samples
+    input position ``r0 + (j + 0.5) * n / m - 0.5`` (n = r1 - r0), mapped
+    through ``base``'s pixel spacing, so the canvas never has to hold ``base``
+    scaled whole (a 2^20 canvas enlarged 4x would be beyond ``MAX_SIDE``).
+    The viewer's IIIF service renders ``^`` (upscaled) requests of an endless
+    canvas on it: CREPS sampled at the finer grid, not an interpolation.
+    A one-pixel axis of ``base`` has no spacing: every sample takes its
+    coordinate.  Warps are kept.
+    """
+
+    def window(n_base: int, lo: float, hi: float, a: int, b: int, m: int) -> tuple[float, float]:
+        step = (hi - lo) / (n_base - 1) if n_base > 1 else 0.0
+        n = b - a
+        first, last = a + 0.5 * n / m - 0.5, a + (m - 0.5) * n / m - 0.5
         return lo + step * first, lo + step * last
 
     return Canvas(
         height,
         width,
-        y=window(base.height, height, *base.y),
-        x=window(base.width, width, *base.x),
+        y=window(base.height, *base.y, *rows, height),
+        x=window(base.width, *base.x, *cols, width),
         warp_rows=base.warp_rows,
         warp_cols=base.warp_cols,
     )

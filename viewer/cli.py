@@ -44,6 +44,7 @@ from renderer.fsio import parse_storage_options
 from renderer.options import OptionError, check_quality
 
 from .errors import ViewerError
+from .iiif import DEFAULT_MAX_AREA
 from .server import check_bind, make_server, open_source
 from .tiles import FORMATS
 
@@ -81,6 +82,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tile-format", choices=sorted(FORMATS), default="jpeg", help="tile format [jpeg]")
     p.add_argument("--quality", type=int, default=90, help="JPEG quality of the tiles made [90]")
     p.add_argument("--open", action="store_true", help="open the page in the default browser")
+    p.add_argument(
+        "--max-area",
+        type=int,
+        default=DEFAULT_MAX_AREA,
+        metavar="PX",
+        help="IIIF: the most output pixels one image request may ask for (info.json maxArea; "
+        f"larger requests are refused with 400, before any work) [{DEFAULT_MAX_AREA} = 1024x1024]",
+    )
     g = p.add_argument_group("endless zoom (tiles rendered when looked at)")
     g.add_argument("--checkpoint", metavar="CKPT", help="weights file (.safetensors / official .pkl) or preset:NAME")
     g.add_argument("--init-seed", type=int, metavar="N", help="weights seed for preset:NAME [0]")
@@ -212,7 +221,9 @@ def run(args: argparse.Namespace) -> int:
     check_bind(args.host, args.allow_remote)
     source, what = open_viewed(args, options)
     try:
-        server = make_server(source, args.host, args.port, allow_remote=args.allow_remote, token=args.token)
+        server = make_server(
+            source, args.host, args.port, allow_remote=args.allow_remote, token=args.token, max_area=args.max_area
+        )
     except BaseException:
         if args.checkpoint is not None:
             source.close()

@@ -14,39 +14,71 @@ requested. A request is answered from, in order:
    process, the default) or ``RayEngine`` (one Ray actor each, ``--workers``
    / ``--address``). The rendered tile goes into both caches.
 
+IIIF image requests (``EndlessTiles.iiif``, ``viewer.iiif``) take the same
+path with the checked ``ImageRequest`` as their key, rendered by
+``iiif_image`` on the same engines.
+
 What a tile is, and why it is exact: viewer.ondemand.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import threading
 import time
-from collections import OrderedDict
-from collections.abc import Callable
-from typing import Any, Protocol
+from collections.abc import Callable, Hashable
+from typing import Any, Protocol, cast
 
+import numpy as np
 import torch
 
 import creps
 from creps.canvas import MAX_SIDE
 from creps.errors import first_line
+from creps.scaling import window_canvas
 from renderer.dzi import dzi_xml
 
 from .cache import CacheView, TileCache
 from .errors import ViewerError
+from .iiif import ImageRequest
+from .iiif_image import finish, window_pixels
 from .ondemand import LINE_CACHE_BYTES, ImageSpec, TileMaker
 from .schedule import TileKey, TileScheduler
-from .tiles import FORMATS, TileReadError, ViewerBusy
+from .tiles import FORMATS, EncodedLRU, TileReadError, ViewerBusy
 
 RAY_START_TIMEOUT_S = 300.0
+Render = Callable[[Hashable], tuple[bytes, float]]  # a tile key (level, col, row) or an ImageRequest -> bytes
+
+
+def iiif_image(maker: TileMaker, req: ImageRequest, jpeg_quality: int) -> tuple[bytes, float]:
+    """(encoded image, seconds) of an IIIF request on an endless canvas (viewer.iiif_image).
+
+    Not upscaled: windows of the DeepZoom levels' canvases, exactly a level's
+    pixels where the request is a window of it (a full-resolution region is
+    the render job's crop), Lanczos-resampled otherwise. Upscaled (``^``):
+    the region rendered on its finer canvas (``creps.scaling.window_canvas``).
+    """
+    t0 = time.perf_counter()
+    spec = maker.spec
+    if req.upscaled:
+        top = spec.level_canvas(spec.top)
+        fine = window_canvas(top, (req.y, req.y + req.h), (req.x, req.x + req.w), req.height, req.width)
+        img = maker.canvas_pixels(fine)
+    else:
+
+        def window(k: int, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+            return maker.window(spec.top - k, y0, y1, x0, x1)
+
+        img = window_pixels(window, req, spec.width, spec.height)
+    return finish(img, req, jpeg_quality), time.perf_counter() - t0
 
 
 class Engine(Protocol):
-    """Renders encoded tiles; ``workers()`` are the callables the scheduler runs, one thread each."""
+    """Renders encoded tiles and IIIF images; ``workers()`` are the callables the scheduler runs, one thread each."""
 
-    def workers(self) -> list[Callable[[TileKey], tuple[bytes, float]]]: ...
+    def workers(self) -> list[Render]: ...
 
     def describe(self) -> str: ...
 
@@ -68,10 +100,13 @@ class LocalEngine:
         if maker.device == "cpu":
             torch.set_num_threads(1)
 
-    def _render(self, key: TileKey) -> tuple[bytes, float]:
-        return self.maker.tile(*key, self.fmt, self.quality)
+    def _render(self, key: Hashable) -> tuple[bytes, float]:
+        if isinstance(key, ImageRequest):
+            return iiif_image(self.maker, key, self.quality)
+        level, col, row = cast(TileKey, key)
+        return self.maker.tile(level, col, row, self.fmt, self.quality)
 
-    def workers(self) -> list[Callable[[TileKey], tuple[bytes, float]]]:
+    def workers(self) -> list[Render]:
         return [self._render] * self.threads
 
     def describe(self) -> str:
@@ -106,6 +141,9 @@ class TileWorker:
     def tile(self, level: int, col: int, row: int, fmt: str, quality: int) -> tuple[bytes, float]:
         return self.maker.tile(level, col, row, fmt, quality)
 
+    def iiif(self, req: ImageRequest, quality: int) -> tuple[bytes, float]:
+        return iiif_image(self.maker, req, quality)
+
 
 class RayEngine:
     """``workers`` Ray actors (embedded Ray, or the cluster at ``address``), one scheduler thread each."""
@@ -132,15 +170,17 @@ class RayEngine:
             self.close()
             raise ViewerError(f"the Ray workers did not start: {first_line(e)}") from None
 
-    def _call(self, actor: Any) -> Callable[[TileKey], tuple[bytes, float]]:
+    def _call(self, actor: Any) -> Render:
         import ray
 
-        def render(key: TileKey) -> tuple[bytes, float]:
-            return ray.get(actor.tile.remote(*key, self.fmt, self.quality))
+        def render(key: Hashable) -> tuple[bytes, float]:
+            if isinstance(key, ImageRequest):
+                return ray.get(actor.iiif.remote(key, self.quality))
+            return ray.get(actor.tile.remote(*cast(TileKey, key), self.fmt, self.quality))
 
         return render
 
-    def workers(self) -> list[Callable[[TileKey], tuple[bytes, float]]]:
+    def workers(self) -> list[Render]:
         return [self._call(a) for a in self.actors]
 
     def describe(self) -> str:
@@ -192,8 +232,7 @@ class EndlessTiles:
             raise ViewerError(f"unknown tile format {fmt!r}; use jpeg or png")
         self.spec, self.engine, self.fmt, self.quality, self.cache = spec, engine, fmt, quality, cache
         self.width, self.height = spec.width, spec.height
-        self._memory: OrderedDict[TileKey, bytes] = OrderedDict()
-        self._memory_max = memory_tiles
+        self._memory = EncodedLRU(memory_tiles)  # tiles and IIIF images
         self._closed = False
         self._lock = threading.Lock()
         self.from_memory = 0
@@ -263,15 +302,22 @@ class EndlessTiles:
         ViewerBusy (503) when the queue or this client's share is full;
         TileReadError (500) when the render fails.
         """
-        t0 = time.perf_counter()
         self.spec.check_tile(level, col, row)
-        key = (level, col, row)
-        with self._lock:
-            hit = self._memory.get(key)
-            if hit is not None:
-                self._memory.move_to_end(key)
-                self.from_memory += 1
+        return self._answer((level, col, row), f"tile {level}/{col}_{row}", client, alive)
+
+    def iiif(self, req: ImageRequest, client: str = "", alive: Callable[[], bool] = lambda: True) -> bytes | None:
+        """Encoded IIIF image of a checked request, as tiles are answered: the memory LRU, the
+        persistent cache, else rendered through the same scheduler (queue bound, per-client share,
+        abandoned requests dropped) by the same engine. None when the client went away."""
+        return self._answer(req, f"IIIF image {req.canonical(self.width, self.height)}", client, alive)
+
+    def _answer(self, key: Hashable, what: str, client: str, alive: Callable[[], bool]) -> bytes | None:
+        """Bytes of a tile key or an ImageRequest from memory, the cache, or a render (see ``tile``)."""
+        t0 = time.perf_counter()
+        hit = self._memory.get(key)
         if hit is not None:
+            with self._lock:
+                self.from_memory += 1
             return self._served(hit, t0, "memory", key)
         if self.cache is not None:
             data = self.cache.get(self._path(key))
@@ -288,19 +334,23 @@ class EndlessTiles:
         except ViewerError as e:
             raise TileReadError(str(e)) from None
         except Exception as e:
-            raise TileReadError(f"cannot render tile {level}/{col}_{row}: {type(e).__name__}: {first_line(e)}") from e
+            raise TileReadError(f"cannot render {what}: {type(e).__name__}: {first_line(e)}") from e
         if got is None:
             return None
         return self._served(got, t0, "rendered", key)
 
-    def _path(self, key: TileKey) -> str:
-        level, col, row = key
+    def _path(self, key: Hashable) -> str:
+        """Where a tile (or an IIIF image: by a hash of its canonical form) lives in the cache."""
+        if isinstance(key, ImageRequest):
+            name = hashlib.sha256(key.canonical(self.width, self.height).encode()).hexdigest()[:32]
+            return f"{self.spec.key}/iiif/q{self.quality}/{name}.{key.fmt}"
+        level, col, row = cast(TileKey, key)
         return f"{self._tile_dir}/{level}/{col}_{row}.{self.fmt}"
 
-    def _keeping(self, render: Callable[[TileKey], tuple[bytes, float]]) -> Callable[[TileKey], bytes]:
-        """A scheduler worker: render, then keep the tile in both caches (even if its requests left)."""
+    def _keeping(self, render: Render) -> Callable[[Hashable], bytes]:
+        """A scheduler worker: render, then keep the result in both caches (even if its requests left)."""
 
-        def work(key: TileKey) -> bytes:
+        def work(key: Hashable) -> bytes:
             data, seconds = render(key)
             self.last_rendered_ms = round(seconds * 1000, 1)
             self._remember(key, data)
@@ -310,14 +360,12 @@ class EndlessTiles:
 
         return work
 
-    def _remember(self, key: TileKey, data: bytes) -> None:
-        with self._lock:
-            self._memory[key] = data
-            while len(self._memory) > self._memory_max:
-                self._memory.popitem(last=False)
+    def _remember(self, key: Hashable, data: bytes) -> None:
+        self._memory.put(key, data)
 
-    def _served(self, data: bytes, t0: float, source: str, key: TileKey) -> bytes:
-        self.last_served = {"ms": round((time.perf_counter() - t0) * 1000, 1), "source": source, "tile": list(key)}
+    def _served(self, data: bytes, t0: float, source: str, key: Hashable) -> bytes:
+        if not isinstance(key, ImageRequest):  # the page's panel names the last DeepZoom tile
+            self.last_served = {"ms": round((time.perf_counter() - t0) * 1000, 1), "source": source, "tile": list(key)}  # type: ignore[call-overload]
         return data
 
     def close(self) -> None:

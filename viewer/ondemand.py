@@ -299,10 +299,42 @@ class TileMaker:
     def pixels(self, level: int, col: int, row: int) -> np.ndarray:
         """uint8 (3, h, w) of one DZI tile (overlap included), exactly as a render writes them."""
         y0, y1, x0, x1 = self.spec.check_tile(level, col, row)
+        return self.window(level, y0, y1, x0, x1, what=f"{level}/{col}_{row}")
+
+    def window(self, level: int, y0: int, y1: int, x0: int, x1: int, what: str = "") -> np.ndarray:
+        """uint8 (3, y1-y0, x1-x0) of any window of DZI level ``level``'s canvas.
+
+        The same lines and pixel blocks as a tile, so a window is exactly the
+        tiles it covers (at the top level: exactly the render job's pixels);
+        the IIIF service reads its regions through it.
+        """
+        canvas = self.spec.level_canvas(level)
+        if not (0 <= level <= self.spec.top and 0 <= y0 < y1 <= canvas.height and 0 <= x0 < x1 <= canvas.width):
+            raise ViewerError(f"window [{y0}, {y1}) x [{x0}, {x1}) is not inside DZI level {level}")
         # Row and column lines are independent: on a cold tile they take two cores instead of one.
         rows = self._helpers.submit(self.line_range, level, "row", y0, y1)
         C = self.line_range(level, "col", x0, x1)
         R = rows.result()
+        return self._uint8(R, C, what or f"window {level}/{y0}:{y1},{x0}:{x1}")
+
+    def canvas_pixels(self, canvas: creps.Canvas) -> np.ndarray:
+        """uint8 (3, H, W) of a whole free ``canvas`` (any sampling of this image's coordinate plane).
+
+        Its lines are computed here and not kept: such a canvas (the IIIF
+        service's ``^`` upscaled regions, ``creps.scaling.window_canvas``)
+        shares no grid with the DZI levels.
+        """
+        with torch.no_grad():
+            R = self.G.lines(
+                self.latent.ws, canvas.row_coords().to(self.device), "row", weights=self.latent.line_weights
+            )
+            C = self.G.lines(
+                self.latent.ws, canvas.col_coords().to(self.device), "col", weights=self.latent.line_weights
+            )
+        return self._uint8(R, C, f"canvas {canvas.height}x{canvas.width}")
+
+    def _uint8(self, R: torch.Tensor, C: torch.Tensor, what: str) -> np.ndarray:
+        """The pixel stage on row and column lines, as uint8 (3, h, w)."""
         with torch.no_grad():
             img = self.G.pixels(
                 self.latent.ws,
@@ -312,7 +344,7 @@ class TileMaker:
                 weights=self.latent.pixel_weights,
                 precision=self.spec.precision,
             )
-            return finite_uint8(img, f"{level}/{col}_{row}", ViewerError)
+            return finite_uint8(img, what, ViewerError)
 
     def tile(self, level: int, col: int, row: int, fmt: str, quality: int) -> tuple[bytes, float]:
         """(encoded tile, seconds spent on it)."""

@@ -29,7 +29,7 @@ import select
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,7 +37,8 @@ from typing import Any
 from .tiles import ViewerBusy
 
 TileKey = tuple[int, int, int]  # (level, col, row)
-Work = Callable[[TileKey], Any]
+JobKey = Hashable  # a TileKey, or another request for the same workers (an IIIF ImageRequest)
+Work = Callable[[JobKey], Any]
 
 
 def client_gone(sock: socket.socket) -> bool:
@@ -77,7 +78,7 @@ class Waiter:
 class Job:
     """One tile to render and the requests waiting for it."""
 
-    key: TileKey
+    key: JobKey
     seq: int
     submitted: float
     waiters: list[Waiter] = field(default_factory=list)
@@ -90,16 +91,17 @@ class Job:
 class TileScheduler:
     """Bounded, newest-first, de-duplicating queue in front of ``len(workers)`` render workers.
 
-    ``workers`` are callables ``(level, col, row) -> result``, one thread each
-    (a thread per Ray actor, or several threads over one in-process generator).
+    ``workers`` are callables ``key -> result`` (a key: a tile's ``(level,
+    col, row)`` or an IIIF ``ImageRequest``), one thread each (a thread per
+    Ray actor, or several threads over one in-process generator).
     """
 
     def __init__(self, workers: Sequence[Work], queue_max: int = 64, per_client: int = 8, poll_s: float = 0.05) -> None:
         if not workers:
             raise ValueError("a scheduler needs at least one worker")
         self.queue_max, self.per_client, self.poll_s = queue_max, per_client, poll_s
-        self._queued: dict[TileKey, Job] = {}
-        self._running: dict[TileKey, Job] = {}
+        self._queued: dict[JobKey, Job] = {}
+        self._running: dict[JobKey, Job] = {}
         self._cond = threading.Condition()
         self._seq = 0
         self._held = 0
@@ -118,7 +120,7 @@ class TileScheduler:
             t.start()
 
     # ------------------------------------------------------------ requests
-    def submit(self, key: TileKey, client: str, alive: Callable[[], bool]) -> tuple[Job, Waiter]:
+    def submit(self, key: JobKey, client: str, alive: Callable[[], bool]) -> tuple[Job, Waiter]:
         """Queue ``key`` for ``client`` (or join its job); ViewerBusy when a bound is reached."""
         waiter = Waiter(client, alive)
         with self._cond:

@@ -9,10 +9,16 @@ user, a handful of concurrent tile requests. Routes:
   /image.dzi, /image_files/L/C_R.jpeg|png     zarr mode: tiles made on the fly from the store;
                                               endless mode: tiles rendered on demand (viewer.endless)
   /dzi/NAME.dzi, /dzi/NAME_files/...          DZI mode: files of an exported DZI
+  /iiif/3/image/..., /iiif/3/manifest.json    IIIF Image API 3.0 (level 2) and a Presentation
+                                              manifest, every mode (viewer.iiif_service)
+
+Routing is a table (``Handler.ROUTES``: first path segment -> method). Numbers
+in tile URLs are canonical: ASCII digits, no leading zero (``/image_files/05/0_0.jpeg``
+or a non-ASCII digit is 404, before any work), as in IIIF URLs.
 
 Safety: loopback only unless ``allow_remote``; GET/HEAD only; a request path
-is percent-decoded once and refused (403) if any segment is empty, '.' or
-'..', or holds a backslash or NUL, so neither '../' nor '%2e%2e%2f' nor
+is percent-decoded once and refused (403; 400 under /iiif/, whose spec asks
+for it) if any segment is empty, '.' or '..', or holds a backslash or NUL, so neither '../' nor '%2e%2e%2f' nor
 '//etc/passwd' can leave a root; files are served only if their real path
 (symlinks resolved) lies inside the root they were asked from. On a
 loopback bind the Host header must name a loopback host too (a page on
@@ -32,48 +38,37 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import json
-import os
 import re
 import secrets
 import socket
 import urllib.parse
-import xml.etree.ElementTree as ET
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
 
 from creps.errors import first_line
-from renderer.errors import RendererError
-from renderer.fsio import filesystem, is_local
 
+from .dzifiles import CONTENT_TYPES, DziFiles, safe_file
 from .endless import EndlessTiles
 from .errors import ViewerError
+from .iiif import DEFAULT_MAX_AREA, Limits
+from .iiif_service import CORS, IIIFService
 from .schedule import client_gone
 from .tiles import FORMATS, StoreTiles, TileReadError, ViewerBusy
+
+__all__ = ["DziFiles", "ViewerServer", "check_bind", "make_server", "new_token", "open_source", "split_path"]
 
 HERE = Path(__file__).resolve().parent
 STATIC_DIR = HERE / "static"
 OSD_DIR = HERE / "node_modules" / "openseadragon" / "build" / "openseadragon"
 LOOPBACK_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost"}
-CONTENT_TYPES = {
-    ".html": "text/html; charset=utf-8",
-    ".js": "text/javascript; charset=utf-8",
-    ".css": "text/css; charset=utf-8",
-    ".json": "application/json",
-    ".map": "application/json",
-    ".png": "image/png",
-    ".jpeg": "image/jpeg",
-    ".jpg": "image/jpeg",
-    ".webp": "image/webp",
-    ".dzi": "application/xml",
-    ".xml": "application/xml",
-    ".svg": "image/svg+xml",
-}
 CSP = (
     "default-src 'self'; img-src 'self' data: blob:; style-src 'self' 'unsafe-inline'; "
     "script-src 'self'; connect-src 'self'; frame-ancestors 'none'"
 )
-TILE_RE = re.compile(r"^(\d{1,3})/(\d{1,9})_(\d{1,9})\.(jpeg|png)$")
+NUM = r"(0|[1-9][0-9]{0,8})"  # a canonical number: ASCII digits, no leading zero, no sign
+TILE_RE = re.compile(rf"{NUM}/{NUM}_{NUM}\.(jpeg|png)")  # used with fullmatch (``$`` would allow a newline)
+HOST_RE = re.compile(r"[A-Za-z0-9.\-]+(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?")  # fullmatch
 
 
 def new_token() -> str:
@@ -126,89 +121,11 @@ def split_path(raw: str) -> list[str] | None:
 def _tile_address(parts: list[str], fmt: str) -> tuple[int, int, int] | None:
     """(level, col, row) of the path segments after ``image_files/`` (``L/C_R.FMT``), None unless
     they name a tile in the source's format ``fmt``."""
-    m = TILE_RE.match("/".join(parts))
+    m = TILE_RE.fullmatch("/".join(parts))
     if m is None or m.group(4) != fmt:
         return None
     level, col, row = (int(g) for g in m.groups()[:3])
     return level, col, row
-
-
-def safe_file(root: Path, parts: list[str]) -> Path | None:
-    """root/parts if it is a regular file whose real path stays inside root's real path."""
-    if not parts:
-        return None
-    real_root = os.path.realpath(root)
-    real = os.path.realpath(os.path.join(real_root, *parts))
-    if os.path.commonpath([real_root, real]) != real_root or not os.path.isfile(real):
-        return None
-    return Path(real)
-
-
-# ---------------------------------------------------------------- exported DZI
-class DziFiles:
-    """An exported DeepZoom pyramid (NAME.dzi + NAME_files/) on any fsspec URL.
-
-    Serves exactly those two entries of the DZI's folder, nothing else there.
-    """
-
-    def __init__(self, url: str, storage_options: dict | None = None) -> None:
-        try:
-            self.fs, path = filesystem(url, storage_options)
-        except RendererError as e:
-            raise ViewerError(str(e)) from None
-        self.local = is_local(url)
-        self.dir, self.name = path.rsplit("/", 1) if "/" in path else (".", path)
-        self.stem = self.name[: -len(".dzi")]
-        try:
-            xml = self.fs.cat_file(path)
-        except Exception as e:  # missing file, endpoint down, bad credentials
-            raise ViewerError(f"cannot read {url!r}: {first_line(e)}") from None
-        try:
-            node = ET.fromstring(xml)
-            size = next(el for el in node if el.tag.endswith("Size"))
-            self.width, self.height = int(size.get("Width", "")), int(size.get("Height", ""))
-            self.format = node.get("Format", "jpeg")
-        except (ET.ParseError, StopIteration, ValueError) as e:
-            raise ViewerError(f"{url!r} is not a DeepZoom .dzi file: {e}") from None
-        self.url = url
-
-    def info(self) -> dict[str, Any]:
-        return {
-            "mode": "dzi",
-            "tile_source": f"/dzi/{urllib.parse.quote(self.name)}",
-            "width": self.width,
-            "height": self.height,
-            "tile_format": self.format,
-            "tiles_done": None,
-            "tiles_total": None,
-            "version": "static",
-            "checkpoint": None,
-            "checkpoint_sha256": None,
-            "seed": None,
-            "psi": None,
-            "status": None,
-            "error": None,
-            "meta": {},
-        }
-
-    def read(self, parts: list[str]) -> tuple[bytes, str] | None:
-        """(bytes, content type) of NAME.dzi or a file under NAME_files/, else None."""
-        if parts == [self.name]:
-            root, inner = self.dir, parts
-        elif len(parts) >= 2 and parts[0] == f"{self.stem}_files":
-            root, inner = f"{self.dir}/{parts[0]}", parts[1:]  # a tile may not even point to NAME.dzi's folder
-        else:
-            return None
-        ctype = CONTENT_TYPES.get(os.path.splitext(parts[-1])[1].lower())
-        if ctype is None:
-            return None
-        if self.local:
-            p = safe_file(Path(root), inner)
-            return (p.read_bytes(), ctype) if p else None
-        try:
-            return self.fs.cat_file(f"{self.dir}/{'/'.join(parts)}"), ctype
-        except (FileNotFoundError, OSError):
-            return None
 
 
 Source = StoreTiles | DziFiles | EndlessTiles
@@ -220,10 +137,18 @@ class ViewerServer(ThreadingHTTPServer):
     allow_reuse_address = True
     request_queue_size = 256  # a burst of connections waits in the kernel instead of being reset
 
-    def __init__(self, addr: tuple[str, int], source: Source, local_only: bool, token: str | None = None) -> None:
+    def __init__(
+        self,
+        addr: tuple[str, int],
+        source: Source,
+        local_only: bool,
+        token: str | None = None,
+        limits: Limits | None = None,
+    ) -> None:
         self.source = source
         self.local_only = local_only
         self.token = token
+        self.iiif = IIIFService(source, limits or Limits())
         super().__init__(addr, Handler)
 
     @property
@@ -256,6 +181,7 @@ class Handler(BaseHTTPRequestHandler):
 
     failure = ""  # why this request failed with a 5xx: joins its one log line
     set_cookie = ""  # a Set-Cookie value for this response (the token, on the first visit with it)
+    extra: dict[str, str] = {}  # headers every response to this request carries (IIIF: CORS)  # noqa: RUF012
 
     def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
         """Log refused and failed requests only; tile traffic would drown the terminal."""
@@ -275,6 +201,8 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("X-Content-Type-Options", "nosniff")
         self.send_header("Referrer-Policy", "no-referrer")
         self.send_header("Content-Security-Policy", CSP)
+        for key, value in self.extra.items():
+            self.send_header(key, value)
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
@@ -295,11 +223,15 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         self.failure = ""
+        self.extra = {}
         hosts = self.headers.get_all("Host") or []
         if self.server.local_only and (len(hosts) != 1 or not is_loopback(host_name(hosts[0]))):
             return self._error(403, "forbidden: Host is not a loopback name")
         parts = split_path(self.path)
         if parts is None:
+            if self.path.startswith("/iiif/"):  # IIIF asks for 400 on a malformed request
+                self.extra = dict(CORS)
+                return self._error(400, "bad request: malformed path")
             return self._error(403, "forbidden path")
         self.set_cookie = ""
         if self.server.token is not None and not self._authorised(self.server.token):
@@ -343,6 +275,8 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header("Content-Length", str(len(body)))
             self.send_header("Retry-After", "1")
             self.send_header("Cache-Control", "no-store")
+            for key, value in self.extra.items():
+                self.send_header(key, value)
             self.end_headers()
             if self.command != "HEAD":
                 self.wfile.write(body)
@@ -357,36 +291,90 @@ class Handler(BaseHTTPRequestHandler):
             pass
 
     def _route(self, parts: list[str]) -> None:
+        handler = self.ROUTES.get(parts[0] if parts else "")
+        if handler is None:
+            return self._error(404, "not found")
+        handler(self, parts[1:])
+
+    # ------------------------------------------------------------ routes (ROUTES: first segment -> method)
+    def _index(self, rest: list[str]) -> None:
+        if rest:
+            return self._error(404, "not found")
+        self._static(STATIC_DIR, ["index.html"], "no-cache")
+
+    def _page_file(self, rest: list[str]) -> None:
+        self._static(STATIC_DIR, rest, "no-cache")
+
+    def _osd(self, rest: list[str]) -> None:
+        self._static(OSD_DIR, rest, "max-age=3600")
+
+    def _api(self, rest: list[str]) -> None:
+        if rest != ["info"]:
+            return self._error(404, "not found")
+        self._send(200, json.dumps(self.server.source.info()).encode(), "application/json")
+
+    def _dzi_xml(self, rest: list[str]) -> None:
         src = self.server.source
-        if parts in ([], ["index.html"]):
-            return self._static(STATIC_DIR, ["index.html"], "no-cache")
-        head, rest = parts[0], parts[1:]
-        if head == "static":
-            return self._static(STATIC_DIR, rest, "no-cache")
-        if head == "osd":
-            return self._static(OSD_DIR, rest, "max-age=3600")
-        if parts == ["api", "info"]:
-            return self._send(200, json.dumps(src.info()).encode(), "application/json")
-        if isinstance(src, (EndlessTiles, StoreTiles)):
-            if parts == ["image.dzi"]:
-                return self._send(200, src.dzi().encode(), "application/xml")
-            if head == "image_files":
-                address = _tile_address(rest, src.fmt)
-                if address is None:
-                    return self._error(404, "not found")
-                if isinstance(src, StoreTiles):
-                    return self._send(200, src.tile(*address), FORMATS[src.fmt])
-                data = src.tile(*address, client=self.client_address[0], alive=self._client_alive)
-                if data is None:  # the client left before its tile was rendered: nobody to answer
-                    self.close_connection = True
-                    return None
-                # Tile URLs carry ?v=<image key> (viewer.js): the bytes behind one URL never change.
-                return self._send(200, data, FORMATS[src.fmt], "private, max-age=86400")
-        elif head == "dzi":
-            got = src.read(rest)
-            if got is not None:
-                return self._send(200, got[0], got[1], "max-age=3600")
-        self._error(404, "not found")
+        if rest or isinstance(src, DziFiles):
+            return self._error(404, "not found")
+        self._send(200, src.dzi().encode(), "application/xml")
+
+    def _tile(self, rest: list[str]) -> None:
+        src = self.server.source
+        address = None if isinstance(src, DziFiles) else _tile_address(rest, src.fmt)
+        if address is None:
+            return self._error(404, "not found")
+        if isinstance(src, StoreTiles):
+            return self._send(200, src.tile(*address), FORMATS[src.fmt])
+        assert isinstance(src, EndlessTiles)
+        data = src.tile(*address, client=self.client_address[0], alive=self._client_alive)
+        if data is None:  # the client left before its tile was rendered: nobody to answer
+            self.close_connection = True
+            return None
+        # Tile URLs carry ?v=<image key> (viewer.js): the bytes behind one URL never change.
+        self._send(200, data, FORMATS[src.fmt], "private, max-age=86400")
+
+    def _dzi_files(self, rest: list[str]) -> None:
+        src = self.server.source
+        got = src.read(rest) if isinstance(src, DziFiles) else None
+        if got is None:
+            return self._error(404, "not found")
+        self._send(200, got[0], got[1], "max-age=3600")
+
+    def _iiif(self, rest: list[str]) -> None:
+        self.extra = dict(CORS)  # errors on the way (503, 500) carry it too: IIIF clients read them cross-origin
+        answer = self.server.iiif.answer(
+            rest,
+            root=self._root(),
+            accept=self.headers.get("Accept", ""),
+            client=self.client_address[0],
+            alive=self._client_alive,
+        )
+        if answer is None:  # the client left before its image was made
+            self.close_connection = True
+            return None
+        self.extra = answer.headers
+        self._send(answer.status, answer.body, answer.ctype, answer.cache)
+
+    def _root(self) -> str:
+        """``http://host:port`` as this client reached the server (the Host header when it is a
+        plain host name or address, else the bound address): the base of IIIF ids."""
+        host = (self.headers.get("Host") or "").strip()
+        if not HOST_RE.fullmatch(host):
+            return self.server.url.split("/?", 1)[0].rstrip("/")
+        return f"http://{host}"
+
+    ROUTES: dict[str, Callable[[Handler, list[str]], None]] = {  # noqa: RUF012
+        "": _index,
+        "index.html": _index,
+        "static": _page_file,
+        "osd": _osd,
+        "api": _api,
+        "image.dzi": _dzi_xml,
+        "image_files": _tile,
+        "dzi": _dzi_files,
+        "iiif": _iiif,
+    }
 
     def _static(self, root: Path, parts: list[str], cache: str) -> None:
         path = safe_file(root, parts)
@@ -399,7 +387,7 @@ class Handler(BaseHTTPRequestHandler):
 def open_source(url: str, storage_options: dict | None = None, fmt: str = "jpeg", quality: int = 90) -> Source:
     """A .dzi path/URL -> DziFiles; anything else is an image store -> StoreTiles."""
     if url.rstrip("/").lower().endswith(".dzi"):
-        return DziFiles(url.rstrip("/"), storage_options)
+        return DziFiles(url.rstrip("/"), storage_options, quality=quality)
     return StoreTiles(url, storage_options, fmt=fmt, quality=quality)
 
 
@@ -414,15 +402,22 @@ def check_bind(host: str, allow_remote: bool) -> bool:
 
 
 def make_server(
-    source: Source, host: str = "127.0.0.1", port: int = 0, allow_remote: bool = False, token: str | None = None
+    source: Source,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    allow_remote: bool = False,
+    token: str | None = None,
+    max_area: int = DEFAULT_MAX_AREA,
 ) -> ViewerServer:
     """Bind (not yet serve) the viewer; refuses a non-loopback host unless ``allow_remote``.
 
     A non-loopback server always has a token (``token``, else a new random
     one: ``server.token``, and ``server.url`` carries it); a loopback one has
-    one only when ``token`` is given.
+    one only when ``token`` is given. ``max_area`` bounds the output pixels of
+    one IIIF image request (info.json's ``maxArea``; larger ones are refused).
     """
     local = check_bind(host, allow_remote)
+    limits = Limits(max_area)  # ViewerError for a bad --max-area, before binding
     if token is not None and not token:
         raise ViewerError("--token must not be empty")
     if not local and token is None:
@@ -431,6 +426,6 @@ def make_server(
         raise ViewerError(f"OpenSeadragon is not installed at {OSD_DIR}; run `npm ci` in viewer/ (or .ci/setup)")
     cls = ViewerServer6 if ":" in host.strip("[]") else ViewerServer
     try:
-        return cls((host.strip("[]"), port), source, local_only=local, token=token)
+        return cls((host.strip("[]"), port), source, local_only=local, token=token, limits=limits)
     except OSError as e:
         raise ViewerError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None

@@ -31,7 +31,7 @@ import io
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -46,6 +46,8 @@ from renderer.pyramid import render_levels
 from renderer.store import ImageStore, open_store
 
 from .errors import ViewerError
+from .iiif import ImageRequest
+from .iiif_image import finish, window_pixels
 
 __all__ = [
     "OVERLAP",
@@ -62,6 +64,7 @@ __all__ = [
     "usable_levels",
 ]
 MAX_SOURCE_SIDE = 4096  # source pixels read per tile side at most (then strided)
+MEMORY_BYTES = 256 << 20  # encoded images kept in memory per source at most
 FORMATS = {"jpeg": "image/jpeg", "png": "image/png"}
 
 
@@ -109,6 +112,44 @@ def encode(img: np.ndarray, fmt: str, quality: int = 90) -> bytes:
 
 
 # ---------------------------------------------------------------- bounded work
+class EncodedLRU:
+    """Encoded images by key (tiles, IIIF images), least recently used first out, bounded in count
+    and in bytes (an IIIF image can be a hundred tiles' worth). Thread-safe."""
+
+    def __init__(self, max_items: int = 512, max_bytes: int = MEMORY_BYTES) -> None:
+        self.max_items, self.max_bytes = max_items, max_bytes
+        self.bytes = 0
+        self._lru: OrderedDict[Hashable, bytes] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._lru)
+
+    def __iter__(self) -> Iterator[Hashable]:
+        """The keys, least recently used first (a snapshot)."""
+        with self._lock:
+            return iter(list(self._lru))
+
+    def __contains__(self, key: Hashable) -> bool:
+        with self._lock:
+            return key in self._lru
+
+    def get(self, key: Hashable) -> bytes | None:
+        with self._lock:
+            hit = self._lru.get(key)
+            if hit is not None:
+                self._lru.move_to_end(key)
+            return hit
+
+    def put(self, key: Hashable, data: bytes) -> None:
+        with self._lock:
+            old = self._lru.pop(key, None)
+            self.bytes += len(data) - (len(old) if old is not None else 0)
+            self._lru[key] = data
+            while len(self._lru) > 1 and (len(self._lru) > self.max_items or self.bytes > self.max_bytes):
+                self.bytes -= len(self._lru.popitem(last=False)[1])
+
+
 class ViewerBusy(ViewerError):
     """Too many tiles in flight: the server answers 503 with Retry-After (the page retries)."""
 
@@ -191,8 +232,7 @@ class StoreTiles:
         self.fmt = fmt
         self.quality = quality
         self.refresh_s = refresh_s
-        self._cache: OrderedDict[tuple, bytes] = OrderedDict()
-        self._cache_max = cache_tiles
+        self._cache = EncodedLRU(cache_tiles)  # encoded tiles and IIIF images
         self._lock = threading.Lock()
         self.gate = TileGate()
         self._state = self._read_state()
@@ -256,24 +296,44 @@ class StoreTiles:
         if not (0 <= col < ncols and 0 <= row < nrows):
             raise ViewerError(f"no tile {col}_{row} at level {level} ({ncols}x{nrows} tiles)")
         st = self.state()
-        key = (st.version, level, col, row)
-        with self._lock:
-            hit = self._cache.get(key)
-            if hit is not None:
-                self._cache.move_to_end(key)
-                return hit
+        return self._made(
+            (st.version, level, col, row), lambda: encode(self.pixels(st, level, col, row), self.fmt, self.quality)
+        )
+
+    def iiif(self, req: ImageRequest, client: str = "", alive: Callable[[], bool] = lambda: True) -> bytes:
+        """Encoded IIIF image of a checked request: read like tiles (the same gate and LRU), then
+        resampled where it is not a window of a level (``viewer.iiif_image``). ``client`` and
+        ``alive`` are the endless source's; a store read is short and not abandoned."""
+        st = self.state()
+
+        def make() -> bytes:
+            def window(k: int, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+                return self.window(st, k, y0, y1, x0, x1)
+
+            return finish(window_pixels(window, req, self.width, self.height), req, self.quality)
+
+        return self._made((st.version, req), make)
+
+    def _made(self, key: Hashable, make: Callable[[], bytes]) -> bytes:
+        """The LRU's bytes for ``key``, else ``make()`` inside the gate (then kept)."""
+        hit = self._cache.get(key)
+        if hit is not None:
+            return hit
         with self.gate.slot():
-            data = encode(self.pixels(st, level, col, row), self.fmt, self.quality)
-        with self._lock:
-            self._cache[key] = data
-            while len(self._cache) > self._cache_max:
-                self._cache.popitem(last=False)
+            data = make()
+        self._cache.put(key, data)
         return data
 
     def pixels(self, st: StoreState, level: int, col: int, row: int) -> np.ndarray:
         """(3, h, w) uint8 pixels of one DZI tile, read from the best zarr level."""
         y0, y1, x0, x1 = tile_bounds(self.width, self.height, level, col, row)
         k = max_level(self.width, self.height) - level
+        return self.window(st, k, y0, y1, x0, x1, f"tile {level}/{col}_{row}")
+
+    def window(self, st: StoreState, k: int, y0: int, y1: int, x0: int, x1: int, what: str = "") -> np.ndarray:
+        """(3, y1-y0, x1-x0) uint8 of the image downsampled 2**k times (DZI level max_level - k), over a
+        window of that level's pixels: zarr level k when the pyramid has it, else block means of the
+        coarsest finer one (strided beyond MAX_SOURCE_SIDE, see the module docstring)."""
         src = min(k, len(st.levels) - 1)
         f = 2 ** (k - src)  # remaining downsampling from zarr level src
         s = 1  # stride: keep the source read within MAX_SOURCE_SIDE per side
@@ -289,8 +349,9 @@ class StoreTiles:
         try:
             region = np.asarray(arr[:, ry0:ry1:s, rx0:rx1:s])
         except Exception as e:  # zarr / codec / storage errors: name the tile, keep the server up
+            what = what or f"window {y0}:{y1},{x0}:{x1} of level -{k}"
             raise TileReadError(
-                f"cannot read tile {level}/{col}_{row} (zarr level {src}): {type(e).__name__}: {first_line(e)}; "
+                f"cannot read {what} (zarr level {src}): {type(e).__name__}: {first_line(e)}; "
                 f"a corrupt chunk? check the store with `render.py verify {self.url}`"
             ) from e
         small = block_mean(region, f // s)

@@ -77,7 +77,29 @@ def _dz_source(source: ImageStore | str, tmp: str, progress: bool) -> Any:
         return planes[0].bandjoin(planes[1:]).copy(interpretation="srgb")
     if not os.path.exists(source):
         raise RendererError(f"no TIFF at {source!r}")
-    return pyvips.Image.new_from_file(source, access="sequential")
+    _check_vips_reads(source)
+    # fail=True: a tile libvips cannot decode is an error, never black pixels in the pyramid
+    return pyvips.Image.new_from_file(source, access="sequential", fail=True)
+
+
+def _check_vips_reads(path: str) -> None:
+    """Refuse, before any work, a TIFF whose compression the bundled libvips cannot decode.
+
+    The libvips of pyvips-binary has no zstd in its TIFF reader: it reads such
+    a file as zeros and says so only in a warning, so the DeepZoom would be black.
+    """
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            compression = tifffile.COMPRESSION(tif.pages[0].compression)
+    except Exception as e:
+        raise RendererError(f"cannot read the TIFF {path!r}: {first_line(e)}") from e
+    if compression.name in ("ZSTD", "WEBP", "JPEGXL", "LERC"):
+        raise RendererError(
+            f"{path!r} is {compression.name.lower()}-compressed, which libvips here cannot decode; "
+            "make the DeepZoom from the store (or a TIFF with --compression jpeg or deflate)"
+        )
 
 
 def _raw_planes(store: ImageStore, path: str, progress: bool) -> None:

@@ -331,3 +331,14 @@ def test_exports_memory_bounded_by_width_not_height(tmp_path):
         print(json.dumps({"height": height, "peak_rss_mb": peaks[height], "total_s": res["ours"]["total_s"]}))
     # an image-holding implementation would add >= 192 MB (the extra rows) to the tall one's peak
     assert peaks[32768] < peaks[16384] + 96, peaks
+
+
+def test_dzi_from_zstd_tiff_is_refused_not_black(tmp_path) -> None:
+    """The bundled libvips reads zstd TIFF tiles as zeros: refused in one line, nothing written."""
+    import tifffile
+
+    src = tmp_path / "z.tif"
+    tifffile.imwrite(src, np.full((300, 400, 3), 200, np.uint8), tile=(256, 256), compression="zstd")
+    with pytest.raises(RendererError, match="zstd-compressed, which libvips here cannot decode"):
+        write_dzi(str(src), str(tmp_path / "out"), engine="vips")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["z.tif"]

@@ -1,6 +1,8 @@
 """The layering of docs/architecture.md, checked on the source: imports only point down,
 no import cycle between modules (typing-only imports count: they are edges of the design too),
-no module imports another module's private name or reads one through an imported module."""
+no module imports another module's private name or reads one through an imported module.
+And the page against the source: its module list names every module once, in layer order, and
+every name it mentions exists."""
 
 from __future__ import annotations
 

@@ -183,7 +183,7 @@ def _matmul_state() -> dict[str, object]:
     if "fp32_precision" in _names(m):
         state["cuda.fp32_precision"] = m.fp32_precision
         # set_float32_matmul_precision writes mkldnn's matmul value too: restore it as well
-        state["mkldnn.fp32_precision"] = torch.backends.mkldnn.matmul.fp32_precision
+        state["mkldnn.fp32_precision"] = torch.backends.mkldnn.matmul.fp32_precision  # type: ignore[attr-defined]
     for name in _REDUCTIONS:  # (allow reduced precision, allow split-K) where torch has both
         split = f"{name}_split_k"
         state[name] = (getattr(m, name), getattr(m, split)) if split in _names(m) else getattr(m, name)
@@ -222,7 +222,7 @@ def _set_matmul_state(state: dict[str, object]) -> None:
     torch.set_float32_matmul_precision(str(state["float32_matmul_precision"]))
     if "cuda.fp32_precision" in state:
         m.fp32_precision = state["cuda.fp32_precision"]
-        torch.backends.mkldnn.matmul.fp32_precision = state["mkldnn.fp32_precision"]
+        torch.backends.mkldnn.matmul.fp32_precision = state["mkldnn.fp32_precision"]  # type: ignore[attr-defined]
     for name in (*_REDUCTIONS, "allow_fp16_accumulation"):
         if name in state:
             setattr(m, name, state[name])

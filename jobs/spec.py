@@ -62,7 +62,7 @@ class JobSpec:
     block: int = 0  # plan tiles per block side, a power of two: workers render whole blocks and write their
     #                 pyramid levels; 1 = row-major tiles, no levels in the render; 0 = auto (jobs.plan.auto_block)
     compressor: str = "zstd"
-    precision: str = "fp32"  # pixel stage: fp32 (exact) | bf16 | fp16 (creps.precision)
+    precision: str = "fp32"  # pixel stage: fp32 (exact) | fp16 | bf16x3 | bf16 (creps.precision)
     # where
     name: str = "demo"
     out: str = ""  # default ./out/<name>.zarr

@@ -159,9 +159,9 @@ def test_view_help_lists_precision_and_warps(capsys):
         render.main(["view", "--help"])
     assert e.value.code == 0
     text = capsys.readouterr().out
-    for flag in ("--precision {fp32,bf16,fp16}", "--warp-rows WARP", "--warp-cols WARP"):
+    for flag in ("--precision {fp32,bf16,bf16x3,fp16}", "--warp-rows WARP", "--warp-cols WARP"):
         assert flag in text
-    assert "pixel-stage arithmetic: fp32 (default, exact), bf16 or" in text
+    assert "pixel-stage arithmetic: fp32 (default, exact), bf16, bf16x3 or fp16" in text
 
 
 def test_bad_precision_or_warp_is_one_error_line(capsys):

@@ -354,9 +354,7 @@ def check_cuda_workers(device: str, workers: int, address: str | None, gpus: flo
     if workers > have:
         where = f"the Ray cluster at {address} has" if address else "this machine has"
         fix = f"--workers {have} or fewer" if have else "--device cpu"
-        raise ViewerError(
-            f"--workers {workers} --device cuda needs one GPU per actor, but {where} {have}: use {fix}"
-        )
+        raise ViewerError(f"--workers {workers} --device cuda needs one GPU per actor, but {where} {have}: use {fix}")
 
 
 def open_endless(

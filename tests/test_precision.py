@@ -24,9 +24,10 @@ from renderer.store import open_store
 BUNDLED = Path(creps.__file__).parent / "weights" / "default.safetensors"
 BUDGET_WITHIN_1 = 0.99
 BUDGET_MAX = 4
-# plain bf16 (one bf16 product per layer, bf16 activations; docs/exactness.md): the trained bundled
-# model meets the budget, random ffhq512 weights do not (seed 1: 81.5 % within one level, max 5)
-BF16 = {"bundled": (0.99, 4), "ffhq512": (0.80, 5)}
+# plain bf16 (one bf16 product per layer, bf16 activations; docs/exactness.md): >= 99 % within one
+# level on the trained bundled model but up to 5 levels; random ffhq512 weights far less (seed 1:
+# 81.5 % here, 81.6 % at 256^2, where seeds 0-3 reach 6 levels)
+BF16 = {"bundled": (0.99, 5), "ffhq512": (0.80, 6)}
 
 
 def _budget(ref: torch.Tensor, low: torch.Tensor) -> tuple[float, int]:

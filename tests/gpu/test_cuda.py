@@ -29,9 +29,10 @@ DEV = "cpu" if DRY else "cuda"
 S = 8 if DRY else 1  # sizes are divided by S in a dry run
 BUNDLED = Path(creps.__file__).parent / "weights" / "default.safetensors"
 # uint8 levels against fp32: (share within one level, largest difference).  fp16 and bf16x3: the budget;
-# plain bf16 (one bf16 product per layer) what the CPU emulation measured, docs/exactness.md
+# plain bf16 (one bf16 product per layer): the CPU emulation's worst on other canvases (docs/exactness.md:
+# bundled 99.0 %, 5 levels; ffhq512 81.6 %, 6 levels), with a margin for these canvases not measured there
 BUDGET = {"fp16": (0.99, 4), "bf16x3": (0.99, 4)}
-BF16 = {"bundled": (0.99, 4), "ffhq512": (0.80, 5)}
+BF16 = {"bundled": (0.985, 6), "ffhq512": (0.75, 7)}
 
 pytestmark = pytest.mark.cuda
 

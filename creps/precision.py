@@ -61,6 +61,17 @@ def check_precision(precision: str) -> torch.dtype:
     return precision_dtype(precision)
 
 
+def precision_identity(precision: str) -> dict[str, object]:
+    """What a job's or a tile cache's identity records for ``precision``.
+
+    Until issue 24 ``bf16`` meant three bf16 products per layer (today's
+    ``bf16x3``), and stores and caches of that time say ``"bf16"``.  Plain bf16
+    also records ``bf16_products: 1``, so neither is ever taken for the other
+    (``jobs.spec.stored_identity`` reads the old records as bf16x3).
+    """
+    return {"precision": precision, **({"bf16_products": 1} if precision == "bf16" else {})}
+
+
 def matmul_mode(precision: str, device: torch.device | str) -> str:
     """How the pixel stage's matmuls run: ``fp32``, ``bf16``/``bf16x3``/``fp16`` (native kernels
     with fp32 accumulation) or the same with ``-emulated`` (exact fp32 products, see above)."""

@@ -165,6 +165,15 @@ def test_precision_is_part_of_the_identity_and_old_stores_read_as_fp32(tmp_path,
     assert 0 < d.max() <= BF16["ffhq512"][1] and (d <= 1).mean() >= BF16["ffhq512"][0]
     meta = json.loads((tmp_path / "b.zarr" / "zarr.json").read_text())["attributes"]["creps_gigapixel"]
     assert meta["identity"]["precision"] == "bf16" and meta["spec"]["precision"] == "bf16"
+    assert meta["identity"]["bf16_products"] == 1  # plain bf16, told from the bf16 of older stores
+    # a store from when bf16 meant three products (its identity says "bf16", nothing more): it is bf16x3
+    store = open_store(str(tmp_path / "b.zarr"), mode="a")
+    store.update_meta(identity={k: v for k, v in store.meta["identity"].items() if k != "bf16_products"})
+    plain = JobSpec.from_dict({**bf16.to_dict(), "out": str(tmp_path / "b.zarr")})
+    with pytest.raises(JobSpecError, match=r"holds a different job \(precision: 'bf16x3' -> 'bf16'\)"):
+        run_job(plain, progress=False, log=lambda s: None)
+    x3 = run_job(JobSpec.from_dict({**plain.to_dict(), "precision": "bf16x3"}), progress=False, log=lambda s: None)
+    assert x3["status"] == "done" and x3["tiles_rendered"] == 0
 
 
 def test_exact_matmuls_sets_and_restores_every_cublas_switch():

@@ -58,7 +58,7 @@ if [[ $DRY == 1 ]]; then
     GPX_ARGS=(--device cpu --checkpoint "$CKPT" --tile 128 --e2e-size 1024x1024 --e2e-workers 0 --repeats 1
         --overhead-size 0)
     export CREPS_CUDA_DRY_RUN=1
-    TSCALE=5  # a shared CPU is far slower than the GPU the timeouts are sized for
+    TSCALE=30  # a shared, loaded CPU is far slower than the GPU the timeouts are sized for
 else
     BENCH_ARGS=(--device cuda --e2e-size 8192x8192 --repeats 1)
     GPX_ARGS=(--device cuda --e2e-size 32768x32768 --repeats 1 --overhead-size 0)

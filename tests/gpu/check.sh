@@ -7,7 +7,8 @@
 # (tests 110 s, benches 45 + 3 x 35 s, 1 Gpx 70 s; the wheel install ~15 s). Figures printed at the end.
 #
 # On a lent GPU machine (the device tool; see /work/.library/device/README.md), from the repo root:
-#     run(command="bash tests/gpu/check.sh", carry=[".whl"], timeout_s=420)
+#     run(command="bash tests/gpu/check.sh", carry=[".whl"], timeout_s=390)
+# (it leaves 7 files in $OUT; the tool brings back at most 8)
 # That machine has Python 3.12 with torch 2.11 (CUDA), numpy, safetensors, tqdm, tifffile, fsspec,
 # pyyaml, pytest, but no ray/zarr/numcodecs/donfig/crc32c, and no network: the check renders in
 # process (`--workers 0`, no Ray) and installs zarr and its needs from wheels carried in .whl/

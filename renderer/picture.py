@@ -154,5 +154,5 @@ def file_digest(path: str, on_bytes: Callable[[int], None] | None = None) -> tup
 def _vips_reason(e: Exception) -> str:
     """libvips' own reason from a many-line pyvips error ("unable to load ...\\n  VipsForeignLoad: ...")."""
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    detail = [ln for ln in lines[1:] if not ln.startswith("unable to")]
-    return detail[-1] if detail else lines[0] if lines else type(e).__name__
+    detail = [ln for ln in lines if not ln.startswith("unable to")]
+    return detail[-1] if detail else "libvips could not decode it"

@@ -1,4 +1,5 @@
-"""import: any picture (PNG, JPEG, TIFF: anything libvips reads) into an image store, as a render would have made it.
+"""import: any picture (PNG, JPEG, TIFF: anything libvips reads) into an image store,
+as a render would have made it.
 
   render.py import photo.jpg out/photo.zarr
   render.py import scan.tif s3://bucket/scan.zarr --storage-options '{"anon": false}'
@@ -369,7 +370,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("url", metavar="URL", help="image store to make: a path or any fsspec URL (s3://, gs://, az://)")
     p.add_argument("--storage-options", default=None, metavar="JSON", help="fsspec options for the store, as JSON")
     p.add_argument(
-        "--tile", type=int, default=DEFAULT_TILE, metavar="T", help=f"chunk side, as a render's --tile [{DEFAULT_TILE}]"
+        "--tile",
+        type=int,
+        default=DEFAULT_TILE,
+        metavar="T",
+        help=f"chunk side of level 0, a multiple of {TILE_MULTIPLE} (a render's --tile) [{DEFAULT_TILE}]",
     )
     p.add_argument(
         "--shard",

@@ -147,6 +147,17 @@ def spec_of_store(
     return JobSpec.from_dict({**saved, **over})
 
 
+def _cannot_repair(store: ImageStore, url: str, bad: int, no_spec: JobSpecError) -> RendererError | JobSpecError:
+    """Why the bad tiles of a store without a saved job are not re-rendered, as the error to raise.
+
+    An imported picture has no checkpoint to render from: the line says how to import it again.
+    """
+    again = reimport_command(store.meta, url)
+    if again is None:
+        return no_spec
+    return ReimportNeeded(f"{bad} bad tiles in {url}, an imported picture", again)
+
+
 # ---------------------------------------------------------------- CLI
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("url", help="image store (OME-Zarr group) URL or path")
@@ -186,10 +197,7 @@ def run(args: argparse.Namespace) -> int:
         print(b.describe())
     outcome = VerifyOutcome(report, remaining=report.bad)
     if report.bad and no_spec is not None:
-        again = reimport_command(store.meta, args.url)
-        if again is not None:  # an imported picture: no checkpoint to re-render the tiles from
-            raise ReimportNeeded(f"{len(report.bad)} bad tiles in {args.url}, an imported picture", again)
-        raise no_spec
+        raise _cannot_repair(store, args.url, len(report.bad), no_spec)
     if report.bad and spec is not None:
         meta = store.meta
         total = meta.get("tiles_total")

@@ -14,6 +14,7 @@ import functools
 import importlib
 import sys
 from collections.abc import Callable
+from typing import NoReturn
 
 from .errors import UserError, run_cli
 
@@ -21,6 +22,19 @@ DEBUG_HELP = "on an error, show the full traceback instead of one line (also: CR
 RESUME = "interrupted; re-run the same command to resume"
 
 Run = Callable[[argparse.Namespace], int]
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with the project's error form: a bad flag is one ``error:`` line and exit 2.
+
+    argparse's own form (a usage block, then ``prog: error: ...``) is several
+    lines on stderr, unlike every other refusal of these commands; the usage
+    stays one ``--help`` away, which the line names.  Subparsers inherit the
+    class (``add_subparsers`` makes them with the parent's type).
+    """
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
 
 
 def command(interrupted: str = RESUME, failed_hint: str = "") -> Callable[[Run], Run]:
@@ -46,9 +60,7 @@ def build_parser(
     ``tolerate_missing`` a subcommand whose module cannot be imported stays
     listed and says why when chosen.
     """
-    parser = argparse.ArgumentParser(
-        prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = Parser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     subparsers = {}

@@ -118,11 +118,14 @@ def assemble(
     Ray tasks on that cluster (joined before anything is written).
     """
     if not 1 <= quality <= 100:
-        raise RendererError(f"--quality must be 1..100, got {quality}")
-    for target in (tiff, dzi):
-        if target:
-            check_target(target, storage_options)
-    open_store(url, storage_options, mode="r").level(0)  # one clear error when the store or level 0 is missing
+        raise JobSpecError(f"--quality must be 1..100, got {quality}")
+    try:  # bad input (exit 2, nothing done): a target that cannot be written, a store or level 0 missing
+        for target in (tiff, dzi):
+            if target:
+                check_target(target, storage_options)
+        open_store(url, storage_options, mode="r").level(0)
+    except RendererError as e:
+        raise JobSpecError(str(e)) from None
     runner = _cluster(address, workers) if address else None
     try:
         lease = store_lease(url, storage_options)

@@ -60,10 +60,12 @@ def build_parser(
     ``tolerate_missing`` a subcommand whose module cannot be imported stays
     listed and says why when chosen.
     """
-    parser = Parser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser: argparse.ArgumentParser = Parser(
+        prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    subparsers = {}
+    subparsers: dict[str, argparse.ArgumentParser] = {}
     for name, (module, help_text) in subcommands.items():
         try:
             mod = importlib.import_module(module)

@@ -44,6 +44,11 @@ CASES: list[tuple[str, list[str], str]] = [
         ["render", *TINY, "--size", "64", "--out", "a.zarr", "--workers", "0", "--threads-per-worker", "4096"],
         "threads_per_worker",
     ),
+    (
+        R,
+        ["render", *TINY, "--size", "1048576", "--tile", "16", "--out", "a.zarr", "--workers", "0"],
+        "(limit 67,108,864)",
+    ),
     (R, ["nosuch"], "invalid choice: 'nosuch'"),
     # verify
     (R, ["verify", "missing.zarr"], "no image store at 'missing.zarr'"),

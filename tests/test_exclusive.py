@@ -105,6 +105,25 @@ def test_a_live_pid_with_another_start_time_is_a_stale_lease(tmp_path):
         other.wait()
 
 
+def test_a_holder_on_another_host_is_judged_by_its_heartbeat(tmp_path):
+    """Another host's pid says nothing here: its record blocks while its heartbeat is younger than
+    STALE_AFTER_S (90 s) and is taken over once it is older."""
+    url = str(tmp_path / "host.zarr")
+    folder = store_lease(url).folder
+    os.makedirs(folder)
+    record = {"owner": "x", "purpose": "elsewhere", "host": "another-host", "pid": os.getpid(),
+              "pid_started": 1.0, "started": 0.0, "released": False}  # fmt: skip
+    with open(f"{folder}/{1:08d}.json", "w") as f:
+        json.dump({**record, "gen": 1, "heartbeat": time.time() - lease_mod.STALE_AFTER_S + 30}, f)
+    with pytest.raises(StoreBusyError, match="elsewhere \\(pid .* on another-host, last heartbeat 60 s ago\\)"):
+        store_lease(url).acquire("here")
+    with open(f"{folder}/{2:08d}.json", "w") as f:
+        json.dump({**record, "gen": 2, "heartbeat": time.time() - lease_mod.STALE_AFTER_S - 1}, f)
+    taker = store_lease(url)
+    assert taker.acquire("here").gen == 3
+    taker.release()
+
+
 def test_takeover_during_a_job_stops_it(tmp_path, render_ray, monkeypatch):
     monkeypatch.setattr(lease_mod, "HEARTBEAT_S", 0.1)
     spec = tiny_job(str(tmp_path / "l.zarr"), height=192, width=192, tile=16)

@@ -36,7 +36,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from creps.cli import command
-from renderer.errors import IncompleteStoreError, RendererError
+from renderer.errors import BadInputError, IncompleteStoreError, RendererError
 from renderer.exports import COMPRESSIONS, DZI_ENGINES, TIFF_TILES, check_target, write_dzi, write_exports, write_tiff
 from renderer.fsio import parse_storage_options
 from renderer.pyramid import source_state
@@ -118,14 +118,14 @@ def assemble(
     Ray tasks on that cluster (joined before anything is written).
     """
     if not 1 <= quality <= 100:
-        raise JobSpecError(f"--quality must be 1..100, got {quality}")
+        raise BadInputError(f"--quality must be 1..100, got {quality}")
     try:  # bad input (exit 2, nothing done): a target that cannot be written, a store or level 0 missing
         for target in (tiff, dzi):
             if target:
                 check_target(target, storage_options)
         open_store(url, storage_options, mode="r").level(0)
     except RendererError as e:
-        raise JobSpecError(str(e)) from None
+        raise BadInputError(str(e)) from None
     runner = _cluster(address, workers) if address else None
     try:
         lease = store_lease(url, storage_options)

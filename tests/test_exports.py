@@ -250,7 +250,7 @@ def test_cli_assemble(tmp_path, store_and_image):
         text=True,
         timeout=300,
     )
-    assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and bad.stderr.startswith("error: ")
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and bad.stderr.startswith("error: ")
 
 
 def test_exports_memory_bounded_by_width_not_height(tmp_path):

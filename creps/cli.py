@@ -15,7 +15,7 @@ import importlib
 import math
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 from .canvas import MAX_SIDE
 from .errors import UserError, run_cli
@@ -24,6 +24,19 @@ DEBUG_HELP = "on an error, show the full traceback instead of one line (also: CR
 RESUME = "interrupted; re-run the same command to resume"
 
 Run = Callable[[argparse.Namespace], int]
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with the project's error form: a bad flag is one ``error:`` line and exit 2.
+
+    argparse's own form (a usage block, then ``prog: error: ...``) is several
+    lines on stderr, unlike every other refusal of these commands; the usage
+    stays one ``--help`` away, which the line names.  Subparsers inherit the
+    class (``add_subparsers`` makes them with the parent's type).
+    """
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
 
 
 def command(interrupted: str = RESUME, failed_hint: str = "") -> Callable[[Run], Run]:
@@ -49,12 +62,12 @@ def build_parser(
     ``tolerate_missing`` a subcommand whose module cannot be imported stays
     listed and says why when chosen.
     """
-    parser = argparse.ArgumentParser(
+    parser: argparse.ArgumentParser = Parser(
         prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    subparsers = {}
+    subparsers: dict[str, argparse.ArgumentParser] = {}
     for name, (module, help_text) in subcommands.items():
         try:
             mod = importlib.import_module(module)

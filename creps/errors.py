@@ -6,6 +6,13 @@ Every package keeps its own exception type (``CheckpointError`` here,
 them and lets them travel unchanged; only the command-line boundary
 (``run_cli``) turns one into a single ``error: ...`` line and an exit code.
 ``--debug`` or ``CREPS_DEBUG=1`` re-raises instead, with the full traceback.
+
+The rule for every command of ``render.py`` and ``train.py``: bad input
+exits 2 with one ``error:`` line and nothing written; a failure of the work
+itself exits 1 (one line, re-run to continue), an exception nobody
+anticipated included; Ctrl-C (and SIGTERM where a command turns it into
+one) exits 130.  ``tests/test_cli_errors.py`` runs every subcommand against
+its bad inputs.
 """
 
 from __future__ import annotations
@@ -30,6 +37,9 @@ class CheckpointError(UserError):
     """A checkpoint cannot be read: missing, unknown format, corrupt, wrong shapes, forbidden content."""
 
 
+UNEXPECTED = " (unexpected; --debug or CREPS_DEBUG=1 shows the traceback)"
+
+
 def first_line(e: BaseException) -> str:
     """The first non-empty line of an exception's message, or its type name."""
     for line in str(e).splitlines():
@@ -46,7 +56,9 @@ def run_cli(fn: Callable[[], int], debug: bool = False, interrupted: str = "inte
     """Run a subcommand body; a UserError becomes one stderr line and its exit code.
 
     ``failed_hint`` is appended to errors of work that stopped part-way
-    (exit code 1), e.g. how to resume it.
+    (exit code 1), e.g. how to resume it.  Any other exception is such a
+    failure too (exit 1): one line naming its type, and how to see the
+    traceback, instead of the traceback itself.
     """
     try:
         return int(fn() or 0)
@@ -61,3 +73,8 @@ def run_cli(fn: Callable[[], int], debug: bool = False, interrupted: str = "inte
             raise
         print(interrupted, file=sys.stderr)
         return 130
+    except Exception as e:  # a bug, or a failure no message was written for: still one line
+        if debug_enabled(debug):
+            raise
+        print(f"error: {type(e).__name__}: {first_line(e)}{failed_hint}{UNEXPECTED}", file=sys.stderr)
+        return 1

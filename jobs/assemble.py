@@ -36,7 +36,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from creps.cli import command
-from renderer.errors import IncompleteStoreError, RendererError
+from renderer.errors import BadInputError, IncompleteStoreError, RendererError
 from renderer.exports import write_exports
 from renderer.fsio import parse_storage_options
 from renderer.options import DZI_ENGINES, DziOptions, OptionError, TiffOptions
@@ -122,10 +122,13 @@ def assemble(
     Ray tasks on that cluster (joined before anything is written).
     """
     tiff_options, dzi_options = _export_options(tiff_tile, compression, quality, szi, dzi_engine)
-    for target in (tiff, dzi):
-        if target:
-            check_target(target, storage_options)
-    open_store(url, storage_options, mode="r").level(0)  # one clear error when the store or level 0 is missing
+    try:  # bad input (exit 2, nothing done): a target that cannot be written, a store or level 0 missing
+        for target in (tiff, dzi):
+            if target:
+                check_target(target, storage_options)
+        open_store(url, storage_options, mode="r").level(0)
+    except RendererError as e:
+        raise BadInputError(str(e)) from None
     runner = _cluster(address, workers) if address else None
     try:
         lease = store_lease(url, storage_options)
@@ -150,7 +153,7 @@ def _export_options(
     except OptionError as e:
         if e.option != "quality":
             raise
-        raise RendererError(f"--quality must be {e.allowed}, got {e.value}") from None
+        raise BadInputError(f"--quality must be {e.allowed}, got {e.value}") from None
 
 
 def _cluster(address: str, workers: int | None) -> Runner:

@@ -45,6 +45,10 @@ from typing import Any
 
 import numpy as np
 
+from creps.cli import command
+
+from . import JobSpecError
+
 DEFAULT_DIR = "/var/tmp/creps-bench-exports"
 SIDES = ("vips", "ours", "levels")
 
@@ -278,12 +282,31 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help=argparse.SUPPRESS)
 
 
+def parse_sizes(text: str) -> tuple[int, ...]:
+    """``--sizes``: widths >= 1024, comma-separated (JobSpecError, one line, before any input is made)."""
+    try:
+        sizes = tuple(int(s) for s in str(text).split(","))
+    except ValueError:
+        sizes = ()
+    if not sizes or min(sizes) < 1024:
+        raise JobSpecError(f"--sizes must be image widths >= 1024, comma-separated, got {text!r}")
+    return sizes
+
+
+def parse_sides(text: str) -> tuple[str, ...]:
+    sides = tuple(str(text).split(","))
+    if not set(sides) <= set(SIDES):
+        raise JobSpecError(f"--sides must be a comma-separated subset of {','.join(SIDES)}, got {text!r}")
+    return sides
+
+
+@command()
 def run(args: argparse.Namespace) -> int:
-    sizes = tuple(int(s) for s in str(args.sizes).split(","))
+    sizes = parse_sizes(args.sizes)
     if args.child:
         _child(args.child, args.dir, sizes[0], args.height or None, args.out, args.render_levels)
         return 0
-    sides = tuple(args.sides.split(","))
+    sides = parse_sides(args.sides)
     print(json.dumps(bench(sizes, args.dir, sides, args.height, args.render_levels, args.out_dir)))
     return 0
 

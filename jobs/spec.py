@@ -217,6 +217,8 @@ class JobSpec:
                 data = tomllib.load(f)
         except FileNotFoundError:
             raise JobSpecError(f"job file {str(path)!r} not found") from None
+        except OSError as e:  # a folder, no permission: still the user's input
+            raise JobSpecError(f"job file {str(path)!r} cannot be read: {e.strerror or e}") from None
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
             raise JobSpecError(f"job file {str(path)!r} is not valid TOML: {e}") from None
         data = dict(data.get("job", data))

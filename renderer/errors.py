@@ -1,4 +1,4 @@
-"""The renderer package's exception types: RendererError and its IncompleteStoreError."""
+"""The renderer package's exception types: RendererError and its IncompleteStoreError, BadInputError."""
 
 from creps.errors import UserError
 
@@ -19,5 +19,12 @@ class IncompleteStoreError(RendererError):
     Exit code 2: nothing was done; finish the render, or ask for a partial
     result (``render.py assemble --partial``).
     """
+
+    exit_code = 2
+
+
+class BadInputError(RendererError):
+    """What a renderer call was given cannot be used (no store there, a target that cannot be
+    written, an endpoint that does not answer), found before anything was done: exit code 2."""
 
     exit_code = 2

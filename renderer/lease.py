@@ -38,6 +38,7 @@ from .errors import RendererError
 
 HEARTBEAT_S = 10.0
 STALE_AFTER_S = 90.0
+PID_START_SLACK_S = 1.0  # start times are read at 1/100 s; boot time is whole seconds
 
 
 class StoreBusyError(RendererError):
@@ -67,7 +68,25 @@ class LeaseRecord:
         return f"{self.purpose} (pid {self.pid} on {self.host}, last heartbeat {age:.0f} s ago)"
 
 
-def _process_start(pid: int) -> float:
+def process_start(pid: int) -> float:
+    """When process ``pid`` started, in seconds since the epoch; 0.0 when it cannot be told.
+
+    A pid alone does not name a process: after a crash the number may be
+    given to another one.  (pid, start time) does.  On Linux it is read from
+    ``/proc/<pid>/stat`` (field 22, clock ticks since boot) plus the boot time
+    of ``/proc/stat``, the computation psutil makes, so both agree; elsewhere
+    psutil when it is installed.
+    """
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        with open("/proc/stat", "rb") as f:
+            boot = next(int(line.split()[1]) for line in f if line.startswith(b"btime "))
+        # the command name (field 2) may hold spaces and parentheses: count from the last ")"
+        ticks = int(stat[stat.rindex(b")") + 2 :].split()[19])
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        pass
     try:
         import psutil
 
@@ -87,8 +106,10 @@ def holder_alive(rec: LeaseRecord, stale_after: float = STALE_AFTER_S) -> bool:
             return False
         except PermissionError:
             pass
-        if rec.pid_started and abs(_process_start(rec.pid) - rec.pid_started) > 1.0:
-            return False  # the pid was reused by another process
+        if rec.pid_started:
+            now = process_start(rec.pid)
+            if now and abs(now - rec.pid_started) > PID_START_SLACK_S:
+                return False  # the pid was reused by another process
         return True
     return time.time() - rec.heartbeat < stale_after
 
@@ -136,7 +157,7 @@ class Lease:
             purpose=purpose,
             host=socket.gethostname(),
             pid=os.getpid(),
-            pid_started=_process_start(os.getpid()),
+            pid_started=process_start(os.getpid()),
             started=now,
             heartbeat=now,
         )

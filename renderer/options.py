@@ -12,15 +12,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .errors import RendererError
+from .errors import BadInputError
 from .tiff import COMPRESSIONS, TIFF_TILES
 
 DZI_ENGINES = ("vips", "zarr")
 QUALITIES = (1, 100)  # JPEG quality, both ends included
 
 
-class OptionError(RendererError):
-    """A bad export setting: ``option`` (the field name) had ``value``; ``allowed`` says what would do."""
+class OptionError(BadInputError):
+    """A bad export setting: ``option`` (the field name) had ``value``; ``allowed`` says what would do.
+    Bad input found before any work: exit 2."""
 
     def __init__(self, option: str, value: object, allowed: str, message: str) -> None:
         super().__init__(message)

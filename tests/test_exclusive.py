@@ -68,6 +68,62 @@ def test_released_or_dead_holder_can_be_taken_over(tmp_path):
     third.release()
 
 
+def test_a_live_pid_with_another_start_time_is_a_stale_lease(tmp_path):
+    """A lease names its holder by pid and process start time: a record whose pid is alive but
+    belongs to a process started at another time (the pid was reused after a crash) is taken
+    over; the same record with the live process's start time blocks."""
+    from renderer.lease import process_start
+
+    t0 = time.time()
+    other = subprocess.Popen(["sleep", "60"])
+    try:
+        t1 = time.time()
+        started = process_start(other.pid)
+        assert t0 - 1.0 <= started <= t1 + 1.0, (t0, started, t1)  # the real start time, not 0.0
+        url = str(tmp_path / "pid.zarr")
+        mine = store_lease(url)
+        rec = mine.acquire("mine")
+        assert rec.pid == os.getpid() and rec.pid_started == process_start(os.getpid()) > 0
+        mine.release()
+
+        def fake(gen: int, pid_started: float) -> None:
+            record = {**json.loads(open(f"{mine.folder}/{rec.gen:08d}.json").read()), "gen": gen}
+            record.update(pid=other.pid, pid_started=pid_started, released=False, purpose="holder", owner="x")
+            with open(f"{mine.folder}/{gen:08d}.json", "w") as f:
+                json.dump(record, f)
+
+        fake(rec.gen + 1, started)  # the live process itself: it holds the store
+        with pytest.raises(StoreBusyError, match=f"holder \\(pid {other.pid} "):
+            store_lease(url).acquire("second")
+        fake(rec.gen + 2, started - 100.0)  # the same pid, another process (started 100 s earlier): gone
+        taker = store_lease(url)
+        assert taker.acquire("taker").gen == rec.gen + 3
+        taker.release()
+        assert other.poll() is None  # it was alive all along
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_a_holder_on_another_host_is_judged_by_its_heartbeat(tmp_path):
+    """Another host's pid says nothing here: its record blocks while its heartbeat is younger than
+    STALE_AFTER_S (90 s) and is taken over once it is older."""
+    url = str(tmp_path / "host.zarr")
+    folder = store_lease(url).folder
+    os.makedirs(folder)
+    record = {"owner": "x", "purpose": "elsewhere", "host": "another-host", "pid": os.getpid(),
+              "pid_started": 1.0, "started": 0.0, "released": False}  # fmt: skip
+    with open(f"{folder}/{1:08d}.json", "w") as f:
+        json.dump({**record, "gen": 1, "heartbeat": time.time() - lease_mod.STALE_AFTER_S + 30}, f)
+    with pytest.raises(StoreBusyError, match="elsewhere \\(pid .* on another-host, last heartbeat 60 s ago\\)"):
+        store_lease(url).acquire("here")
+    with open(f"{folder}/{2:08d}.json", "w") as f:
+        json.dump({**record, "gen": 2, "heartbeat": time.time() - lease_mod.STALE_AFTER_S - 1}, f)
+    taker = store_lease(url)
+    assert taker.acquire("here").gen == 3
+    taker.release()
+
+
 def test_takeover_during_a_job_stops_it(tmp_path, render_ray, monkeypatch):
     monkeypatch.setattr(lease_mod, "HEARTBEAT_S", 0.1)
     spec = tiny_job(str(tmp_path / "l.zarr"), height=192, width=192, tile=16)

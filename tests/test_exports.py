@@ -250,10 +250,10 @@ def test_errors_before_work(tmp_path, store_and_image):
     ],
 )
 def test_export_options_check_themselves(make, option, message):
-    """The one place export settings are checked: a RendererError (exit 1) naming the setting."""
+    """The one place export settings are checked: a RendererError naming the setting, bad input (exit 2)."""
     with pytest.raises(OptionError) as info:
         make()
-    assert str(info.value) == message and info.value.option == option and info.value.exit_code == 1
+    assert str(info.value) == message and info.value.option == option and info.value.exit_code == 2
     assert isinstance(info.value, RendererError)
     assert TiffOptions(512, "zstd", 80).settings() == {"tile": 512, "compression": "zstd", "quality": 80}
     assert list(DziOptions(szi=False).settings().items()) == [
@@ -263,12 +263,12 @@ def test_export_options_check_themselves(make, option, message):
 
 @pytest.mark.parametrize("engine", ["zarr", "vips"])
 def test_cli_bad_quality_one_line_nothing_written(tmp_path, store_and_image, capsys, engine):
-    """`assemble --quality 0`: one line worded after the flag, exit 1, before any file is touched."""
+    """`assemble --quality 0`: one line worded after the flag, exit 2, before any file is touched."""
     import render
 
     store, _ = store_and_image
     argv = ["assemble", store.url, "--tiff", str(tmp_path / "o.tif"), "--dzi", str(tmp_path / "o"), "--quality", "0"]
-    assert render.main([*argv, "--dzi-engine", engine]) == 1
+    assert render.main([*argv, "--dzi-engine", engine]) == 2
     assert capsys.readouterr().err.strip().splitlines() == ["error: --quality must be 1..100, got 0"]
     assert os.listdir(tmp_path) == []
 
@@ -305,7 +305,7 @@ def test_cli_assemble(tmp_path, store_and_image):
         text=True,
         timeout=300,
     )
-    assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and bad.stderr.startswith("error: ")
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and bad.stderr.startswith("error: ")
 
 
 def test_exports_memory_bounded_by_width_not_height(tmp_path):

@@ -270,6 +270,73 @@ def test_minutes_budget_stops_cleanly_with_a_checkpoint(dataset, tmp_path, monke
     assert int(sorted(run.glob("ckpt-*.safetensors"))[-1].stem.split("-")[1]) > step
 
 
+def test_an_interrupted_run_writes_a_checkpoint_and_resumes_bit_exactly(dataset, tmp_path, capsys):
+    """SIGINT and SIGTERM to a real `train.py` process, and --minutes: the run stops at the next
+    step boundary with a checkpoint of that step (exit 130 for a signal, one line), and the same
+    command run again continues from it to the weights, optimiser state and ADA state of an
+    uninterrupted run, bit for bit (CPU, one thread)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO, render_cli_env
+
+    import train
+
+    steps = 20
+    flags = ["--preset", "tiny", "--batch", "4", "--kimg", str(steps * 4 / 1000), "--snap", "1000", "--tick", "0.004",
+             "--seed", "3", "--ada-kimg", "0.1", "--device", "cpu", "--threads", "1", "--no-progress"]  # fmt: skip
+
+    def command(run: str) -> list[str]:
+        return ["--data", dataset, "--out", str(tmp_path / run), *flags]
+
+    def logged_steps(run: str) -> list[int]:
+        log = tmp_path / run / "log.jsonl"
+        return [json.loads(x)["step"] for x in log.read_text().splitlines()] if log.exists() else []
+
+    assert train.main(command("whole")) == 0
+    whole = read_checkpoint(latest_checkpoint(tmp_path / "whole"))
+    assert whole.meta["step"] == steps
+
+    stopped_at = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        run = sig.name
+        env = {**render_cli_env(), "OMP_NUM_THREADS": "1"}
+        env.pop("CREPS_DEBUG", None)
+        proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), *command(run)], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+        deadline = time.monotonic() + 300
+        while len(logged_steps(run)) < 2 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 130, err[-3000:]
+        assert err.strip().splitlines()[-1] == "interrupted; re-run the same command to resume", err[-3000:]
+        ckpt = latest_checkpoint(tmp_path / run)
+        k = read_checkpoint(ckpt).meta["step"]
+        assert 2 <= k < steps and ckpt.name == f"ckpt-{k:08d}.safetensors", (sig.name, k)
+        assert logged_steps(run) == list(range(1, k + 1))  # it stopped where the checkpoint is
+        stopped_at[run] = k
+
+    # --minutes: the same boundary rule (a tiny budget: it stops after its first step or two)
+    assert train.main([*command("minutes"), "--minutes", "0.0001"]) == 0
+    stopped_at["minutes"] = read_checkpoint(latest_checkpoint(tmp_path / "minutes")).meta["step"]
+    assert 1 <= stopped_at["minutes"] < steps
+
+    for run in stopped_at:  # the same command again: resumes at its checkpoint and ends equal
+        assert train.main(command(run)) == 0
+        resumed = read_checkpoint(latest_checkpoint(tmp_path / run))
+        assert resumed.meta["step"] == steps and resumed.meta["ada"] == whole.meta["ada"], run
+        assert resumed.tensors.keys() == whole.tensors.keys()
+        for key, value in whole.tensors.items():
+            if not key.startswith("rng/"):
+                assert torch.equal(resumed.tensors[key], value), (run, key)
+        assert logged_steps(run) == list(range(1, steps + 1)), run
+    err = capsys.readouterr().err
+    assert f"resuming {tmp_path / 'SIGINT'} from ckpt-{stopped_at['SIGINT']:08d}" in err
+
+
 def test_device_training_script_runs_end_to_end_on_cpu(dataset, tmp_path):
     """tests/gpu/train_bundled.sh, the prepared device run, on the CPU with the tiny preset."""
     import json

@@ -16,6 +16,7 @@ import os
 import socket
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,7 @@ from PIL import Image
 import creps
 from renderer.dzi import level_size, max_level, tile_bounds, tile_grid
 from viewer import cli
-from viewer.cache import TileCache
+from viewer.cache import TileCache, checked
 from viewer.endless import EndlessTiles, open_endless
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -181,6 +182,136 @@ def test_a_restarted_server_serves_the_same_tiles_from_the_cache(tmp_path):
     with serving(endless(cache, seed=1)) as server:
         get(server, f"/image_files/{TOP}/500_700.png")
         assert server.source.stats()["tiles_rendered"] == 1
+
+
+class _At:
+    """``get``'s view of a server in another process: its port."""
+
+    def __init__(self, port: int) -> None:
+        self.server_address = ("127.0.0.1", port)
+
+
+def _start_view(cache: str, *extra: str) -> tuple[subprocess.Popen, _At]:
+    """`render.py view --checkpoint BUNDLED --cache CACHE` as its own process (PNG tiles); its address."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "render.py"), "view", "--checkpoint", BUNDLED, "--port", "0",
+         "--view", "0,1024,0,1024", "--cache", cache, "--tile-format", "png", *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env,
+    )  # fmt: skip
+    line = proc.stdout.readline()
+    assert "http://127.0.0.1:" in line, (line, proc.stderr.read() if proc.poll() is not None else "")
+    proc.stdout.readline()  # "rendering: ..."
+    return proc, _At(int(line.split("http://127.0.0.1:")[1].split("/")[0]))
+
+
+def _stop_view(proc: subprocess.Popen) -> str:
+    """SIGTERM (stops like Ctrl-C: queued cache writes are finished); its stderr."""
+    proc.terminate()
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    return err
+
+
+DAMAGED = [(TOP, 7, 7), (TOP - 6, 2, 3)]  # one truncated to 300 bytes, one with 40 bytes flipped
+WHOLE = (TOP, 8, 7)
+
+
+def _damage_a_restarted_cache(cache: str, options: list[str], read, write, find) -> None:
+    """Serve three tiles, stop; truncate one cached tile, flip 40 bytes of another; restart: both
+    are served with the bytes of a fresh render, counted on the page's stats and in the log, and
+    their cache entries are whole again; the untouched one comes from the cache."""
+    tiles = [*DAMAGED, WHOLE]
+    proc, at = _start_view(cache, *options)
+    try:
+        first = {t: get(at, f"/image_files/{t[0]}/{t[1]}_{t[2]}.png") for t in tiles}
+    finally:
+        _stop_view(proc)
+    assert all(status == 200 for status, _, _ in first.values())
+    cut, flipped = find(DAMAGED[0]), find(DAMAGED[1])
+    write(cut, read(cut)[:300])
+    entry = bytearray(read(flipped))
+    for i in range(40):
+        entry[40 + 13 * i] ^= 0x5A
+    write(flipped, bytes(entry))
+
+    proc, at = _start_view(cache, *options)
+    try:
+        again = {t: get(at, f"/image_files/{t[0]}/{t[1]}_{t[2]}.png") for t in tiles}
+        stats = json.loads(get(at, "/api/info")[2])["endless"]
+    finally:
+        err = _stop_view(proc)
+    fresh = endless()  # memory only: a fresh render of the same tiles
+    try:
+        for t in tiles:
+            status, headers, body = again[t]
+            assert status == 200 and headers["Content-Type"] == "image/png", (t, status)
+            assert body == first[t][2] == fresh.tile(*t), t
+    finally:
+        fresh.close()
+    assert stats["tiles_damaged"] == 2 and stats["tiles_rendered"] == 2 and stats["tiles_from_store"] == 1, stats
+    assert stats["cache"]["damaged"] == 2 and stats["cache"]["unverified"] == 0, stats["cache"]
+    logged = [line for line in err.splitlines() if "is damaged" in line]
+    assert len(logged) == 2 and "never served" in logged[0], err[-3000:]
+    assert any(f"/{t[0]}/{t[1]}_{t[2]}.png" in line for line in logged for t in DAMAGED), logged
+    for t in DAMAGED:  # replaced with a whole entry: header + the served bytes
+        assert checked(read(find(t))) == (first[t][2], ""), t
+
+
+def test_a_damaged_cached_tile_is_rendered_again_never_served(tmp_path):
+    """A real server over a local cache folder, stopped, damaged, restarted."""
+    cache = tmp_path / "cache"
+
+    def find(t):
+        (path,) = cache.glob(f"*/tiles/png/{t[0]}/{t[1]}_{t[2]}.png")
+        return path
+
+    _damage_a_restarted_cache(str(cache), [], lambda p: p.read_bytes(), lambda p, b: p.write_bytes(b), find)
+
+
+def test_a_damaged_cached_tile_on_s3_is_rendered_again_never_served(moto_s3):
+    """The same on a cache in an S3 bucket (moto_server): the checksum travels in the object."""
+    s3fs = pytest.importorskip("s3fs")
+    options = {"key": "k", "secret": "s", "client_kwargs": {"endpoint_url": moto_s3, "region_name": "us-east-1"}}
+    fs = s3fs.S3FileSystem(key="k", secret="s", client_kwargs={"endpoint_url": moto_s3})
+    fs.mkdir("viewcache")
+
+    def find(t):
+        fs.invalidate_cache()
+        (path,) = [p for p in fs.find("viewcache/c") if p.endswith(f"/tiles/png/{t[0]}/{t[1]}_{t[2]}.png")]
+        return path
+
+    _damage_a_restarted_cache(
+        "s3://viewcache/c", ["--storage-options", json.dumps(options)], fs.cat_file, fs.pipe_file, find
+    )
+
+
+def test_tile_cache_entries_carry_their_checksum(tmp_path):
+    """Each entry is a crc32 header and the bytes; an entry whose bytes or header changed, or an
+    entry without the header (an older cache), reads as missing, is counted and deleted."""
+    lines: list[str] = []
+    cache = TileCache(str(tmp_path / "c"), log=lines.append)
+    for name in ("a", "b", "c", "d"):
+        cache.put(f"img/{name}.png", name.encode() * 100)
+    cache.put("img/image.json", b"{}", checksum=False)
+    cache.flush()
+    folder = tmp_path / "c" / "img"
+    assert (folder / "a.png").read_bytes() == b"crc32:%08x\n" % zlib.crc32(b"a" * 100) + b"a" * 100
+    assert (folder / "image.json").read_bytes() == b"{}"
+    (folder / "b.png").write_bytes((folder / "b.png").read_bytes()[:-1])  # truncated
+    (folder / "c.png").write_bytes(b"crc32:0000zzzz\n" + b"c" * 100)  # a damaged header
+    (folder / "d.png").write_bytes(b"d" * 100)  # no header: written before checksums
+    cache.close()
+    again = TileCache(str(tmp_path / "c"), log=lines.append)
+    assert again.get("img/a.png") == b"a" * 100
+    got, want = zlib.crc32(b"b" * 99), zlib.crc32(b"b" * 100)
+    assert again.read("img/b.png") == (None, f"crc32 {got:08x} of 99 bytes, {want:08x} when written")
+    assert again.read("img/c.png") == (None, "its checksum header is damaged")
+    assert again.read("img/d.png") == (None, "unverified")
+    assert again.stats()["damaged"] == 2 and again.stats()["unverified"] == 1
+    assert sorted(p.name for p in folder.iterdir()) == ["a.png", "image.json"]  # the bad ones are gone
+    assert len(lines) == 3 and "img/b.png is damaged" in lines[0] and "without a checksum" in lines[2], lines
+    again.close()
 
 
 def test_tile_cache_evicts_least_recently_used_beyond_its_bound(tmp_path):

@@ -8,7 +8,8 @@ comes from a generator seeded by (seed, s), and the data order from
 only: an interrupted and resumed run equals an uninterrupted one, bit for bit.
 
 Resume = re-run the same command: the latest ``ckpt-*.safetensors`` in the
-run directory is loaded.  ``--resume PATH`` starts a new run from other
+run directory is loaded.  A run stopped by SIGINT, SIGTERM or ``--minutes``
+writes one at the step boundary where it stops, so nothing is lost.  ``--resume PATH`` starts a new run from other
 weights (a training checkpoint, one of our generator files, an official CREPS
 pickle).
 
@@ -28,12 +29,15 @@ every rank reads the checkpoint it resumes from.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
+import signal
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -207,6 +211,7 @@ class Trainer:
         )
         self.ada = AdaController(cfg.ada_target, cfg.ada_kimg, cfg.ada_interval)
         self.step = 0
+        self._signalled = False  # SIGINT / SIGTERM seen: stop at the next step boundary
         if self.latest is not None:
             snap = read_checkpoint(self.latest)
             load_modules(snap, self.modules, self.opts)
@@ -437,6 +442,22 @@ class Trainer:
         return path
 
     def run(self, progress: bool = True) -> dict:
+        """Train to ``cfg.total_steps``; stop early, with a checkpoint, on --minutes or a signal.
+
+        SIGINT (Ctrl-C) and SIGTERM stop at the next step boundary: the step
+        in progress finishes, a checkpoint is written, then KeyboardInterrupt
+        (exit 130 at the CLI: re-run the same command to resume, bit-exactly).
+        A second signal stops at once, without a checkpoint.
+        """
+        with self._signals_stop_at_step_boundary():
+            last, stop = self._loop(progress)
+        self._finish_distributed()
+        if stop == "signal":
+            raise KeyboardInterrupt
+        return last
+
+    def _loop(self, progress: bool) -> tuple[dict, str]:
+        """The steps; (the last tick record, why it stopped early: "", "minutes" or "signal")."""
         cfg, master = self.cfg, self.rank == 0
         if master:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -458,9 +479,9 @@ class Trainer:
             dynamic_ncols=True,
         )
         acc: list[dict] = []
-        t_tick, last = time.time(), {}
+        t_tick, last, stop = time.time(), {}, ""
         t_start, kimg_start, first_rate_logged = time.monotonic(), self.kimg, False
-        while self.step < total:
+        while self.step < total and not stop:
             stats = self.train_step()
             acc.append(stats)
             bar.update(1)
@@ -470,14 +491,8 @@ class Trainer:
                 rate = (self.kimg - kimg_start) / elapsed
                 self.log(f"throughput: {rate:.3f} kimg/s over the first {elapsed:.0f} s")
                 self._log_record({"step": self.step, "first_kimg_per_s": rate, "seconds": elapsed})
-            if cfg.minutes > 0 and self._out_of_time(elapsed, cfg.minutes):
-                self.log(f"time budget of {cfg.minutes:g} min reached at {self.kimg:.2f} kimg; stopping cleanly")
-                if self.step % tick_steps and acc:
-                    last = self._tick(acc, time.time() - t_tick)
-                if master and self.step % snap_steps:
-                    self.snapshot()
-                break
-            if self.step % tick_steps == 0 or self.step == total:
+            stop = self._stop_reason(elapsed)
+            if acc and (self.step % tick_steps == 0 or self.step == total or stop):
                 now = time.time()
                 last = self._tick(acc, now - t_tick)
                 t_tick, acc = now, []
@@ -485,24 +500,55 @@ class Trainer:
                     f"kimg {self.kimg:.1f} s/kimg {last['sec_per_kimg']:.0f} "
                     f"G {last['loss_G']:.3f} D {last['loss_D']:.3f} p {self.ada.p:.3f}"
                 )
-            if master and (self.step % snap_steps == 0 or self.step == total):
+            if master and (self.step % snap_steps == 0 or self.step == total or stop):
                 self.snapshot()
-                if cfg.metrics:
+                if cfg.metrics and not stop:
                     self._metrics()
+            if stop == "minutes":
+                self.log(f"time budget of {cfg.minutes:g} min reached at {self.kimg:.2f} kimg; stopped cleanly")
+            elif stop:
+                self.log(f"stopped at step {self.step} ({self.kimg:.2f} kimg); checkpoint written")
         bar.close()
-        self._finish_distributed()
-        return last
+        return last, stop
 
-    def _out_of_time(self, elapsed: float, minutes: float) -> bool:
-        """Whether the run's wall-clock budget is spent; every rank gets rank 0's answer."""
-        over = elapsed >= minutes * 60
+    def _stop_reason(self, elapsed: float) -> str:
+        """Why to stop after this step: "signal", "minutes" or "" (every rank gets the same answer).
+
+        With several processes the flags are all-reduced (max): a signal seen
+        by one rank, or a budget spent on one clock, stops them all at this step.
+        """
+        flags = [1.0 if self._signalled else 0.0, 1.0 if 0 < self.cfg.minutes * 60 <= elapsed else 0.0]
         if self.world > 1:
             import torch.distributed as dist
 
-            flag = torch.tensor([1.0 if over else 0.0], device=self.device)
-            dist.broadcast(flag, 0)
-            over = bool(flag.item())
-        return over
+            t = torch.tensor(flags, device=self.device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            flags = t.tolist()
+        return "signal" if flags[0] else "minutes" if flags[1] else ""
+
+    @contextlib.contextmanager
+    def _signals_stop_at_step_boundary(self) -> Iterator[None]:
+        """SIGINT / SIGTERM set a flag the loop reads between steps; a second one interrupts at once."""
+        self._signalled = False
+        if threading.current_thread() is not threading.main_thread():
+            yield  # signal handlers belong to the main thread; elsewhere the defaults stay
+            return
+
+        def handler(signum: int, frame: object) -> None:
+            if self._signalled:
+                raise KeyboardInterrupt
+            self._signalled = True
+            self.log(
+                f"{signal.Signals(signum).name}: stopping after this step with a checkpoint "
+                "(again to stop at once, without one)"
+            )
+
+        previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, old in previous.items():
+                signal.signal(sig, old)
 
     def _log_record(self, rec: dict) -> None:
         if self.rank == 0:

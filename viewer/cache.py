@@ -27,6 +27,18 @@ Writes are whole-file (renderer.fsio: temp + rename locally, one PUT on
 object stores) and happen on one background thread, so a slow bucket never
 delays a response; when more than ``WRITE_QUEUE`` writes are waiting, new
 ones are dropped (counted; those tiles are rendered again next time).
+
+**Checked.** Every entry (tiles, line blocks) is stored as a 15-byte header
+``crc32:<8 hex digits>\n`` -- the crc32 of what follows, recorded when it was
+written -- then the payload, one object, so the checksum and the bytes it
+covers are replaced together on any filesystem.  A read checks it: an entry
+whose bytes do not match (truncated, bit-flipped, a header damaged) is never
+returned; it is counted, logged (one line), deleted, and the caller renders
+it again and puts the replacement (a whole-file write).  A matching tile
+decodes: its bytes are the ones the encoder produced.  Entries without the
+header (written before it existed) are treated the same way, counted apart
+(``unverified``).  ``image.json``, which nobody reads back, stays plain JSON
+for people.
 """
 
 from __future__ import annotations
@@ -34,8 +46,11 @@ from __future__ import annotations
 import datetime
 import os
 import queue
+import sys
 import threading
+import zlib
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 from creps.errors import first_line
@@ -46,6 +61,36 @@ from .errors import ViewerError
 
 WRITE_QUEUE = 512
 LOW_WATER = 0.9  # eviction frees down to this fraction of the bound
+MAGIC = b"crc32:"
+HEADER = len(MAGIC) + 9  # "crc32:" + 8 hex digits + "\n"
+
+
+def with_checksum(data: bytes) -> bytes:
+    """``data`` as a cache entry: the crc32 header, then the bytes."""
+    return b"%s%08x\n%s" % (MAGIC, zlib.crc32(data), data)
+
+
+def checked(entry: bytes) -> tuple[bytes | None, str]:
+    """(payload, "") when the entry's bytes match its header; else (None, why not).
+
+    Why not: "unverified" for an entry without the header (written before
+    checksums), else a damage report (truncated or changed bytes).
+    """
+    if not entry.startswith(MAGIC) or entry[HEADER - 1 : HEADER] != b"\n":
+        return None, "unverified"
+    try:
+        want = int(entry[len(MAGIC) : HEADER - 1], 16)
+    except ValueError:
+        return None, "its checksum header is damaged"
+    payload = entry[HEADER:]
+    got = zlib.crc32(payload)
+    if got != want:
+        return None, f"crc32 {got:08x} of {len(payload)} bytes, {want:08x} when written"
+    return payload, ""
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 def _mtime(info: dict[str, Any]) -> float:
@@ -67,7 +112,13 @@ def _mtime(info: dict[str, Any]) -> float:
 class TileCache:
     """Files under one root URL with an LRU size bound (see the module docstring)."""
 
-    def __init__(self, url: str, storage_options: dict | None = None, max_bytes: int = 4 << 30) -> None:
+    def __init__(
+        self,
+        url: str,
+        storage_options: dict | None = None,
+        max_bytes: int = 4 << 30,
+        log: Callable[[str], None] = _stderr,
+    ) -> None:
         try:
             self.fs, self.root = filesystem(url, storage_options)
         except RendererError as e:
@@ -79,6 +130,9 @@ class TileCache:
         self.evicted = 0  # files deleted to stay under the bound
         self.dropped = 0  # writes not done because the write queue was full
         self.failed = 0  # writes or deletes that raised (the entry is simply not cached)
+        self.damaged = 0  # entries read back whose bytes did not match their checksum (made again)
+        self.unverified = 0  # entries read back without a checksum (written before them; made again)
+        self.log = log
         self._index: OrderedDict[str, int] = OrderedDict()  # relative path -> size, least recent first
         self._lock = threading.Lock()
         try:
@@ -116,33 +170,65 @@ class TileCache:
         return f"{self.root}/{rel}"
 
     def get(self, rel: str) -> bytes | None:
-        """The bytes of entry ``rel``, or None; a hit becomes the most recently used entry."""
+        """The bytes of entry ``rel``, or None (missing or damaged); a hit becomes the most recently used."""
+        return self.read(rel)[0]
+
+    def read(self, rel: str) -> tuple[bytes | None, str]:
+        """(bytes of entry ``rel``, "") when it is there and whole; (None, "") when it is not there;
+        (None, why) when it was there and did not match its checksum (it is gone now: make it again)."""
         with self._lock:
             if rel not in self._index:
-                return None
+                return None, ""
             self._index.move_to_end(rel)
         path = self._path(rel)
         try:
-            data = self.fs.cat_file(path)
+            entry = bytes(self.fs.cat_file(path))
         except (FileNotFoundError, OSError):  # deleted behind our back: forget it
-            with self._lock:
-                size = self._index.pop(rel, None)
-                if size is not None:
-                    self.bytes -= size
-            return None
+            self._forget(rel)
+            return None, ""
+        data, why = checked(entry)
+        if data is None:
+            self._discard(rel, path, why)
+            return None, why
         if self.local:
             try:
                 os.utime(path)  # the LRU order outlives this process
             except OSError:
                 pass
-        return bytes(data)
+        return data, ""
 
-    def put(self, rel: str, data: bytes) -> None:
-        """Store ``data`` as entry ``rel`` in the background (dropped if the write queue is full)."""
-        if len(data) > self.max_bytes:
+    def _forget(self, rel: str) -> None:
+        with self._lock:
+            size = self._index.pop(rel, None)
+            if size is not None:
+                self.bytes -= size
+
+    def _discard(self, rel: str, path: str, why: str) -> None:
+        """A damaged or unverified entry: counted, said (one line), out of the index and the store."""
+        self._forget(rel)
+        if why == "unverified":
+            self.unverified += 1
+            if self.unverified == 1:
+                self.log(f"tile cache {self.url}: entries without a checksum (older cache) are made again")
+        else:
+            self.damaged += 1
+            self.log(f"tile cache {self.url}: {rel} is damaged ({why}); made again and replaced, never served")
+        try:
+            self.fs.rm_file(path)
+        except Exception:  # already gone, or the store refuses: the replacement overwrites it
+            pass
+
+    def put(self, rel: str, data: bytes, checksum: bool = True) -> None:
+        """Store ``data`` as entry ``rel`` in the background (dropped if the write queue is full).
+
+        ``checksum=False`` writes the bytes as they are: only for entries that
+        are never read back (``image.json``, for people).
+        """
+        entry = with_checksum(data) if checksum else data
+        if len(entry) > self.max_bytes:
             return
         try:
-            self._queue.put_nowait((rel, data))
+            self._queue.put_nowait((rel, entry))
         except queue.Full:
             self.dropped += 1
 
@@ -164,6 +250,8 @@ class TileCache:
             "evicted": self.evicted,
             "writes_dropped": self.dropped,
             "writes_failed": self.failed,
+            "damaged": self.damaged,
+            "unverified": self.unverified,
         }
 
     # ------------------------------------------------------------ writer thread

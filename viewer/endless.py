@@ -7,7 +7,9 @@ requested. A request is answered from, in order:
 
 1. the in-memory LRU of encoded tiles (``memory_tiles`` entries);
 2. the persistent cache (``viewer.cache.TileCache``: survives restarts,
-   LRU-bounded in bytes);
+   LRU-bounded in bytes; each entry checked against the crc32 recorded when
+   it was written: a damaged tile is counted, ``tiles_damaged``, and falls
+   through to 3., whose result replaces it);
 3. a render: ``viewer.schedule.TileScheduler`` queues it (newest first,
    abandoned requests dropped, identical requests joined, bounded) for the
    engines -- ``LocalEngine`` (threads over one resident generator in this
@@ -244,6 +246,7 @@ class EndlessTiles:
         self._lock = threading.Lock()
         self.from_memory = 0
         self.from_store = 0
+        self.tiles_damaged = 0  # cached tiles that failed their checksum (rendered again, replaced)
         self.last_served: dict[str, Any] | None = None  # {"ms", "source", "tile"} of the last tile answered
         self.last_rendered_ms: float | None = None  # render time of the last tile computed (worker side)
         self._tile_dir = f"{spec.key}/tiles/{'png' if fmt == 'png' else f'jpeg-q{quality}'}"
@@ -252,7 +255,7 @@ class EndlessTiles:
         )
         if cache is not None:
             record = {**spec.identity(), "checkpoint": spec.checkpoint, "init_seed": spec.init_seed}
-            cache.put(f"{spec.key}/image.json", json.dumps(record, indent=1).encode())
+            cache.put(f"{spec.key}/image.json", json.dumps(record, indent=1).encode(), checksum=False)
 
     # ------------------------------------------------------------ page and metadata
     def dzi(self) -> str:
@@ -265,6 +268,7 @@ class EndlessTiles:
             "tiles_from_cache": self.from_memory + self.from_store,
             "tiles_from_memory": self.from_memory,
             "tiles_from_store": self.from_store,
+            "tiles_damaged": self.tiles_damaged,
             "tiles_abandoned": s.abandoned,
             "tiles_failed": s.failed,
             "requests_joined": s.joined,
@@ -327,12 +331,15 @@ class EndlessTiles:
                 self.from_memory += 1
             return self._served(hit, t0, "memory", key)
         if self.cache is not None:
-            data = self.cache.get(self._path(key))
+            data, damaged = self.cache.read(self._path(key))
             if data is not None:
                 with self._lock:
                     self.from_store += 1
                 self._remember(key, data)
                 return self._served(data, t0, "cache", key)
+            if damaged and damaged != "unverified":
+                with self._lock:
+                    self.tiles_damaged += 1  # never served: rendered below, and the cache entry replaced
         job, waiter = self.scheduler.submit(key, client, alive)
         try:
             got = self.scheduler.wait(job, waiter)

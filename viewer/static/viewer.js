@@ -327,6 +327,7 @@
   function showEndless(s) {
     if (!s) return;
     set("f-progress", s.tiles_rendered + " rendered · " + s.tiles_from_cache + " from cache" +
+      (s.tiles_damaged ? " · " + s.tiles_damaged + " damaged in the cache (rendered again)" : "") +
       (s.tiles_abandoned ? " · " + s.tiles_abandoned + " abandoned" : "") +
       " · server: " + s.rendering + " rendering, " + s.queued + " queued");
     const last = s.last_tile;

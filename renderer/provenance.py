@@ -175,12 +175,14 @@ def export_state(url: str, storage_options: dict | None = None, store: ImageStor
         return ExportState(url, "missing", "the export is not there", record if isinstance(record, dict) else None)
     if not isinstance(record, dict):
         return ExportState(url, "unknown", f"no sidecar {url}{SIDECAR}: what it was built from is not known")
-    if store is None:
-        try:
-            store = open_store(str(record.get("store")), storage_options, mode="r")
-        except RendererError as e:
-            return ExportState(url, "unknown", f"its store cannot be read: {first_line(e)}", record)
-    return _compare(url, fs, path, record, store)
+    try:
+        if store is None:
+            if not isinstance(record.get("store"), str):
+                return ExportState(url, "unknown", "its sidecar names no store", record)
+            store = open_store(record["store"], storage_options, mode="r")
+        return _compare(url, fs, path, record, store)
+    except (OSError, RendererError) as e:
+        return ExportState(url, "unknown", f"its store cannot be read: {first_line(e)}", record)
 
 
 def _compare(url: str, fs: Any, path: str, record: dict, store: ImageStore) -> ExportState:

@@ -347,7 +347,7 @@ def _exports(store: ImageStore, given: list[str], options: dict | None, url: str
     states = exports_of(store, given, options)
     for st in states:
         print(st.describe())
-    redo = [st for st in states if st.state in ("stale", "damaged", "missing") and st.kind]
+    redo = [st for st in states if st.state in ("stale", "damaged") and st.kind]  # a missing one may be meant
     if redo:
         print(f"to make them match the store again: `{assemble_command(url, redo)}`")
 

@@ -233,20 +233,24 @@ def _window(
 
 
 def _windows(store: ImageStore, k: int, state: LevelState) -> Iterator[Callable[[], Window]]:
+    """One unit per window of level k, each with what is known of the chunks of level k-1 under it."""
     arr = store.level(k)
     _, h, w = arr.shape
     side = int(arr.chunks[1])
     step = max(1, WINDOW // side) * side
-    expected, unknown = state.expected.get(k - 1, {}), state.unknown.get(k - 1, set())
+    per = 2 * step // side  # chunks of level k-1 per window side
+
+    expected: dict[Chunk, dict[Chunk, np.ndarray]] = {}
+    for c, pixels in state.expected.get(k - 1, {}).items():
+        expected.setdefault((c[0] // per, c[1] // per), {})[c] = pixels
+    unknown: dict[Chunk, set[Chunk]] = {}
+    for c in state.unknown.get(k - 1, set()):
+        unknown.setdefault((c[0] // per, c[1] // per), set()).add(c)
     for y in range(0, h, step):
         for x in range(0, w, step):
             rect = (y, min(y + step, h), x, min(x + step, w))
-
-            def inside(c: Chunk, rect: tuple[int, int, int, int] = rect) -> bool:
-                return 2 * rect[0] <= c[0] * side < 2 * rect[1] and 2 * rect[2] <= c[1] * side < 2 * rect[3]
-
-            mine = {c: p for c, p in expected.items() if inside(c)}
-            yield functools.partial(_window, store, k, rect, mine, {c for c in unknown if inside(c)})
+            key = (y // step, x // step)
+            yield functools.partial(_window, store, k, rect, expected.get(key, {}), unknown.get(key, set()))
 
 
 def check_levels(

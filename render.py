@@ -26,7 +26,7 @@ from creps import cli
 # subcommand -> (module, one-line help). Modules expose add_arguments(parser) and run(args) -> int.
 SUBCOMMANDS = {
     "render": ("jobs.cli", "render an image into a Zarr store (resume = re-run the same command)"),
-    "verify": ("jobs.verify", "check every tile of a store against its marker's crc32; re-render bad ones"),
+    "verify": ("jobs.verify", "check every tile and pyramid level of a store; repair bad ones; check its exports"),
     "import": ("jobs.importer", "bring a picture (PNG, JPEG, TIFF, ...) into an image store, as a render makes one"),
     "assemble": ("jobs.assemble", "build pyramid levels, a pyramidal TIFF and a DeepZoom pyramid from a store"),
     "view": ("viewer.cli", "serve an OpenSeadragon viewer for a store or a .dzi on 127.0.0.1"),

@@ -23,8 +23,11 @@ render finished always gives the exports of the finished image.
 
 Exports are staged under temporary names and put in place only when whole
 (renderer.publish): a failed assemble -- e.g. a corrupt chunk, reported as
-one line naming it -- leaves the previous exports as they were. Each export
-gets a ``<export>.source.json`` sidecar saying what it was built from.
+one line naming it and the `render.py verify` that repairs it -- leaves the
+previous exports as they were. Each export gets a ``<export>.source.json``
+sidecar saying what it was built from, and the store's meta lists the
+exports put in place (renderer.provenance.record_exports) so `render.py
+verify` can tell whether they still match it.
 """
 
 from __future__ import annotations
@@ -36,10 +39,12 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from creps.cli import command
+from renderer.dzi import dzi_base
 from renderer.errors import BadInputError, IncompleteStoreError, RendererError
 from renderer.exports import write_exports
 from renderer.fsio import parse_storage_options
 from renderer.options import DZI_ENGINES, DziOptions, OptionError, TiffOptions
+from renderer.provenance import record_exports
 from renderer.publish import check_target
 from renderer.pyramid import build_levels, source_state
 from renderer.scaleout import Runner
@@ -221,6 +226,13 @@ def _assemble(
             for fut in [pool.submit(f) for f in jobs]:
                 fut.result()
     times["pyramid+exports" if fused else "exports"] = time.perf_counter() - t
+    parts = {tiff: "tiff"} if tiff else {}
+    if dzi:
+        parts[dzi_base(dzi) + ".dzi"] = "dzi"
+        if dzi_options.szi:
+            parts[dzi_base(dzi) + ".szi"] = "szi"
+    if parts:
+        record_exports(store, parts)
     return times
 
 

@@ -201,8 +201,10 @@ def _verify(spec: JobSpec, status: str, tiles_left: int, progress: bool) -> tupl
         return f"; verify skipped: {tiles_left} tiles not rendered yet", None
     outcome = verify_after_render(spec, progress=progress)
     if not outcome.ok:
-        ids = ", ".join(b.id for b in outcome.remaining[:5])
-        raise RendererError(f"{len(outcome.remaining)} tiles still fail verification after re-rendering them: {ids}")
+        left = [b.id for b in outcome.remaining] + [c.path for c in outcome.remaining_chunks]
+        raise RendererError(
+            f"{len(left)} tiles or level chunks still fail verification after the repair: {', '.join(left[:5])}"
+        )
     return f"; {outcome.headline()}", outcome.to_dict()
 
 

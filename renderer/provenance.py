@@ -7,18 +7,40 @@ from: the store URL, the job identity and checkpoint sha256
 (``store.meta``), ``tiles_done`` / ``tiles_total`` / ``partial``, the
 pyramid levels, the export settings, the time and the software version. A
 DeepZoom made from a TIFF names the TIFF and carries the TIFF's own record.
+
+Staleness, by generation: the store counts the changes to its pixels
+(``ImageStore.generation``: a count and a random id, advanced by every render
+run that writes tiles and by every ``render.py verify`` repair) and a sidecar
+records the generation the export was read from. ``export_state`` reads a
+sidecar back and compares: another generation (or another job) means the
+store changed after the export was made, so the export reads *stale* until the
+next assemble writes it again. A repair counts too, although it restores the
+bytes the export was made from: the damage it repaired may already have been
+in the store when the export was read. Sidecars and stores from before
+generations read as generation 0.
+
+The store also lists the exports assemble put in place (``record_exports``,
+meta ``exports``: URL -> kind and generation), so ``render.py verify`` finds
+their sidecars without being told.
 """
 
 from __future__ import annotations
 
-import json
+import os
 import time
+from dataclasses import dataclass
 from importlib import metadata
 from typing import Any
 
+from creps.errors import first_line
+
+from .errors import RendererError
+from .fsio import filesystem, is_local, local_path, read_json
 from .publish import SIDECAR
 from .pyramid import RULE, pyramid_plan, source_state
-from .store import ImageStore
+from .store import ImageStore, open_store
+
+EXPORTS = "exports"  # store meta: {url: {"kind", "generation", "time"}} of the exports assemble put in place
 
 
 def software_version() -> str:
@@ -61,6 +83,7 @@ def export_record(
                 "rule": RULE,
                 "stale": bool(prog.get("stale")),
             },
+            generation=store.generation,
         )
     record.update(created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), software=software_version())
     return record
@@ -74,11 +97,108 @@ def dzi_records(record: dict, base: str, szi: bool) -> dict[str, dict]:
     return records
 
 
-def read_sidecar(path: str) -> dict | None:
-    """The provenance record next to a local export, if any."""
+def read_sidecar(path: str, storage_options: dict | None = None) -> dict | None:
+    """The provenance record next to an export (a path or any fsspec URL), if any."""
     try:
-        with open(path + SIDECAR) as f:
-            record = json.load(f)
-    except (OSError, ValueError):
+        fs, root = filesystem(path, storage_options)
+        record = read_json(fs, root + SIDECAR)
+    except (OSError, RendererError):
         return None
     return record if isinstance(record, dict) else None
+
+
+def export_key(url: str) -> str:
+    """How the store names an export: an absolute path when local (verify may run elsewhere), else the URL."""
+    return os.path.abspath(local_path(url)) if is_local(url) else url
+
+
+def record_exports(store: ImageStore, exports: dict[str, str]) -> None:
+    """Add ``exports`` (URL -> kind: tiff, dzi, szi, ...) just put in place to the store's meta (one atomic
+    write of the group's attributes), with the generation they were read from."""
+    recorded = dict(store.meta.get(EXPORTS) or {})
+    n, now = store.generation["n"], time.time()
+    for url, kind in exports.items():
+        recorded[export_key(url)] = {"kind": kind, "generation": n, "time": now}
+    store.update_meta(**{EXPORTS: recorded})
+
+
+def recorded_exports(store: ImageStore) -> dict[str, str]:
+    """URL -> kind of the exports assemble recorded in the store's meta."""
+    recorded = store.meta.get(EXPORTS)
+    if not isinstance(recorded, dict):
+        return {}
+    return {str(url): str(v.get("kind", "")) if isinstance(v, dict) else "" for url, v in recorded.items()}
+
+
+@dataclass(frozen=True)
+class ExportState:
+    """Whether an export still matches its store: ``state`` is ``current``, ``stale`` (the store changed
+    after it was made), ``damaged`` (its size is not its sidecar's), ``missing`` or ``unknown``
+    (no sidecar, or its store cannot be read); ``reason`` says why, ``record`` is its sidecar."""
+
+    url: str
+    state: str
+    reason: str = ""
+    record: dict | None = None
+
+    @property
+    def current(self) -> bool:
+        return self.state == "current"
+
+    @property
+    def kind(self) -> str:
+        return str((self.record or {}).get("export") or "")
+
+    def describe(self) -> str:
+        return f"export {self.url}: {self.state}" + (f": {self.reason}" if self.reason else "")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"url": self.url, "state": self.state, "reason": self.reason}
+
+
+def _generation(record: dict) -> dict:
+    g = record.get("generation")
+    if not isinstance(g, dict) or not isinstance(g.get("n"), int):
+        return {"n": 0, "id": None}  # written before generations
+    return {"n": g["n"], "id": g.get("id")}
+
+
+def export_state(url: str, storage_options: dict | None = None, store: ImageStore | None = None) -> ExportState:
+    """Read the sidecar of the export at ``url`` and compare it with ``store`` (default: the store it names)."""
+    try:
+        fs, path = filesystem(url, storage_options)
+        there = fs.exists(path)
+        record = read_json(fs, path + SIDECAR)
+    except (OSError, RendererError) as e:
+        return ExportState(url, "unknown", f"cannot read it: {first_line(e)}")
+    if not there:
+        return ExportState(url, "missing", "the export is not there", record if isinstance(record, dict) else None)
+    if not isinstance(record, dict):
+        return ExportState(url, "unknown", f"no sidecar {url}{SIDECAR}: what it was built from is not known")
+    try:
+        if store is None:
+            if not isinstance(record.get("store"), str):
+                return ExportState(url, "unknown", "its sidecar names no store", record)
+            store = open_store(record["store"], storage_options, mode="r")
+        return _compare(url, fs, path, record, store)
+    except (OSError, RendererError) as e:
+        return ExportState(url, "unknown", f"its store cannot be read: {first_line(e)}", record)
+
+
+def _compare(url: str, fs: Any, path: str, record: dict, store: ImageStore) -> ExportState:
+    meta = store.meta
+    if record.get("identity") != meta.get("identity"):
+        return ExportState(url, "stale", f"built from another job than the one in {store.url}", record)
+    was, now = _generation(record), store.generation
+    if was != now:
+        g = meta.get("generation")
+        why = g.get("reason") if isinstance(g, dict) and g.get("reason") else "changed"
+        return ExportState(
+            url, "stale", f"{store.url} changed after it was built (generation {was['n']} -> {now['n']}: {why})", record
+        )
+    size = record.get("bytes")
+    if isinstance(size, int):
+        got = fs.size(path)
+        if got != size:
+            return ExportState(url, "damaged", f"{got} bytes, its sidecar says {size}", record)
+    return ExportState(url, "current", "", record)

@@ -55,6 +55,15 @@ averaged from, so:
 
 Unreadable chunks (a corrupt object, an outage) are one ``RendererError``
 naming the level and the chunk (``ImageStore.read_rows``), never a traceback.
+
+Repairs (renderer.verify finds, jobs.verify repairs): ``rebuild_chunks``
+writes chosen chunks of levels 1..m again from the level below, level by
+level, and with them every parent of a chunk that changed (cascading up), so
+one damaged chunk, or one re-rendered tile, leaves no level above it out of
+date. A repair that re-rendered tiles had the record marked stale by its
+render run; ``restore_record`` puts back the record found current before
+once every level above those tiles is rebuilt (the levels are then the
+pyramid of the level 0 there, which is what the record says).
 """
 
 from __future__ import annotations
@@ -62,6 +71,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -333,6 +343,65 @@ def write_block_levels(store: ImageStore, pixels: np.ndarray, y: int, x: int, la
     """Write levels 1..``last`` of a block of level-0 pixels at (y, x) (``halvings``), whole chunks each."""
     for k, yk, xk, img in halvings(pixels, y, x, last):
         store.write_chunks(k, yk, xk, img)
+
+
+Chunk = tuple[int, int]  # (row, column) index of a chunk of a level
+
+
+def chunk_rect(store: ImageStore, k: int, chunk: Chunk) -> tuple[int, int, int, int]:
+    """[r0, r1, c0, c1) of level k's pixels in chunk ``chunk`` (clipped at the level's edge)."""
+    arr = store.level(k)
+    _, h, w = arr.shape
+    side_y, side_x = int(arr.chunks[1]), int(arr.chunks[2])
+    cy, cx = chunk
+    return cy * side_y, min((cy + 1) * side_y, h), cx * side_x, min((cx + 1) * side_x, w)
+
+
+def rebuild_chunk(store: ImageStore, k: int, chunk: Chunk) -> None:
+    """Write chunk ``chunk`` of level k >= 1 again: the rule over the pixels of level k-1 it averages."""
+    r0, r1, c0, c1 = chunk_rect(store, k, chunk)
+    _, h, w = store.level(k - 1).shape
+    below = store.read_block(k - 1, 2 * r0, min(2 * r1, h), 2 * c0, min(2 * c1, w))
+    store.write_chunks(k, r0, c0, downsample(below))
+
+
+def rebuild_chunks(
+    store: ImageStore,
+    bad: dict[int, set[Chunk]],
+    last: int,
+    written: dict[int, set[Chunk]] | None = None,
+    workers: int = 4,
+) -> dict[int, set[Chunk]]:
+    """Rebuild the ``bad`` chunks of levels 1..``last`` from the level below, cascading up; return what was written.
+
+    Level by level from 1: the chunks to write at level k are its ``bad`` ones
+    and the parents of every chunk of level k-1 that changed (rebuilt here,
+    or in ``written``: chunks already written again by someone else, e.g.
+    level-0 chunks and levels 1..L of blocks a repair re-rendered); chunks in
+    ``written[k]`` are not written again. Each chunk is computed from level
+    k-1 as stored after the levels below were repaired, so the result is the
+    pyramid of level 0 over every chunk touched.
+    """
+    written = written or {}
+    rebuilt: dict[int, set[Chunk]] = {}
+    changed = set(written.get(0, set()))
+    with ThreadPoolExecutor(max(1, workers), thread_name_prefix="rebuild") as pool:
+        for k in range(1, last + 1):
+            todo = (bad.get(k, set()) | {(y // 2, x // 2) for y, x in changed}) - written.get(k, set())
+            list(pool.map(lambda c, k=k: rebuild_chunk(store, k, c), sorted(todo)))
+            rebuilt[k] = todo
+            changed = todo | written.get(k, set())
+    return rebuilt
+
+
+def restore_record(store: ImageStore, record: dict) -> bool:
+    """Put back a progress ``record`` found current before a repair re-rendered tiles (their render marked it
+    stale) once every level above them is rebuilt (``rebuild_chunks``); False (nothing written) when the
+    store's level-0 tiles are not the ones the record names (the repair rendered more): then it stays stale."""
+    if not _same_source(record, source_state(store)) or record.get("stale"):
+        return False
+    store.write_pyramid_progress(record)
+    return True
 
 
 def level_bands(

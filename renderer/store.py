@@ -21,18 +21,16 @@ one worker and its marker only after its chunks.  The non-zarr entries
 (``tiles/``, ``pyramid.json``, ``lines/done``, ``lease/``) are never reached through a
 zarr listing here (levels are probed by name), so zarr never meets them.
 
-Reads go through here too: ``read_block`` / ``read_rows`` turn an unreadable
-chunk into one ``RendererError`` naming the level and the stored object,
-``object_rows(arr)`` is the row height of a level's stored objects (a chunk, or a
-shard when sharded: whole objects per read, no range requests), and
-``read_rows_hwc`` decodes plain local chunks straight into interleaved rows
-(renderer.chunks). ``level_shapes`` is the halving of level shapes that every
-pyramid level follows.
+Reads go through here too (``read_block`` / ``read_rows``: an unreadable chunk
+is one ``RendererError`` naming it; ``object_rows``: rows per stored object;
+``read_rows_hwc``), and ``level_shapes``, the halving every level follows.
 """
 
 from __future__ import annotations
 
 import os
+import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -58,6 +56,7 @@ LINES_DONE_DIR = "lines/done"
 LINES_ALL_DONE = "all"
 PYRAMID_PROGRESS = "pyramid.json"
 RENDER_LEVELS = "render_levels"  # meta key: {"block": G, "levels": L} (renderer.pyramid.render_levels)
+GENERATION = "generation"  # meta key: {"n", "id", "reason", "time"}, advanced whenever stored pixels change
 LEASE_DIR = "lease"
 CHANNEL_COLORS = ("FF0000", "00FF00", "0000FF")
 CHANNEL_LABELS = ("red", "green", "blue")
@@ -275,7 +274,7 @@ class ImageStore:
                     return (
                         f"level {level} chunk {self.chunk_path(level, y0, x0)} of {self.url} (rows "
                         f"{y0}:{min(y0 + sy, int(arr.shape[1]))}, cols {x0}:{min(x0 + sx, width)}) is unreadable: "
-                        f"{first_line(e)}; re-render those tiles (or restore the store) and re-run"
+                        f"{first_line(e)}; `render.py verify {self.url}` repairs it, then re-run"
                     )
         return f"cannot read rows {r0}:{r1} of level {level} of {self.url}: {first_line(error)}"
 
@@ -297,6 +296,22 @@ class ImageStore:
         meta = self.meta
         meta.update(values)
         self.group.attrs[ATTRS_KEY] = meta
+
+    @property
+    def generation(self) -> dict:
+        """``{"n", "id"}`` of the pixels now (n 0 before any change), advanced by every writer that changes
+        them (``invalidate_pyramid``, a verify repair); export sidecars record it (renderer.provenance)."""
+        g: dict = self.meta.get(GENERATION) or {}
+        n, token = (g.get("n"), g.get("id")) if isinstance(g, dict) else (None, None)
+        if not isinstance(n, int) or isinstance(n, bool):
+            return {"n": 0, "id": None}
+        return {"n": n, "id": token if isinstance(token, str) else None}
+
+    def advance_generation(self, reason: str) -> dict:
+        """Record that the store's pixels change now (``reason`` says how); the new ``generation``."""
+        g = {"n": self.generation["n"] + 1, "id": uuid.uuid4().hex, "reason": reason, "time": time.time()}
+        self.update_meta(**{GENERATION: g})
+        return {"n": g["n"], "id": g["id"]}
 
     def write_ome(self, name: str = "creps") -> None:
         """(Re)write NGFF 0.5 ``multiscales`` + ``omero`` for the levels present."""
@@ -449,8 +464,10 @@ class ImageStore:
         """Mark the pyramid built so far as stale (level-0 tiles are about to change).
 
         Called by a render run before it writes any tile, so a pyramid (and
-        the exports cut from it) built before can never pass for current.
+        the exports cut from it) built before can never pass for current; the
+        store's ``generation`` advances too (exports then read stale).
         """
+        self.advance_generation(reason)
         record = self.pyramid_progress()
         if record is not None and not record.get("stale"):
             self.write_pyramid_progress({**record, "stale": True, "stale_reason": reason})
@@ -573,9 +590,7 @@ def create_job_store(
     store = open_store(url, storage_options, mode="a")
     store.create_level(0, height, width, tile, shard, compressor, overwrite=True)
     for k, (h, w) in enumerate(level_shapes(height, width, 1)[1 : levels + 1], start=1):
-        store.create_level(
-            k, h, w, chunk=tile, overwrite=True
-        )  # the pyramid's own arrays (renderer.pyramid), made early
+        store.create_level(k, h, w, chunk=tile, overwrite=True)  # the pyramid's own arrays, made early
     if lines is not None:
         store.create_line_arrays(height, width, lines)
     store.update_meta(**meta, **{RENDER_LEVELS: {"block": block, "levels": levels}})

@@ -1,4 +1,4 @@
-"""Check a store's level-0 tiles against their completion markers.
+"""Check a store: its level-0 tiles against their completion markers, and every pyramid level present.
 
 Every marker (renderer.markers) holds the crc32 of the tile's uint8
 pixels as the worker wrote them.  Verifying a tile reads its region of level 0
@@ -10,24 +10,27 @@ back, decodes it and compares the crc32.  A tile is bad when
     as the fill value, which is reported as missing data),
   * or its marker is unreadable or malformed (the tile cannot be checked).
 
-In a store whose render writes pyramid levels 1..L with its blocks
-(``ImageStore.block_levels``), each block is read once as a whole: its tiles
-are checked from that read, and then its chunks of levels 1..L are compared
-with the 2x2 means of its level-0 pixels (renderer.pyramid.halvings). A
-block whose levels do not match (a damaged or lost level chunk) makes its
-first tile bad with that reason, so a repair renders the block again, levels
-included.
+Every chunk of a pyramid level k >= 1 must hold the 2x2 rule over level k-1
+(renderer.verify_levels; a bad one is a ``BadChunk``). In a store whose render
+writes levels 1..L with its blocks (``ImageStore.block_levels``), each block
+is read once as a whole: its tiles are checked from that read, and its chunks
+of levels 1..L are compared with the halvings of its level-0 pixels
+(renderer.pyramid.halvings). The levels assemble built (L+1..n-1) are checked
+after, level by level, when the pyramid record is current. A bad tile is
+rendered again (its block, levels 1..L included); a bad level chunk is rebuilt
+from the level below, and so are the chunks above either (jobs.verify, with
+renderer.pyramid.rebuild_chunks).
 
 Tiles are read on a small thread pool with at most ``workers`` tiles in
 memory at a time, so a gigapixel store is checked in bounded memory.  Errors
 that say the storage itself cannot be reached (connection, timeout,
 permission) stop the check with a ``RendererError`` instead of condemning
-every tile.  Repairing (rendering bad tiles again) is the job driver's part:
-``jobs.verify``.
+every tile.  Repairing is the job driver's part: ``jobs.verify``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import re
 import time
@@ -42,13 +45,12 @@ from creps.errors import first_line
 
 from .errors import RendererError
 from .markers import Marked, tile_crc
-from .pyramid import halvings
+from .pyramid import Chunk, halvings
 from .store import ImageStore
 from .tasks import TilePlan
+from .verify_levels import FATAL_ERRORS, BadChunk, Found, LevelState, block_chunks, check_levels, upper_levels
 
 DEFAULT_WORKERS = 4
-# storage unreachable or refused: the check cannot go on, no tile is judged
-FATAL_ERRORS: tuple[type[BaseException], ...] = (ConnectionError, TimeoutError, PermissionError)
 
 
 @dataclass(frozen=True)
@@ -77,22 +79,42 @@ class BadTile:
 
 @dataclass(frozen=True)
 class VerifyReport:
-    """What one check found: how many tiles were checked and which of them are bad."""
+    """What one check found: the tiles checked and the bad ones, the level chunks checked and the bad ones.
+
+    ``levels``: the pyramid levels checked (1..L with the blocks, L+1..n-1 when
+    the pyramid was current); ``note`` says which were not and why;
+    ``record``: the pyramid progress record that was current (a repair that
+    re-renders tiles puts it back once the levels above them are rebuilt);
+    ``render_levels``: L.
+    """
 
     checked: int
     bad: tuple[BadTile, ...] = ()
     seconds: float = 0.0
+    chunks_checked: int = 0
+    bad_chunks: tuple[BadChunk, ...] = ()
+    levels: tuple[int, ...] = ()
+    note: str = ""
+    record: dict | None = None
+    render_levels: int = 0
 
     @property
     def ok(self) -> bool:
-        return not self.bad
+        return not self.bad and not self.bad_chunks
 
     @property
     def bad_ids(self) -> list[str]:
         return [b.id for b in self.bad]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"checked": self.checked, "bad": [b.to_dict() for b in self.bad], "seconds": round(self.seconds, 3)}
+        return {
+            "checked": self.checked,
+            "bad": [b.to_dict() for b in self.bad],
+            "chunks_checked": self.chunks_checked,
+            "bad_chunks": [b.to_dict() for b in self.bad_chunks],
+            "levels": list(self.levels),
+            "seconds": round(self.seconds, 3),
+        }
 
 
 def _natural(tile_id: str) -> list[Any]:
@@ -130,18 +152,19 @@ def _check_record(store: ImageStore, record: dict, shape: tuple[int, int], read:
     return BadTile(tile_id, rows, cols, f"crc32 mismatch (marker {crc:#010x}, data {got:#010x})")
 
 
-Found = list[tuple[str, BadTile | None]]  # (tile id, why it is bad or None), one per record checked
-Checked = tuple[Found, BadTile | None]  # the findings of one unit of work, and a block whose levels are bad
+Judged = list[tuple[str, BadTile | None]]  # (tile id, why it is bad or None), one per record checked
+Checked = tuple[Judged, list[Found], int]  # one unit's tiles, its bad level chunks, level chunks compared
 
 
 def check_block(
     store: ImageStore, plan: TilePlan, block: int, records: list[dict], shape: tuple[int, int], levels: int
 ) -> Checked:
-    """The records of one block checked from one read of it, then its levels 1..``levels``.
+    """The records of one block checked from one read of it, then its chunks of levels 1..``levels``.
 
     Returns the per-record findings and, when every tile of the block is in
-    ``records`` and good, a ``BadTile`` (the block's first tile) if a level
-    chunk does not hold the 2x2 means of the block's pixels.
+    ``records`` and good, its level chunks that do not hold the halvings of
+    the block's pixels (with the pixels they should hold) and how many were
+    compared. A block with a bad tile is rendered again whole, levels too.
     """
     r0, r1, c0, c1 = plan.block_rect(block)
     try:
@@ -151,7 +174,7 @@ def check_block(
             f"cannot read block rows {r0}:{r1} cols {c0}:{c1} of {store.url}: {first_line(e)}"
         ) from None
     except Exception:  # some chunk of the block is damaged: each tile on its own, to name it
-        return [(str(r.get("id")), check_tile(store, r, shape)) for r in records], None
+        return [(str(r.get("id")), check_tile(store, r, shape)) for r in records], [], 0
 
     def read(rows: tuple[int, int], cols: tuple[int, int]) -> np.ndarray:
         if rows[0] < r0 or rows[1] > r1 or cols[0] < c0 or cols[1] > c1:  # not this block's: read it
@@ -162,32 +185,18 @@ def check_block(
     a, z = plan.block_range(block)
     good = {tile_id for tile_id, bad in found if bad is None}
     if not levels or not all(plan.tile(k).id in good for k in range(a, z)):
-        return found, None
-    reason = _level_problem(store, pixels, (r0, r1, c0, c1), levels)
-    if reason is None:
-        return found, None
-    first = plan.tile(a)
-    return found, BadTile(first.id, (first.r0, first.r1), (first.c0, first.c1), reason)
-
-
-def _level_problem(store: ImageStore, pixels: np.ndarray, rect: tuple[int, int, int, int], levels: int) -> str | None:
-    """Why the stored levels 1..``levels`` of a block do not hold the 2x2 means of its level-0 ``pixels``, or None."""
-    r0, r1, c0, c1 = rect
+        return found, [], 0
+    bad: list[Found] = []
+    n = 0
     for k, y, x, img in halvings(pixels, r0, c0, levels):
-        where = f"pyramid level {k} of its block (level-0 rows {r0}:{r1}, cols {c0}:{c1})"
-        try:
-            stored = store.read_region(k, y, y + img.shape[1], x, x + img.shape[2])
-        except FATAL_ERRORS as e:
-            raise RendererError(f"cannot read level {k} of {store.url}: {first_line(e)}") from None
-        except Exception as e:
-            return f"{where} cannot be decoded ({type(e).__name__}: {first_line(e)})"
-        if not np.array_equal(stored, img):
-            return f"{where} does not hold the 2x2 means of its tiles"
-    return None
+        compared, wrong = block_chunks(store, k, y, x, img)
+        n += compared
+        bad += wrong
+    return found, bad, n
 
 
 def _one(store: ImageStore, record: dict, shape: tuple[int, int]) -> Checked:
-    return [(str(record["id"]), check_tile(store, record, shape))], None
+    return [(str(record["id"]), check_tile(store, record, shape))], [], 0
 
 
 def _units(store: ImageStore, plan: TilePlan, done: set[str], names: set[str]) -> Iterator[Callable[[], Checked]]:
@@ -210,26 +219,30 @@ def _units(store: ImageStore, plan: TilePlan, done: set[str], names: set[str]) -
 
 
 class _Tally:
-    """What the checks found so far, tile by tile (a tile with several records is good when any matches)."""
+    """What the checks found so far, tile by tile (a tile with several records is good when any matches),
+    and the bad chunks of the levels written with the blocks (each once, however many markers name its block)."""
 
-    def __init__(self, names: set[str], plan: TilePlan, on_tile: Callable[[str, BadTile | None], None] | None):
-        self.names, self.plan, self.on_tile = names, plan, on_tile
+    def __init__(
+        self, names: set[str], plan: TilePlan, levels: int, on_tile: Callable[[str, BadTile | None], None] | None
+    ):
+        self.names, self.plan, self.levels, self.on_tile = names, plan, levels, on_tile
         self.seen: set[str] = set()  # tiles with a readable record
         self.good: set[str] = set()
         self.bad: dict[str, BadTile] = {}
-        self.level_bad: dict[str, BadTile] = {}  # blocks whose levels do not match: bad whatever their crc32 says
+        self.chunks = LevelState()
+        self.chunk_seen: set[tuple[int, Chunk]] = set()
 
     def add(self, checked: Checked) -> None:
-        found, level_problem = checked
+        found, chunks, compared = checked
         for tile_id, result in found:
             if tile_id in self.names:
                 self._tile(tile_id, result)
-        if level_problem is not None:  # reported on the block's first tile we were asked about
-            asked = [tile_id for tile_id, _ in found if tile_id in self.names]
-            if level_problem.id not in self.names and asked:
-                t = self.plan.tile(self.plan.index(asked[0]) or 0)
-                level_problem = BadTile(t.id, (t.r0, t.r1), (t.c0, t.c1), level_problem.reason)
-            self.level_bad[level_problem.id] = level_problem
+        fresh = [(b, px) for b, px in chunks if (b.level, b.chunk) not in self.chunk_seen]
+        self.chunk_seen |= {(b.level, b.chunk) for b, _ in fresh}
+        self.chunks.checked += compared
+        # only level L's pixels are needed: to judge the chunks above it (verify_levels)
+        self.chunks.add([f for f in fresh if f[0].level == self.levels])
+        self.chunks.bad += [b for b, _ in fresh if b.level != self.levels]
 
     def _tile(self, tile_id: str, result: BadTile | None) -> None:
         self.seen.add(tile_id)
@@ -243,10 +256,6 @@ class _Tally:
             self.on_tile(tile_id, result)
 
     def report(self, seconds: float) -> VerifyReport:
-        for tile_id, problem in self.level_bad.items():
-            self.good.discard(tile_id)
-            self.bad[tile_id] = problem
-            self.seen.add(tile_id)
         # marked done, but no readable record says what its pixels were: it cannot be trusted
         for name in sorted(self.names - self.seen):
             unreadable = BadTile(name, None, None, "marker unreadable (no record of this tile's crc32)")
@@ -254,7 +263,38 @@ class _Tally:
             if self.on_tile is not None:
                 self.on_tile(name, unreadable)
         report = tuple(sorted(self.bad.values(), key=lambda b: _natural(b.id)))
-        return VerifyReport(checked=len(self.good) + len(self.bad), bad=report, seconds=seconds)
+        return VerifyReport(
+            checked=len(self.good) + len(self.bad),
+            bad=report,
+            seconds=seconds,
+            chunks_checked=self.chunks.checked,
+            bad_chunks=_sorted(self.chunks.bad),
+            levels=tuple(range(1, self.levels + 1)),
+            render_levels=self.levels,
+        )
+
+
+def _sorted(chunks: list[BadChunk]) -> tuple[BadChunk, ...]:
+    return tuple(sorted(chunks, key=lambda b: (b.level, b.chunk)))
+
+
+def rerendered(store: ImageStore, plan: TilePlan, ids: Collection[str], levels: int) -> dict[int, set[Chunk]]:
+    """The chunks of levels 0..``levels`` (L) that rendering tiles ``ids`` again writes: their blocks' (with
+    L >= 1 a tile is rendered with its block, levels 1..L included), or the tiles' own chunks (L = 0)."""
+    side = int(store.level(0).chunks[1])
+    out: dict[int, set[Chunk]] = {k: set() for k in range(levels + 1)}
+    for tile_id in ids:
+        i = plan.index(tile_id)
+        if i is None:
+            continue
+        t = plan.tile(i)
+        r0, r1, c0, c1 = plan.block_rect(plan.block_of(i)) if levels else (t.r0, t.r1, t.c0, t.c1)
+        for k in range(levels + 1):
+            y0, y1, x0, x1 = r0 >> k, -(-r1 >> k), c0 >> k, -(-c1 >> k)
+            out[k] |= {
+                (y, x) for y in range(y0 // side, (y1 - 1) // side + 1) for x in range(x0 // side, (x1 - 1) // side + 1)
+            }
+    return out
 
 
 def _run_bounded(units: Iterator[Callable[[], Checked]], workers: int, add: Callable[[Checked], None]) -> None:
@@ -281,18 +321,40 @@ def verify_store(
     workers: int = DEFAULT_WORKERS,
     ids: Collection[str] | None = None,
     on_tile: Callable[[str, BadTile | None], None] | None = None,
+    on_chunks: Callable[[int], None] | None = None,
 ) -> VerifyReport:
-    """Check every tile marked done in ``store`` (or only those of ``ids``) against its marker's crc32.
+    """Check every tile marked done in ``store`` against its marker's crc32, and every level present.
 
     ``workers`` threads read tiles; at most that many tiles are in flight (and
     in memory) at once.  A tile with several records (marked again after a
     repair) is good when its pixels match any of them.  ``on_tile(id,
-    bad_or_None)`` is called once per tile as it is checked, in this thread.
+    bad_or_None)`` is called once per tile as it is checked, in this thread;
+    ``on_chunks(n)`` as n more chunks of the levels assemble built are.
+    With ``ids`` only those tiles (and the levels of their blocks) are checked.
     """
     t0 = time.perf_counter()
     plan = store.tile_plan()
     done = store.done_tiles()
     names = done & set(ids) if ids is not None else done
-    tally = _Tally(names, plan, on_tile)
-    _run_bounded(_units(store, plan, done, names), max(1, int(workers)), tally.add)
-    return tally.report(time.perf_counter() - t0)
+    levels = store.block_levels[1]
+    tally = _Tally(names, plan, levels, on_tile)
+    workers = max(1, int(workers))
+    _run_bounded(_units(store, plan, done, names), workers, tally.add)
+    report = tally.report(time.perf_counter() - t0)
+    if ids is not None:
+        return report
+    upper = upper_levels(store)
+    state = tally.chunks
+    # what a repair renders again cannot be judged here, nor anything above it
+    for k, chunks in rerendered(store, plan, report.bad_ids, levels).items():
+        state.unknown.setdefault(k, set()).update(chunks)
+    check_levels(store, upper, state, workers, on_chunks)
+    return dataclasses.replace(
+        report,
+        seconds=time.perf_counter() - t0,
+        chunks_checked=state.checked,
+        bad_chunks=_sorted(state.bad),
+        levels=tuple(range(1, upper.last + 1)),
+        note=upper.note,
+        record=upper.record,
+    )

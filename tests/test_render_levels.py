@@ -174,10 +174,12 @@ def test_verify_checks_the_levels_of_each_block_and_repairs_them(tmp_path):
     level1 = np.asarray(store.level(1)[:, 32:64, 64:96])  # block 1 x 2 (tiles r2..3_c4..5)
     store.write_region(1, 32, 64, 255 - level1)  # a damaged level chunk; level 0 and its crc32 are fine
     report = verify_store(store, workers=2)
-    assert [b.id for b in report.bad] == ["r2_c4"] and "pyramid level 1" in report.bad[0].reason
-    assert [b.id for b in verify_store(store, ids=["r3_c5"]).bad] == ["r3_c5"]  # the tile asked about
+    # the level chunk is bad, not the tiles: it is rebuilt from level 0, nothing is rendered again
+    assert report.bad == () and [(b.level, b.chunk) for b in report.bad_chunks] == [(1, (1, 2))]
+    assert "2x2 rule over level 0" in report.bad_chunks[0].reason and report.bad_chunks[0].path == "1/c/0/1/2"
+    assert [(b.level, b.chunk) for b in verify_store(store, ids=["r3_c5"]).bad_chunks] == [(1, (1, 2))]  # its block
     outcome = verify_after_render(spec, log=lambda s: None)
-    assert outcome.ok and outcome.rerendered == ("r2_c4",)
+    assert outcome.ok and outcome.rerendered == () and outcome.rebuilt == ((1, 1, 2),)
     np.testing.assert_array_equal(np.asarray(open_store(url).level(1)[:, 32:64, 64:96]), level1)
     _check_levels(url, 1)
 

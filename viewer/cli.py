@@ -230,6 +230,11 @@ def run(args: argparse.Namespace) -> int:
         raise
     url = server.url
     print(f"viewing {what} at {url}  (Ctrl-C to stop)", flush=True)
+    export = source.export() if hasattr(source, "export") else None
+    if export is not None and not export.current:
+        store = (export.record or {}).get("store")
+        fix = f"; `render.py assemble {store} --dzi {args.source}` writes it again" if store else ""
+        print(f"note: {export.describe()}{fix}", flush=True)
     if args.checkpoint is not None:
         cache = source.cache.url if source.cache is not None else "memory only"
         print(f"rendering: {source.engine.describe()}; tile cache: {cache}", flush=True)

@@ -1,7 +1,10 @@
 """An exported DeepZoom pyramid as a tile source of the viewer: its files as they are, and IIIF from them.
 
 ``render.py view out/img.dzi`` serves NAME.dzi and NAME_files/ unchanged
-(OpenSeadragon reads them directly). For the IIIF service the same files are
+(OpenSeadragon reads them directly). Whether the export still matches the
+store it was made from (its ``NAME.dzi.source.json``:
+renderer.provenance.export_state) is in ``info()`` as ``export`` and shown
+on the page; a stale export is still served, as it is. For the IIIF service the same files are
 the pixels: a window of DeepZoom level L is cut from the tiles it covers
 (each tile's core, its overlap dropped), under a ``TileGate`` like a
 store's tiles, and ``viewer.iiif_image`` resamples where needed.
@@ -11,6 +14,7 @@ from __future__ import annotations
 
 import io
 import os
+import time
 import urllib.parse
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
@@ -24,6 +28,7 @@ from creps.errors import first_line
 from renderer.dzi import level_size, max_level, span
 from renderer.errors import RendererError
 from renderer.fsio import filesystem, is_local
+from renderer.provenance import ExportState, export_state
 
 from .errors import ViewerError
 from .iiif import ImageRequest
@@ -84,8 +89,19 @@ class DziFiles:
         except (ET.ParseError, StopIteration, ValueError) as e:
             raise ViewerError(f"{url!r} is not a DeepZoom .dzi file: {e}") from None
         self.url = url
+        self.storage_options = storage_options
         self.quality = quality  # of the IIIF images made (JPEG / WebP)
         self.gate = TileGate()
+        self._export: tuple[float, ExportState] | None = None
+
+    EXPORT_TTL_S = 10.0  # how long the state of the export is reused before its sidecar and store are read again
+
+    def export(self) -> ExportState:
+        """Whether this DZI still matches the store it was made from (renderer.provenance), a few seconds old."""
+        now = time.monotonic()
+        if self._export is None or now - self._export[0] > self.EXPORT_TTL_S:
+            self._export = (now, export_state(self.url, self.storage_options))
+        return self._export[1]
 
     def info(self) -> dict[str, Any]:
         return {
@@ -104,6 +120,7 @@ class DziFiles:
             "status": None,
             "error": None,
             "meta": {},
+            "export": self.export().to_dict(),
         }
 
     def read(self, parts: list[str]) -> tuple[bytes, str] | None:

@@ -322,6 +322,7 @@
     }
     $("meta").textContent = JSON.stringify(info.meta || {}, null, 2);
     if (info.status === "failed") status("render failed: " + (info.error || "see the job's log") + " (re-run to resume)");
+    if (info.export && info.export.state !== "current") status("this export is " + info.export.state + ": " + info.export.reason);
   }
 
   function showEndless(s) {

@@ -30,6 +30,7 @@ from PIL import Image
 
 import render
 from renderer.dzi import max_level, tile_bounds
+from renderer.errors import RendererError
 from renderer.lease import StoreBusyError
 from renderer.store import open_store, store_lease
 from renderer.verify import verify_store
@@ -87,7 +88,9 @@ def test_png_round_trip_record_resume_and_verify(tmp_path, capsys):
     assert (record["tile"], record["shard"]) == (64, 1)
     assert meta["checkpoint"] is None and "spec" not in meta and "identity" not in meta
     assert (meta["tiles_total"], meta["tiles_done"], meta["status"]) == (20, 20, "done")
-    assert store.level(0).chunks == (3, 64, 64) and not store.has_line_arrays()
+    assert store.level(0).chunks == (3, 64, 64)
+    with pytest.raises(RendererError, match="has no row line features"):
+        store.line_array("row")  # an imported picture has no line features
     report = verify_store(store)
     assert report.ok and report.checked == 20
 

@@ -49,7 +49,7 @@ from dataclasses import dataclass
 from creps.cli import command
 from renderer.errors import IncompleteStoreError, RendererError
 from renderer.exports import write_exports
-from renderer.fsio import parse_storage_options
+from renderer.fsio import is_local, parse_storage_options
 from renderer.iiif import INFO
 from renderer.options import DEFAULT_IIIF_ID, DZI_ENGINES, DziOptions, IiifOptions, OptionError, TiffOptions
 from renderer.page import PAGE, check_page, page_folder, write_page
@@ -325,7 +325,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"IIIF: {args.iiif.rstrip('/')}/{INFO} (served at {service}/{INFO}; --iiif-id sets that URL)")
     if args.html:
         folder = page_folder([u for u in (args.iiif, args.dzi) if u])
-        print(f"page: {folder}/{PAGE} (serve {folder} with any web server, e.g. `python -m http.server` in it)")
+        how = "e.g. `python -m http.server` in it" if is_local(str(folder)) else "public read"
+        print(f"page: {folder}/{PAGE} (serve {folder} over HTTP, {how}, and open {PAGE})")
     return 0
 
 

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from .dzi import encode_tile, span
-from .fsio import filesystem, is_local, local_path
+from .fsio import filesystem, is_local, local_path, upload_kwargs
 from .iiif import TILE, tile_request
 from .pyramid import BAND_PIXELS, downsample
 from .store import ImageStore, object_rows, open_store
@@ -96,7 +96,8 @@ class IiifTiles:
 
 class TileSink:
     """Writes tile files under a folder, a tile row at a time (``flush``): local files on this
-    process's one file-writer thread, remote ones as one batch of concurrent uploads.
+    process's one file-writer thread, remote ones as one batch of concurrent uploads (each object
+    with its Content-Type where the store keeps one: renderer.fsio.upload_kwargs).
 
     One thread creates the local files because creating files in one
     directory is serial in the kernel anyway (the directory lock), and
@@ -136,7 +137,11 @@ class TileSink:
             if len(self.writes) > self.MAX_ROWS:
                 self._wait(len(self.writes) - self.MAX_ROWS)
         else:
-            self.fs.pipe(self.pending)  # concurrent uploads
+            by_type: dict[str, dict[str, bytes]] = {}
+            for path, data in self.pending.items():
+                by_type.setdefault(path.rsplit(".", 1)[-1], {})[path] = data
+            for suffix, files in by_type.items():  # concurrent uploads, each with its Content-Type
+                self.fs.pipe(files, **upload_kwargs(self.fs, f"x.{suffix}"))
         self.pending = {}
 
     def close(self) -> None:

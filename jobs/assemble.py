@@ -75,7 +75,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--tiff", default=None, metavar="OUT.tif", help="write a pyramidal BigTIFF here")
     g.add_argument("--tiff-tile", type=int, default=256, choices=TIFF_TILES, help="TIFF tile side")
     g.add_argument("--compression", default="jpeg", choices=list(COMPRESSIONS), help="TIFF compression")
-    g.add_argument("--quality", type=int, default=90, help="JPEG quality (TIFF and DeepZoom tiles), 1..100")
+    g.add_argument("--quality", type=int, default=90, help="JPEG quality (TIFF, DeepZoom and IIIF tiles), 1..100")
     g = parser.add_argument_group("DeepZoom")
     g.add_argument("--dzi", default=None, metavar="OUT", help="write OUT.dzi + OUT_files/ (+ OUT.szi)")
     g.add_argument("--no-szi", action="store_true", help="skip the .szi zip")

@@ -4,6 +4,7 @@
   render.py                      the default demo job (render + exports + view link)
   render.py render [job.toml]    a render job (flags override the TOML)
   render.py assemble URL         pyramid, pyramidal TIFF and DeepZoom from a store
+  render.py import IMAGE URL     any picture (PNG, JPEG, TIFF, ...) into a store, as a render makes one
   render.py view URL_OR_DZI      serve an OpenSeadragon viewer on 127.0.0.1
   render.py bench                machine peak and renderer throughput
   render.py bench-assemble       assemble (pyramid, TIFF, DeepZoom) against libvips, 16384^2 and 32768^2
@@ -26,6 +27,7 @@ from creps import cli
 SUBCOMMANDS = {
     "render": ("jobs.cli", "render an image into a Zarr store (resume = re-run the same command)"),
     "verify": ("jobs.verify", "check every tile of a store against its marker's crc32; re-render bad ones"),
+    "import": ("jobs.importer", "bring a picture (PNG, JPEG, TIFF, ...) into an image store, as a render makes one"),
     "assemble": ("jobs.assemble", "build pyramid levels, a pyramidal TIFF and a DeepZoom pyramid from a store"),
     "view": ("viewer.cli", "serve an OpenSeadragon viewer for a store or a .dzi on 127.0.0.1"),
     "bench": ("jobs.bench", "measure matmul peak and renderer throughput; last line is JSON"),

@@ -24,18 +24,20 @@ class Flops:
         return self.line / self.total
 
 
-def pixel_flops(cfg: GeneratorConfig) -> int:
+def pixel_flops(cfg: GeneratorConfig, products: int = 1) -> int:
+    """One pixel.  ``products``: how many products of each layer's shape a matmul executes
+    (``creps.precision.matmul_products``: 3 for bf16x3); 1 counts the useful work."""
     c, r = cfg.biline_channels, cfg.rank
     k = cfg.num_bilines
     dec = c * 2 * c + 2 * c * 4 * c + 4 * c * 2 * c + 2 * c * c
-    macs = k * c * r  # rank-r fusion per block
+    fusion = k * c * r  # rank-r fusion per block (elementwise, fp32 in every precision)
     between = k - 1 if cfg.decoders == "multiple" else 0  # variants without decoders only add
-    macs += between * dec + dec  # decoders per later block + decoder_last
+    macs = between * dec + dec  # decoders per later block + decoder_last
     macs += c * cfg.img_channels  # decoder_img
     c4, c2 = 4 * c, 2 * c
     macs += c * c4 + c4 * c4 + c4 * cfg.img_channels  # block0
     macs += c4 * c2 + c2 * c2 + c2 * cfg.img_channels  # block1
-    return 2 * macs
+    return 2 * (fusion + products * macs)
 
 
 def line_flops(cfg: GeneratorConfig) -> int:

@@ -266,6 +266,18 @@ def _block_starts(start: int, stop: int, block: int) -> range:
     return range((start // block) * block, stop, block)
 
 
+def _padded(coords: torch.Tensor, first: int, stop: int, block: int) -> torch.Tensor:
+    """fp32 ``coords[first:]`` up to the end of the block holding position ``stop - 1``, padded past
+    the vector's end by repeating its last position.  Blocks are slices of it: no index tensor,
+    so no host-to-device copy per block on a GPU (a blocking one, which waits for the stream)."""
+    n = coords.shape[0]
+    end = first + -(-(stop - first) // block) * block
+    t = coords[first : min(end, n)]
+    if end > n:
+        t = torch.cat([t, coords[n - 1 :].expand(end - n)])
+    return t.to(torch.float32)
+
+
 class Generator(nn.Module):
     """CREPS generator with separately callable line and pixel stages."""
 
@@ -335,10 +347,12 @@ class Generator(nn.Module):
             raise ValueError(f"line range [{start}, {stop}) outside 0..{n}")
         weights = self.line_weights(ws) if weights is None else weights
         parts = []
+        blocks = _block_starts(start, stop, LINE_BLOCK)
+        t_all = _padded(coords, blocks.start, blocks.stop, LINE_BLOCK)
         with exact_matmuls(ws.device):  # the line stage is fp32 in every precision; on CUDA: no TF32
-            for b0 in _block_starts(start, stop, LINE_BLOCK):
-                idx = torch.arange(b0, b0 + LINE_BLOCK).clamp_(max=n - 1)  # pad by repeating the last position
-                feats = self._line_block(ws, coords[idx].to(torch.float32), 0 if which == "row" else 1, weights)
+            for b0 in blocks:
+                t = t_all[b0 - blocks.start : b0 - blocks.start + LINE_BLOCK]
+                feats = self._line_block(ws, t, 0 if which == "row" else 1, weights)
                 lo, hi = max(start, b0) - b0, min(stop, b0 + LINE_BLOCK) - b0
                 parts.append(feats[:, :, lo:hi])
         return torch.cat(parts, dim=2) if len(parts) > 1 else parts[0].contiguous()
@@ -400,11 +414,11 @@ class Generator(nn.Module):
         The rank-r fusion uses elementwise multiplies and adds only, which
         round the same whatever the block shape.
 
-        ``precision`` (``creps.precision``): ``fp32`` is exact; ``bf16`` /
-        ``fp16`` run the MLP's matmuls in that dtype (``weights`` may come
-        already cast with ``PixelWeights.to``, else they are cast here), while
-        the fusion, the residual sums and the RGB sum stay fp32.  Blocked
-        renders only: the training pass is fp32.
+        ``precision`` (``creps.precision``): ``fp32`` is exact; ``fp16`` /
+        ``bf16`` / ``bf16x3`` run the MLP's matmuls in that format (``weights``
+        may come already prepared with ``PixelWeights.lowered``, else they are
+        prepared here), while the fusion, the residual sums and the RGB sum
+        stay fp32.  Blocked renders only: the training pass is fp32.
         """
         check_precision(precision)
         weights = self.pixel_weights(ws) if weights is None else weights
@@ -491,10 +505,10 @@ class Generator(nn.Module):
         return img
 
     def _pixel_mlp_low(self, fuse: Callable[[int], torch.Tensor], K: int, wts: PixelWeights) -> torch.Tensor:
-        """``_pixel_mlp`` with every matmul in ``wts.mode`` (bf16/fp16, creps.precision).
+        """``_pixel_mlp`` with every matmul in ``wts.mode`` (fp16/bf16/bf16x3, creps.precision).
 
-        The fused bi-lines F_k are fp32 and added to the cascade in fp32 (an fp16
-        ``feat`` takes the fp32 sum rounded once); the RGB sum is fp32.  Inference only.
+        The fused bi-lines F_k are fp32 and added to the cascade in fp32 (an fp16 or
+        bf16 ``feat`` takes the fp32 sum rounded once); the RGB sum is fp32.  Inference only.
         """
         mode, clamp = wts.mode, self.cfg.fc_clamp
 
@@ -530,8 +544,8 @@ class Generator(nn.Module):
         """Tile [B, 3, r1-r0, c1-c0] of ``canvas``, float32, about [-1, 1].
 
         Runs on the device of the generator's weights; ``precision`` is the
-        pixel stage's (``creps.precision``: fp32 exact, bf16/fp16 within the
-        documented error budget).
+        pixel stage's (``creps.precision``: fp32 exact, the others within
+        their documented errors).
         """
         r0, r1 = rows if rows is not None else (0, canvas.height)
         c0, c1 = cols if cols is not None else (0, canvas.width)

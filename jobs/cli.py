@@ -11,8 +11,10 @@ canvas with N = int(R * S), R the checkpoint's training resolution.  Without
 --address a quiet embedded Ray starts on 127.0.0.1; with it, the job joins an
 existing cluster (`ray start --head`).  --workers 0 renders in this process,
 without Ray (--device cpu|cuda; the same store, markers and bytes).
---precision bf16|fp16 runs the pixel stage's matmuls in that format (within
-one uint8 level of fp32 on >= 99 % of pixels); fp32, the default, is exact.
+--precision fp16|bf16x3|bf16 runs the pixel stage's matmuls in that format:
+fp16 (the fast one) and bf16x3 (three bf16 products per layer) within one
+uint8 level of fp32 on >= 99 % of pixels, plain bf16 less accurate
+(docs/exactness.md); fp32, the default, is exact.
 Bad input exits with code 2 and one line on stderr before anything is
 rendered or written.
 """
@@ -59,7 +61,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--precision",
         choices=list(PRECISIONS),
-        help="pixel-stage arithmetic: fp32 (default, exact), bf16 or fp16 (part of the job: a store keeps its own)",
+        help="pixel-stage arithmetic: fp32 (default, exact), bf16, bf16x3 or fp16 (errors: docs/exactness.md; "
+        "part of the job: a store keeps its own)",
     )
     g = p.add_argument_group("output")
     g.add_argument("--out", metavar="URL", help="store path or fsspec URL (default out/<name>.zarr)")

@@ -27,7 +27,7 @@ from renderer.store import ImageStore, create_job_store, is_foreign_folder, open
 from . import JobSpecError
 from .job import Prepared, store_options
 from .plan import auto_block, auto_shard
-from .spec import IDENTITY_DEFAULTS, JobSpec, same_identity
+from .spec import JobSpec, same_identity, stored_identity
 
 
 def resolve_layout(spec: JobSpec, sha: str) -> JobSpec:
@@ -47,8 +47,8 @@ def resolve_layout(spec: JobSpec, sha: str) -> JobSpec:
     try:
         if store_exists(spec.out, store_options(spec)):
             old_meta = open_store(spec.out, store_options(spec), mode="r").meta
-            old = {**IDENTITY_DEFAULTS, **(old_meta.get("identity") or {})}
-            mine = {**spec.identity(), "checkpoint_sha256": sha}
+            old = stored_identity(old_meta.get("identity") or {})
+            mine = {**stored_identity(spec.identity()), "checkpoint_sha256": sha}
             layout = ("shard", "block")
             if all(old.get(k) == v for k, v in mine.items() if k not in layout):
                 if not spec.shard and isinstance(old.get("shard"), int):
@@ -89,8 +89,9 @@ def inspect_output(job: Prepared, overwrite: bool) -> ImageStore | None:
     if not isinstance(old, dict) or not store.has_level(0):
         raise JobSpecError(f"{spec.out} is an image store not made by a render job; use --overwrite to replace it")
     if not same_identity(old, job.identity):
-        old = {**IDENTITY_DEFAULTS, **old}  # a store from before a key existed holds its default (fp32)
-        diff = ", ".join(f"{k}: {old.get(k)!r} -> {v!r}" for k, v in job.identity.items() if old.get(k) != v)
+        old = stored_identity(old)  # a store from before a key existed holds its default (fp32)
+        mine = stored_identity(job.identity)
+        diff = ", ".join(f"{k}: {old.get(k)!r} -> {v!r}" for k, v in mine.items() if old.get(k) != v)
         raise JobSpecError(f"{spec.out} holds a different job ({diff}); re-run with the same job or --overwrite")
     recorded = store.block_levels
     if recorded != (spec.block, job.levels):  # same job, but its levels would not be the ones the store records

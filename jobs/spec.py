@@ -23,7 +23,7 @@ import tomllib
 
 from creps import cli, warp
 from creps.canvas import MAX_SIDE
-from creps.precision import PRECISIONS
+from creps.precision import PRECISIONS, precision_identity
 from renderer import fsio
 
 from . import JobSpecError
@@ -62,7 +62,7 @@ class JobSpec:
     block: int = 0  # plan tiles per block side, a power of two: workers render whole blocks and write their
     #                 pyramid levels; 1 = row-major tiles, no levels in the render; 0 = auto (jobs.plan.auto_block)
     compressor: str = "zstd"
-    precision: str = "fp32"  # pixel stage: fp32 (exact) | bf16 | fp16 (creps.precision)
+    precision: str = "fp32"  # pixel stage: fp32 (exact) | fp16 | bf16x3 | bf16 (creps.precision)
     # where
     name: str = "demo"
     out: str = ""  # default ./out/<name>.zarr
@@ -176,6 +176,7 @@ class JobSpec:
         )  # fmt: skip
         d = self.to_dict()
         ident = {k: d[k] for k in keys}
+        ident.update(precision_identity(self.precision))  # plain bf16 is told from the bf16 of older stores
         ident.update({k: d[k] for k in ("warp_rows", "warp_cols") if d[k]})
         return ident
 
@@ -234,9 +235,20 @@ class JobSpec:
 IDENTITY_DEFAULTS: dict[str, Any] = {"precision": "fp32", "block": 1}
 
 
+def stored_identity(stored: dict) -> dict:
+    """A recorded identity as this version names it: keys added later hold their defaults, and
+    ``"bf16"`` recorded before plain bf16 existed (without ``bf16_products: 1``,
+    ``creps.precision.precision_identity``) is the three-product bf16x3."""
+    ident = {**IDENTITY_DEFAULTS, **stored}
+    plain = ident.pop("bf16_products", None) == 1
+    if ident["precision"] == "bf16" and not plain:
+        ident["precision"] = "bf16x3"
+    return ident
+
+
 def same_identity(stored: dict, current: dict) -> bool:
     """Whether a store's recorded identity is the current job's (older stores lack newer keys)."""
-    return {**IDENTITY_DEFAULTS, **stored} == {**IDENTITY_DEFAULTS, **current}
+    return stored_identity(stored) == stored_identity(current)
 
 
 def parse_size(text: str) -> tuple[int, int]:

@@ -12,7 +12,9 @@ the store's own job (its saved spec; --storage-options, --workers and
 --address given here win, since saved storage options may be stale) and
 checked again.  Re-rendering runs the job, so tiles not rendered yet are
 rendered too.  Pyramid levels and exports made before are marked stale;
-`render.py assemble URL` rebuilds them.
+`render.py assemble URL` rebuilds them.  A store made by `render.py import`
+has no job to re-render from: its bad tiles are reported and the error line
+says how to import the picture again (exit 1).
 
 Exit code 0: every tile is good (or was repaired); 1: bad tiles remain
 (--no-repair, or a repair that did not fix them); 2: bad input.
@@ -34,6 +36,7 @@ from renderer.store import ImageStore, open_store
 from renderer.verify import DEFAULT_WORKERS, BadTile, VerifyReport, verify_store
 
 from . import JobSpecError
+from .importer import ReimportNeeded, reimport_command
 from .spec import JobSpec
 
 Log = Callable[[str], None]
@@ -144,6 +147,17 @@ def spec_of_store(
     return JobSpec.from_dict({**saved, **over})
 
 
+def _cannot_repair(store: ImageStore, url: str, bad: int, no_spec: JobSpecError) -> RendererError | JobSpecError:
+    """Why the bad tiles of a store without a saved job are not re-rendered, as the error to raise.
+
+    An imported picture has no checkpoint to render from: the line says how to import it again.
+    """
+    again = reimport_command(store.meta, url)
+    if again is None:
+        return no_spec
+    return ReimportNeeded(f"{bad} bad tiles in {url}, an imported picture", again)
+
+
 # ---------------------------------------------------------------- CLI
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("url", help="image store (OME-Zarr group) URL or path")
@@ -183,7 +197,7 @@ def run(args: argparse.Namespace) -> int:
         print(b.describe())
     outcome = VerifyOutcome(report, remaining=report.bad)
     if report.bad and no_spec is not None:
-        raise no_spec
+        raise _cannot_repair(store, args.url, len(report.bad), no_spec)
     if report.bad and spec is not None:
         meta = store.meta
         total = meta.get("tiles_total")

@@ -2,7 +2,7 @@
 OpenSeadragon comes from.
 
 ``write_page`` puts ``index.html`` (renderer/static_page.html, filled in)
-and ``openseadragon/`` (the OpenSeadragon build and its button images)
+and ``openseadragon/`` (OpenSeadragon's script, button images and licence)
 into the folder that holds the DeepZoom pyramid and/or the IIIF tree, so
 that folder, or bucket, can be served by any static web server: the page
 opens the exports by URLs relative to itself (the IIIF tree where the page
@@ -11,10 +11,10 @@ folder is served. Both are staged and put in place whole (renderer.publish:
 the assets first, then the page) and ``index.html`` gets a provenance
 sidecar like every export.
 
-OpenSeadragon is the npm package the viewer pins (viewer/package.json and
-its lockfile, installed by ``npm ci`` in viewer/: ``.ci/setup`` does it);
-``OSD_DIR`` is the one place that says where its build is, for this page
-and for the viewer's server (viewer.server serves it at ``/osd/``).
+OpenSeadragon is the copy vendored in the viewer's package data
+(viewer/static/osd: the npm package the viewer pins, shipped in the wheel);
+``OSD_DIR`` is the one place that says where it is, for this page and for
+the viewer's server (viewer.server serves it at ``/osd/``).
 """
 
 from __future__ import annotations
@@ -34,11 +34,10 @@ from .provenance import export_record
 from .publish import check_replaceable, staged
 from .store import ImageStore
 
-OSD_DIR = (
-    Path(__file__).resolve().parent.parent / "viewer" / "node_modules" / "openseadragon" / "build" / "openseadragon"
-)
-OSD_LICENSE = OSD_DIR.parent.parent / "LICENSE.txt"
-OSD_FILES = ("openseadragon.min.js", "images")  # what the page loads: the script and the button images
+# OpenSeadragon as vendored in the viewer's package data (viewer/static/osd, its README says from where);
+# the viewer's server serves this folder at /osd/, the page ships a copy.
+OSD_DIR = Path(__file__).resolve().parent.parent / "viewer" / "static" / "osd"
+OSD_FILES = ("openseadragon.min.js", "images", "LICENSE.txt")  # the script, the button images, its licence
 TEMPLATE = Path(__file__).with_name("static_page.html")
 PAGE = "index.html"
 ASSETS = "openseadragon"
@@ -54,13 +53,10 @@ class PageSource:
 
 
 def check_assets() -> None:
-    """One line, before any work, when the OpenSeadragon build the page needs is not installed."""
+    """One line, before any work, when the OpenSeadragon files the page needs are missing (a broken install)."""
     missing = [name for name in OSD_FILES if not (OSD_DIR / name).exists()]
     if missing:
-        raise RendererError(
-            f"OpenSeadragon is not installed ({OSD_DIR / missing[0]} is missing): run `npm ci` in viewer/ "
-            "(bash .ci/setup does)"
-        )
+        raise RendererError(f"OpenSeadragon is missing from {OSD_DIR} ({missing[0]}); reinstall creps-gigapixel")
 
 
 def _parent(url: str) -> str:
@@ -119,10 +115,12 @@ def write_page(store: ImageStore, iiif: str | None, dzi: str | None, storage_opt
     page_url = _join(folder, PAGE)
     with staged(_join(folder, ASSETS), ("",), ("",), storage_options) as assets:
         os.makedirs(assets.stage)
-        shutil.copy(OSD_DIR / OSD_FILES[0], os.path.join(assets.stage, OSD_FILES[0]))
-        shutil.copytree(OSD_DIR / OSD_FILES[1], os.path.join(assets.stage, OSD_FILES[1]))
-        if OSD_LICENSE.exists():
-            shutil.copy(OSD_LICENSE, os.path.join(assets.stage, "LICENSE.txt"))
+        for name in OSD_FILES:
+            src, dst = OSD_DIR / name, os.path.join(assets.stage, name)
+            if src.is_dir():
+                shutil.copytree(src, dst)
+            else:
+                shutil.copy(src, dst)
         with staged(page_url, ("",), (), storage_options) as page:
             with open(page.stage, "w") as f:
                 f.write(page_html(title, sources))

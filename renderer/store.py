@@ -550,14 +550,15 @@ def create_job_store(
     tile: int,
     shard: int,
     compressor: str,
-    lines: LineShape,
+    lines: LineShape | None,
     name: str,
     meta: dict,
     block: int = 1,
     levels: int = 0,
 ) -> ImageStore:
     """A fresh store for a render job: level 0 (and the empty levels 1..``levels`` its workers
-    write block by block), empty line arrays, OME and job metadata.
+    write block by block), empty line arrays, OME and job metadata.  ``lines=None``: no line
+    arrays (an imported picture has no line features: jobs.importer).
 
     Any earlier content of the group (levels, markers, lines, pyramid progress)
     is wiped first, so nothing of another job can be mistaken for this one's;
@@ -575,7 +576,8 @@ def create_job_store(
         store.create_level(
             k, h, w, chunk=tile, overwrite=True
         )  # the pyramid's own arrays (renderer.pyramid), made early
-    store.create_line_arrays(height, width, lines)
+    if lines is not None:
+        store.create_line_arrays(height, width, lines)
     store.update_meta(**meta, **{RENDER_LEVELS: {"block": block, "levels": levels}})
     store.write_ome(name=name)
     return store

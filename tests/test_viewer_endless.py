@@ -397,6 +397,34 @@ def test_cli_bad_input_is_one_line(capsys, argv, message):
     assert len(err) == 1 and message in err[0], err
 
 
+def test_cuda_workers_beyond_the_gpus_are_refused_at_start(capsys, monkeypatch):
+    """Each CUDA actor takes a whole GPU (num_gpus=1): one more would wait, unscheduled, until the
+    300 s start timeout.  Refused in one line before the model loads or Ray starts (the GPU count faked)."""
+    import ray
+
+    from viewer.endless import check_cuda_workers
+    from viewer.errors import ViewerError
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    check_cuda_workers("cuda", 2, None)  # one actor per GPU
+    check_cuda_workers("cpu", 3, None)  # CPU actors need no GPU
+    check_cuda_workers("cuda", 0, None)  # in process: no actors
+    check_cuda_workers("cuda", 3, "10.0.0.1:6379")  # a cluster: checked against its own GPUs once joined
+    with pytest.raises(ViewerError, match="the Ray cluster at 10.0.0.1:6379 has 2: use --workers 2 or fewer"):
+        check_cuda_workers("cuda", 3, "10.0.0.1:6379", gpus=2.0)
+    argv = ["--checkpoint", BUNDLED, "--device", "cuda", "--cache-max-gb", "0", "--port", "0"]
+    assert cli.run(parse([*argv, "--workers", "3"])) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].endswith(
+        "--workers 3 --device cuda needs one GPU per actor, but this machine has 2: use --workers 2 or fewer"
+    ), err
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    assert cli.run(parse([*argv, "--workers", "1"])) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].endswith("but this machine has 0: use --device cpu"), err
+    assert not ray.is_initialized()
+
+
 def test_render_py_view_checkpoint_serves_on_loopback(tmp_path):
     """`render.py view --checkpoint ...` binds 127.0.0.1, prints its URL and renders tiles on request."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}

@@ -78,9 +78,12 @@ def test_fp32_and_unwarped_images_keep_their_cache_keys():
     assert plain.key == "a71b412edf4d47f548f04c68ff4014b3"  # computed before precision and warps existed
     assert {"precision", "warp_rows", "warp_cols"}.isdisjoint(plain.identity())
     assert spec(precision="fp32", warp_rows="", warp_cols="none").key == plain.key
-    keys = {s.key for s in (plain, spec(precision="bf16"), spec(precision="fp16"), spec(warp_rows="mirror"))}
-    assert len(keys) == 4
+    lows = [spec(precision=p) for p in ("bf16", "bf16x3", "fp16")]
+    keys = {s.key for s in (plain, *lows, spec(warp_rows="mirror"))}
+    assert len(keys) == 5
+    # plain bf16 records one product: a cache of when "bf16" meant three (bf16x3) is never its own
     assert spec(precision="bf16").identity()["precision"] == "bf16"
+    assert spec(precision="bf16").identity()["bf16_products"] == 1
     # canonical text: the same warp written two ways is one image
     assert spec(warp_rows="mirror").key == spec(warp_rows="mirror:0.5").key
     assert spec(warp_cols="sine:0.1,2").identity()["warp_cols"] == "sine:0.1,2,0"
@@ -159,9 +162,9 @@ def test_view_help_lists_precision_and_warps(capsys):
         render.main(["view", "--help"])
     assert e.value.code == 0
     text = capsys.readouterr().out
-    for flag in ("--precision {fp32,bf16,fp16}", "--warp-rows WARP", "--warp-cols WARP"):
+    for flag in ("--precision {fp32,bf16,bf16x3,fp16}", "--warp-rows WARP", "--warp-cols WARP"):
         assert flag in text
-    assert "pixel-stage arithmetic: fp32 (default, exact), bf16 or" in text
+    assert "pixel-stage arithmetic: fp32 (default, exact), bf16, bf16x3 or fp16" in " ".join(text.split())
 
 
 def test_bad_precision_or_warp_is_one_error_line(capsys):

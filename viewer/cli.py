@@ -19,9 +19,9 @@ default), in this process (--threads) or on Ray actors (--workers,
 render` writes with the same checkpoint, seeds, psi, size, view, warps and
 precision; a coarser level is the generator evaluated on a coarser grid
 (docs/viewer.md). --warp-rows / --warp-cols take the warps of `render.py
-render` (docs/experiments.md); --precision bf16|fp16 runs the pixel stage's
-matmuls in that format (within one uint8 level of fp32 on >= 99 % of pixels;
-emulated on a CPU), fp32, the default, is exact. Both enter the cache key.
+render` (docs/experiments.md); --precision fp16|bf16x3|bf16 runs the pixel
+stage's matmuls in that format (each one's error: docs/exactness.md; emulated
+on a CPU), fp32, the default, is exact. Both enter the cache key.
 
 The server listens on 127.0.0.1 only, unless --host names another address
 and --allow-remote says so explicitly; then every request needs the random
@@ -103,7 +103,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--precision",
         choices=list(PRECISIONS),
-        help="pixel-stage arithmetic: fp32 (default, exact), bf16 or fp16 (within one uint8 level of fp32; "
+        help="pixel-stage arithmetic: fp32 (default, exact), bf16, bf16x3 or fp16 (errors: docs/exactness.md; "
         "part of the cache key: each precision keeps its own tiles) [fp32]",
     )
     g.add_argument("--cache", metavar="URL", help="persistent tile cache, any fsspec URL [out/view-cache]")

@@ -152,13 +152,20 @@ class RayEngine:
         import ray
 
         from renderer.errors import RendererError
-        from renderer.pool import release_pools, start_ray  # imports ray: only when a pool is asked for
+        from renderer.pool import cluster_resources, release_pools, start_ray, stop_ray  # imports ray: on demand
 
         self.spec, self.fmt, self.quality, self.device, self.address = spec, fmt, quality, device, address
         try:
             self.started = start_ray(address, num_cpus=None if address else max(workers, os.cpu_count() or 1))
         except RendererError as e:
             raise ViewerError(str(e)) from None
+        if address:
+            try:  # the cluster's GPUs are known once joined: refuse before any actor waits for one
+                check_cuda_workers(device, workers, address, cluster_resources()[1])
+            except ViewerError:
+                if self.started:
+                    stop_ray()
+                raise
         release_pools()  # render-job actors cached in this process would hold the CPUs/GPUs the viewer needs
         gpus = 1 if device == "cuda" else 0
         actor: Any = ray.remote(TileWorker).options(num_cpus=1, num_gpus=gpus, max_restarts=2, max_task_retries=2)
@@ -380,6 +387,24 @@ class EndlessTiles:
         self.engine.close()
 
 
+def check_cuda_workers(device: str, workers: int, address: str | None, gpus: float | None = None) -> None:
+    """Refuse more CUDA actors than GPUs, at start, in one line.
+
+    Each CUDA actor asks Ray for a whole GPU (``num_gpus=1``); one more than
+    there are would wait unscheduled until ``RAY_START_TIMEOUT_S``.  An
+    embedded Ray (no ``address``) gets this machine's GPUs
+    (``torch.cuda.device_count()``); on a cluster ``RayEngine`` passes the
+    cluster's count (``gpus``) once it has joined.
+    """
+    if device != "cuda" or workers <= 0 or (address and gpus is None):
+        return
+    have = int(torch.cuda.device_count() if gpus is None else gpus)
+    if workers > have:
+        where = f"the Ray cluster at {address} has" if address else "this machine has"
+        fix = f"--workers {have} or fewer" if have else "--device cpu"
+        raise ViewerError(f"--workers {workers} --device cuda needs one GPU per actor, but {where} {have}: use {fix}")
+
+
 def open_endless(
     checkpoint: str,
     *,
@@ -423,6 +448,7 @@ def open_endless(
         raise ViewerError(f"--device must be cpu or cuda, got {device!r}")
     if device == "cuda" and not (address or workers) and not torch.cuda.is_available():
         raise ViewerError("--device cuda: no CUDA device is visible to this process")
+    check_cuda_workers(device, workers, address)
     cfg = creps.read_config(checkpoint, init_seed=init_seed)  # CheckpointError (one line) before any work
     if scale is not None:
         n = int(cfg.resolution * scale) if scale > 0 else 0

@@ -46,7 +46,7 @@ import torch
 import creps
 from creps import LINE_BLOCK
 from creps.latent import finite_uint8, prepare_latent
-from creps.precision import PRECISIONS
+from creps.precision import PRECISIONS, precision_identity
 from renderer.dzi import max_level, tile_bounds, tile_grid
 
 from .errors import ViewerError
@@ -117,7 +117,7 @@ class ImageSpec:
             "width": self.width,
             "view": list(self.view),
             "pixel_block": self.pixel_block,
-            **({"precision": self.precision} if self.precision != "fp32" else {}),
+            **(precision_identity(self.precision) if self.precision != "fp32" else {}),
             **{k: getattr(self, k) for k in ("warp_rows", "warp_cols") if getattr(self, k)},
         }
 

@@ -4,7 +4,7 @@ Standard library only (ThreadingHTTPServer): the viewer is a local tool, one
 user, a handful of concurrent tile requests. Routes:
 
   /, /index.html, /static/*   the page (viewer/static)
-  /osd/*                      OpenSeadragon build from npm (viewer/node_modules)
+  /osd/*                      OpenSeadragon, vendored in viewer/static/osd (package data of the wheel)
   /api/info                   JSON: size, levels, progress, job metadata
   /image.dzi, /image_files/L/C_R.jpeg|png     zarr mode: tiles made on the fly from the store;
                                               endless mode: tiles rendered on demand (viewer.endless)
@@ -423,7 +423,7 @@ def make_server(
     if not local and token is None:
         token = new_token()
     if not OSD_DIR.is_dir():
-        raise ViewerError(f"OpenSeadragon is not installed at {OSD_DIR}; run `npm ci` in viewer/ (or .ci/setup)")
+        raise ViewerError(f"OpenSeadragon is missing from {OSD_DIR}; reinstall creps-gigapixel")
     cls = ViewerServer6 if ":" in host.strip("[]") else ViewerServer
     try:
         return cls((host.strip("[]"), port), source, local_only=local, token=token, limits=limits)

@@ -1,5 +1,6 @@
-"""The CUDA path (marker ``cuda``): exact fp32 tiles, GPU against CPU, the bf16/fp16 error budget,
-an in-process GPU job against a CPU job, and GPU memory that does not grow with the canvas.
+"""The CUDA path (marker ``cuda``): exact fp32 tiles, GPU against CPU, each low precision's error
+(fp16 and bf16x3: the budget; plain bf16: what docs/exactness.md states), a line stage that never waits
+for the device, an in-process GPU job against a CPU job, and GPU memory that does not grow with the canvas.
 
 Run on a machine with a GPU: ``python -m pytest -m cuda tests/gpu`` (or ``bash tests/gpu/check.sh``,
 which also runs the benchmark).  Without CUDA these tests are skipped with one reason
@@ -27,6 +28,11 @@ DRY = bool(os.environ.get("CREPS_CUDA_DRY_RUN")) and not torch.cuda.is_available
 DEV = "cpu" if DRY else "cuda"
 S = 8 if DRY else 1  # sizes are divided by S in a dry run
 BUNDLED = Path(creps.__file__).parent / "weights" / "default.safetensors"
+# uint8 levels against fp32: (share within one level, largest difference).  fp16 and bf16x3: the budget;
+# plain bf16 (one bf16 product per layer): the CPU emulation's worst on other canvases (docs/exactness.md:
+# bundled 99.0 %, 5 levels; ffhq512 81.6 %, 6 levels), with a margin for these canvases not measured there
+BUDGET = {"fp16": (0.99, 4), "bf16x3": (0.99, 4)}
+BF16 = {"bundled": (0.985, 6), "ffhq512": (0.75, 7)}
 
 pytestmark = pytest.mark.cuda
 
@@ -80,19 +86,39 @@ def test_gpu_fp32_within_1e4_of_cpu_fp32(ffhq_cpu, ffhq_dev):
 
 @pytest.mark.skipif(DRY, reason="dry run: CPU kernels are emulated by design")
 def test_low_precisions_run_native_kernels():
-    """bf16 needs torch.mm(..., out_dtype=float32) on CUDA (torch >= 2.8); else it falls back to emulation."""
+    """bf16x3 needs torch.mm(..., out_dtype=float32) on CUDA (torch >= 2.8); else it falls back to emulation."""
     assert creps.matmul_mode("fp16", DEV) == "fp16"
-    assert creps.matmul_mode("bf16", DEV) == "bf16", "torch.mm(bf16, bf16, out_dtype=float32) is missing here"
+    assert creps.matmul_mode("bf16", DEV) == "bf16"
+    assert creps.matmul_mode("bf16x3", DEV) == "bf16x3", "torch.mm(bf16, bf16, out_dtype=float32) is missing here"
 
 
-@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+@pytest.mark.skipif(DRY, reason="dry run: no device to wait for")
+@torch.no_grad()
+def test_line_stage_never_waits_for_the_device(ffhq_dev):
+    """No blocking host-device copy or sync in ``G.lines`` (each cost a wait for the whole stream, and
+    with two lanes for the other lane's queued pixel groups): CUDA's sync debug mode raises on one."""
+    G = ffhq_dev
+    ws = G.ws(G.z_from_seed(0).to(DEV))
+    coords, weights = Canvas(1000, 1000).row_coords().to(DEV), G.line_weights(ws)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        lines = G.lines(ws, coords, "row", 100, 999, weights)  # 15 line blocks, the last one padded
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.equal(lines, G.lines(ws, coords, "row", weights=weights)[:, :, 100:999])
+
+
+@pytest.mark.parametrize("precision", ["bf16", "bf16x3", "fp16"])
 @pytest.mark.parametrize("model", ["ffhq512", "bundled"])
 @torch.no_grad()
-def test_low_precision_within_error_budget_on_the_gpu(ffhq_dev, model, precision):
-    """uint8 within 1 level of fp32 on >= 99 % of pixels, at most 4 levels (docs/performance.md)."""
+def test_low_precision_within_its_error_on_the_gpu(ffhq_dev, model, precision):
+    """fp16 and bf16x3: uint8 within 1 level of fp32 on >= 99 % of pixels, at most 4 levels
+    (docs/performance.md); plain bf16: the bounds docs/exactness.md states for it."""
     if model == "bundled" and not BUNDLED.exists():
         pytest.skip("no bundled weights in this checkout")
     G = ffhq_dev if model == "ffhq512" else creps.load(str(BUNDLED), device=DEV)
+    need_within, need_max = BF16[model] if precision == "bf16" else BUDGET[precision]
     cv = Canvas(512 // S, 768 // S)
     for seed in (0, 1, 2):
         z = G.z_from_seed(seed).to(DEV)
@@ -100,10 +126,12 @@ def test_low_precision_within_error_budget_on_the_gpu(ffhq_dev, model, precision
         low = G.render(z, cv, precision=precision)
         d = _levels(ref, low)
         within, worst = float((d <= 1).mean()), int(d.max())
+        err = float((ref - low).abs().max())
         print(
-            f"{model} {precision} ({creps.matmul_mode(precision, DEV)}) seed {seed}: {within:.4%} within 1, max {worst}"
+            f"{model} {precision} ({creps.matmul_mode(precision, DEV)}) seed {seed}: {within:.4%} within 1, "
+            f"max {worst} levels, max abs {err:.2e}"
         )
-        assert within >= 0.99 and worst <= 4
+        assert within >= need_within and worst <= need_max
 
 
 def test_in_process_gpu_job_matches_the_cpu_job(tmp_path):

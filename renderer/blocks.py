@@ -7,9 +7,11 @@ Ray task on any node (renderer.cluster.RayRunner); no Ray and no dask here.
 
 - ``export_band``: rows [a, b) of a level: its TIFF tiles (encoded here, the
   bytes returned, in TIFF order, for the one TIFF writer) and the DeepZoom
-  tile rows that start in [a, b) (encoded and written here, to a local folder
-  or any fsspec URL). The band reads its rows once, a chunk row at a time;
-  a DeepZoom row that runs past b makes it read up to one more chunk row.
+  and IIIF tile rows that start in [a, b) (encoded and written here, to a
+  local folder or any fsspec URL). The band reads its rows once, a chunk row
+  at a time; a tile row that runs past b makes it read up to one more chunk
+  row. DeepZoom and IIIF tiles are cut by the same code (``_TileRows``):
+  they differ in overlap and file names only.
 """
 
 from __future__ import annotations
@@ -20,13 +22,14 @@ import os
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from .dzi import encode_tile, span
-from .fsio import filesystem, is_local, local_path
+from .fsio import filesystem, is_local, local_path, upload_kwargs
+from .iiif import TILE, tile_request
 from .pyramid import BAND_PIXELS, downsample
 from .store import ImageStore, object_rows, open_store
 from .tiff import tile_encoder
@@ -70,9 +73,31 @@ class DziTiles:
         return TileSink(self.folder, self.storage_options)
 
 
+@dataclass(frozen=True)
+class IiifTiles:
+    """Where and how the tiles of an IIIF level-0 tree are written: ``<folder>/{region}/{size}/0/default.jpg``
+    (renderer.iiif.tile_request) for the scale factors 2^0 .. 2^(levels-1) of a ``width x height`` image."""
+
+    folder: str
+    width: int
+    height: int
+    levels: int
+    tile: int = TILE
+    quality: int = 90
+    storage_options: dict | None = None
+
+    def sink(self) -> TileSink:
+        return TileSink(self.folder, self.storage_options)
+
+    def name(self, k: int) -> Callable[[int, int], str]:
+        """The file of tile (col, row) at scale factor 2^k, relative to the folder."""
+        return lambda col, row: tile_request(self.width, self.height, k, col, row, self.tile)
+
+
 class TileSink:
     """Writes tile files under a folder, a tile row at a time (``flush``): local files on this
-    process's one file-writer thread, remote ones as one batch of concurrent uploads.
+    process's one file-writer thread, remote ones as one batch of concurrent uploads (each object
+    with its Content-Type where the store keeps one: renderer.fsio.upload_kwargs).
 
     One thread creates the local files because creating files in one
     directory is serial in the kernel anyway (the directory lock), and
@@ -96,7 +121,7 @@ class TileSink:
 
     def put(self, rel: str, data: bytes) -> None:
         if self.local:
-            sub = rel.rsplit("/", 1)[0]
+            sub = rel.rsplit("/", 1)[0] if "/" in rel else ""
             if sub not in self.made:
                 os.makedirs(os.path.join(self.root, sub), exist_ok=True)
                 self.made.add(sub)
@@ -112,7 +137,11 @@ class TileSink:
             if len(self.writes) > self.MAX_ROWS:
                 self._wait(len(self.writes) - self.MAX_ROWS)
         else:
-            self.fs.pipe(self.pending)  # concurrent uploads
+            by_type: dict[str, dict[str, bytes]] = {}
+            for path, data in self.pending.items():
+                by_type.setdefault(path.rsplit(".", 1)[-1], {})[path] = data
+            for suffix, files in by_type.items():  # concurrent uploads, each with its Content-Type
+                self.fs.pipe(files, **upload_kwargs(self.fs, f"x.{suffix}"))
         self.pending = {}
 
     def close(self) -> None:
@@ -154,6 +183,7 @@ class Band:
     a: int
     b: int
     dzi_rows: tuple[int, int]  # DeepZoom tile rows [first, last) whose (overlapped) start is in [a, b)
+    iiif_rows: tuple[int, int] = (0, 0)  # IIIF tile rows [first, last) that start in [a, b)
 
 
 @dataclass
@@ -161,6 +191,7 @@ class BandResult:
     band: Band
     tiff: list[bytes]  # the band's TIFF tiles in TIFF order (empty without a TIFF)
     dzi: list[str]  # the DeepZoom files written, relative to the folder
+    iiif: list[str] = field(default_factory=list)  # the IIIF files written, relative to the folder
 
 
 def export_bands(
@@ -172,6 +203,7 @@ def export_bands(
     tiff: TiffTiles | None,
     dzi: DziTiles | None,
     pixels: int = BAND_PIXELS,
+    iiif: IiifTiles | None = None,
 ) -> list[Band]:
     """The bands of one level: whole TIFF tile rows and whole chunk rows each, about ``pixels`` each."""
     unit = math.lcm(chunk, tiff.tile if tiff else 1)
@@ -179,14 +211,21 @@ def export_bands(
     out = []
     for a in range(0, height, rows):
         b = min(a + rows, height)
-        first = last = 0
-        if dzi is not None:
-            n = math.ceil(height / dzi.tile)
-            starts = [span(r, height, dzi.tile, dzi.overlap)[0] for r in range(n)]
-            first = next((r for r in range(n) if starts[r] >= a), n)
-            last = next((r for r in range(first, n) if starts[r] >= b), n)
-        out.append(Band(level, dzi_level, height, width, a, b, (first, last)))
+        dzi_rows = _rows_starting(height, dzi.tile, dzi.overlap, a, b) if dzi is not None else (0, 0)
+        iiif_rows = (0, 0)
+        if iiif is not None and level < iiif.levels:
+            iiif_rows = _rows_starting(height, iiif.tile, 0, a, b)
+        out.append(Band(level, dzi_level, height, width, a, b, dzi_rows, iiif_rows))
     return out
+
+
+def _rows_starting(height: int, tile: int, overlap: int, a: int, b: int) -> tuple[int, int]:
+    """The tile rows [first, last) of a level ``height`` high whose (overlapped) start is in [a, b)."""
+    n = math.ceil(height / tile)
+    starts = [span(r, height, tile, overlap)[0] for r in range(n)]
+    first = next((r for r in range(n) if starts[r] >= a), n)
+    last = next((r for r in range(first, n) if starts[r] >= b), n)
+    return first, last
 
 
 class _Rows:
@@ -260,47 +299,113 @@ def quiet_gc() -> None:
 _GC_QUIET = False
 
 
-def export_band(source: Source, band: Band, tiff: TiffTiles | None, dzi: DziTiles | None) -> BandResult:
-    """Encode the TIFF tiles of rows [a, b) (returned) and write the DeepZoom rows that start there."""
+class _TileRows:
+    """Tile rows [first, last) of one tiling of a level (DeepZoom or IIIF), cut and written as the rows arrive.
+
+    Tile (c, r) covers ``span`` of the level on both axes (``overlap`` px
+    more inside the level); ``name(c, r)`` is its file, relative to the sink's
+    folder; a tile row is written as one batch (``TileSink.flush``).
+    """
+
+    def __init__(
+        self,
+        height: int,
+        width: int,
+        rows: tuple[int, int],
+        tile: int,
+        overlap: int,
+        quality: int,
+        name: Callable[[int, int], str],
+        sink: TileSink,
+    ) -> None:
+        self.height, self.tile, self.overlap, self.quality = height, tile, overlap, quality
+        self.next, self.last = rows
+        self.xspans = [span(c, width, tile, overlap) for c in range(math.ceil(width / tile))]
+        self.name, self.sink = name, sink
+        self.written: list[str] = []
+
+    def end(self, default: int) -> int:
+        """The row after the last one these tile rows read (``default`` when there are none)."""
+        return span(self.last - 1, self.height, self.tile, self.overlap)[1] if self.last > self.next else default
+
+    def needed(self) -> int | None:
+        """The first row still to be cut (None when every tile row is written)."""
+        return span(self.next, self.height, self.tile, self.overlap)[0] if self.next < self.last else None
+
+    def cut(self, rows: _Rows) -> None:
+        """Write every tile row whose rows have all arrived."""
+        while self.next < self.last:
+            y0, y1 = span(self.next, self.height, self.tile, self.overlap)
+            if rows.end < y1:
+                break
+            cols = rows.take(y0, y1)
+            for c, (x0, x1) in enumerate(self.xspans):
+                rel = self.name(c, self.next)
+                self.sink.put(rel, encode_tile(cols(x0, x1), self.quality))
+                self.written.append(rel)
+            self.sink.flush()
+            self.next += 1
+
+    def close(self) -> list[str]:
+        """Wait for every write; the files written, relative to the folder."""
+        self.sink.close()
+        return self.written
+
+
+def _tile_rows(band: Band, dzi: DziTiles | None, iiif: IiifTiles | None) -> tuple[_TileRows | None, _TileRows | None]:
+    """The DeepZoom and IIIF tile rows of a band (None where it has none to write)."""
+    h, w = band.height, band.width
+    d = i = None
+    if dzi is not None:
+        name = lambda c, r: f"{band.dzi_level}/{c}_{r}.jpg"  # noqa: E731
+        d = _TileRows(h, w, band.dzi_rows, dzi.tile, dzi.overlap, dzi.quality, name, dzi.sink())
+    if iiif is not None and band.iiif_rows[1] > band.iiif_rows[0]:
+        i = _TileRows(h, w, band.iiif_rows, iiif.tile, 0, iiif.quality, iiif.name(band.level), iiif.sink())
+    return d, i
+
+
+def export_band(
+    source: Source, band: Band, tiff: TiffTiles | None, dzi: DziTiles | None, iiif: IiifTiles | None = None
+) -> BandResult:
+    """Encode the TIFF tiles of rows [a, b) (returned) and write the DeepZoom and IIIF rows that start there."""
     quiet_gc()
     store = source.open("r")
     h, w = band.height, band.width
-    first, last = band.dzi_rows
-    ts = dzi.tile if dzi else 0
-    dzi_end = span(last - 1, h, ts, dzi.overlap)[1] if dzi and last > first else band.a
-    xspans = [span(c, w, ts, dzi.overlap) for c in range(math.ceil(w / ts))] if dzi else []
+    dzi_rows, iiif_rows = _tile_rows(band, dzi, iiif)
+    cutters = [c for c in (dzi_rows, iiif_rows) if c is not None]
     encode: Callable[[np.ndarray], bytes] | None = (
         tile_encoder(tiff.compression, tiff.quality, tiff.tile) if tiff else None
     )
-    sink = dzi.sink() if dzi else None
     result = BandResult(band, [], [])
     rows = _Rows(band.a)
     t_next = band.a if tiff else band.b  # next TIFF tile row
-    d_next = first  # next DeepZoom tile row
-    for strip in band_strips(store, band.level, band.a, max(band.b if tiff else band.a, dzi_end)):
+    end = max([band.b if tiff else band.a] + [c.end(band.a) for c in cutters])
+    for strip in band_strips(store, band.level, band.a, end):
         rows.append(strip)
         while encode is not None and tiff and t_next < band.b and rows.end >= min(t_next + tiff.tile, h):
             cols = rows.take(t_next, min(t_next + tiff.tile, h))
             result.tiff.extend(encode(cols(c, c + tiff.tile)) for c in range(0, w, tiff.tile))
             t_next += tiff.tile
-        while dzi and sink is not None and d_next < last:
-            y0, y1 = span(d_next, h, ts, dzi.overlap)
-            if rows.end < y1:
-                break
-            cols = rows.take(y0, y1)
-            for c, (x0, x1) in enumerate(xspans):
-                rel = f"{band.dzi_level}/{c}_{d_next}.jpg"
-                sink.put(rel, encode_tile(cols(x0, x1), dzi.quality))
-                result.dzi.append(rel)
-            sink.flush()
-            d_next += 1
+        for cutter in cutters:
+            cutter.cut(rows)
         keep = [t_next] if t_next < band.b else []
-        if d_next < last:
-            keep.append(span(d_next, h, ts, dzi.overlap if dzi else 0)[0])
+        keep += [y for y in (c.needed() for c in cutters) if y is not None]
         rows.drop_before(min(keep) if keep else rows.end)
-    if sink is not None:
-        sink.close()
+    if dzi_rows is not None:
+        result.dzi = dzi_rows.close()
+    if iiif_rows is not None:
+        result.iiif = iiif_rows.close()
     return result
+
+
+def level_tiles(px: np.ndarray, k: int, iiif: IiifTiles) -> list[str]:
+    """Write every IIIF tile of scale factor 2^k from the whole (h, w, 3) level ``px`` (levels past the zarr's)."""
+    rows = _Rows(0)
+    rows.append(px)
+    h, w = px.shape[:2]
+    cutter = _TileRows(h, w, (0, math.ceil(h / iiif.tile)), iiif.tile, 0, iiif.quality, iiif.name(k), iiif.sink())
+    cutter.cut(rows)
+    return cutter.close()
 
 
 def small_dzi_levels(smallest: np.ndarray, dzi_level: int, dzi: DziTiles) -> list[str]:

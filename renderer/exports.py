@@ -1,4 +1,4 @@
-"""Exports of an image store: a pyramidal tiled TIFF and a DeepZoom (.dzi + .szi) pyramid.
+"""Exports of an image store: a pyramidal tiled TIFF, a DeepZoom (.dzi + .szi) pyramid and an IIIF static tree.
 
 `write_exports` is block work (renderer.blocks, run by a renderer.scaleout
 ``Runner``: local threads, or Ray tasks with renderer.cluster): first the
@@ -18,6 +18,9 @@ objects that check themselves (renderer.options: ``TiffOptions``,
   pyramid levels (tests: decoded tiles equal dzsave's). The .szi zip:
   renderer.dzi.
 - DeepZoom, engine "vips": libvips ``dzsave`` (renderer.vips).
+- IIIF Image API 3.0 level-0 static tree (renderer.iiif_tree): its tiles of
+  scale factor 2^k cut from zarr level k by the same bands (the DeepZoom
+  tiles' cutting and encoder), then the listed sizes and info.json.
 
 Never half an export: each is staged under a temporary name and put in
 place only when every export succeeded (renderer.publish; on any failure the
@@ -33,7 +36,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from creps.errors import first_line
@@ -42,6 +45,7 @@ from .blocks import (
     Band,
     BandResult,
     DziTiles,
+    IiifTiles,
     Source,
     TiffTiles,
     export_band,
@@ -51,10 +55,12 @@ from .blocks import (
 )
 from .dzi import DZI_FOLDER, dzi_base, dzi_parts, dzi_xml, max_level, zip_szi
 from .errors import RendererError
-from .options import DziOptions, TiffOptions
+from .iiif import INFO
+from .iiif_tree import IIIF_PARTS, finish_tree, tree_tiles
+from .options import DziOptions, IiifOptions, TiffOptions
 from .progress import pixel_bar
 from .provenance import dzi_records, export_record
-from .publish import Target, check_target, staged, writing
+from .publish import Target, check_replaceable, check_target, staged, writing
 from .pyramid import BAND_PIXELS, pyramid_current, pyramid_plan, run_level_pass, start_level_pass
 from .scaleout import Runner, ThreadRunner, in_order
 from .store import ImageStore
@@ -75,6 +81,8 @@ class _Job:
     dzi_options: DziOptions
     storage_options: dict | None
     progress: bool
+    iiif: str | None = None  # the IIIF tree's folder
+    iiif_options: IiifOptions = field(default_factory=IiifOptions)
 
 
 def write_exports(
@@ -87,16 +95,18 @@ def write_exports(
     workers: int | None = None,
     progress: bool = False,
     runner: Runner | None = None,
+    iiif: str | None = None,
+    iiif_options: IiifOptions | None = None,
 ) -> None:
-    """The TIFF and/or the DeepZoom pyramid (zarr engine), as block work on ``runner``.
+    """The TIFF, the DeepZoom pyramid (zarr engine) and/or the IIIF tree, as block work on ``runner``.
 
     The pyramid levels that are missing (renderer.pyramid.run_level_pass;
     nothing when the pyramid is current, renderer.pyramid.pyramid_current) are
     built beside the bands of the levels already there; then every level in bands
-    (renderer.blocks.export_band), each band read once for both exports: its
+    (renderer.blocks.export_band), each band read once for every export: its
     TIFF tiles come back encoded and go to the one TIFF writer in order, its
-    DeepZoom tiles are written by the band itself (straight to the staged
-    folder, or to temporary keys next to a remote target). Without ``runner``:
+    DeepZoom and IIIF tiles are written by the band itself (straight to the
+    staged folder, or to temporary keys next to a remote target). Without ``runner``:
     ``workers`` local threads (and dask for the levels). Each export is
     staged under a temporary name and put in place only when every export
     succeeded; on any failure the previous exports are left as they were
@@ -110,13 +120,17 @@ def write_exports(
         dzi_options or DziOptions(),
         storage_options,
         progress,
+        iiif.rstrip("/") if iiif else None,
+        iiif_options or IiifOptions(),
     )
     if job.dzi and job.dzi_options.engine != "zarr":
         raise RendererError("write_exports cuts DeepZoom tiles from the zarr levels; use write_dzi for the vips engine")
-    for target in (job.tiff, job.dzi):
+    for target in (job.tiff, job.dzi, job.iiif):
         if target:
             check_target(target, storage_options)
-    if not job.tiff and not job.dzi:
+    if job.iiif:
+        check_replaceable(job.iiif, INFO, "an IIIF tree", storage_options)
+    if not job.tiff and not job.dzi and not job.iiif:
         return
     # the missing levels are built beside the bands of the levels already there (L = 0: level 0's bands)
     levels = None if pyramid_current(store) else start_level_pass(store)
@@ -136,15 +150,21 @@ def _export_levels(job: _Job, runner: Runner, ready: int, built: Future | None) 
     so = job.storage_options
     with ExitStack() as stack:
         tiff_target = stack.enter_context(staged(job.tiff, TIFF_PARTS, (), so)) if job.tiff else None
-        dzi_target = None
+        dzi_target = iiif_target = None
         if job.dzi:
             dzi_target = stack.enter_context(staged(job.dzi, dzi_parts(job.dzi_options.szi), (DZI_FOLDER,), so))
-        bands = _Bands(job, runner, tiff_target, dzi_target)
+        if job.iiif:
+            iiif_target = stack.enter_context(staged(job.iiif, IIIF_PARTS, IIIF_PARTS, so))
+        bands = _Bands(job, runner, tiff_target, dzi_target, iiif_target)
         bands.run(runner, ready, built, tiff_target)
         if dzi_target is not None:
             assert job.dzi is not None and bands.dzi is not None
             with writing("DeepZoom pyramid", job.dzi):
                 _finish_dzi(job, dzi_target, bands.dzi, bands.shapes, bands.written)
+        if iiif_target is not None:
+            assert job.iiif is not None and bands.iiif is not None
+            with writing("IIIF tree", job.iiif):
+                _finish_iiif(job, iiif_target, bands.iiif, bands.shapes, bands.iiif_written)
         if tiff_target is not None:
             assert job.tiff is not None
             tiff_target.publish({"": export_record(job.store, "tiff", job.tiff, job.tiff_options.settings())})
@@ -152,6 +172,10 @@ def _export_levels(job: _Job, runner: Runner, ready: int, built: Future | None) 
             assert job.dzi is not None
             record = export_record(job.store, "dzi", job.dzi + ".dzi", job.dzi_options.settings())
             dzi_target.publish(dzi_records(record, job.dzi, job.dzi_options.szi))
+        if iiif_target is not None:
+            assert job.iiif is not None
+            settings = {**job.iiif_options.settings(), "id": job.iiif_options.service_id(job.iiif)}
+            iiif_target.publish({"": export_record(job.store, "iiif", job.iiif, settings)})
 
 
 def band_pixels(level0: int, workers: int) -> int:
@@ -160,9 +184,9 @@ def band_pixels(level0: int, workers: int) -> int:
 
 
 class _Bands:
-    """Every pyramid level in bands (renderer.blocks.export_band), each band read once for both exports."""
+    """Every pyramid level in bands (renderer.blocks.export_band), each band read once for every export."""
 
-    def __init__(self, job: _Job, runner: Runner, tiff: Target | None, dzi: Target | None) -> None:
+    def __init__(self, job: _Job, runner: Runner, tiff: Target | None, dzi: Target | None, iiif: Target | None) -> None:
         self.job = job
         self.shapes = pyramid_plan(job.store)
         height, width = self.shapes[0]
@@ -172,12 +196,17 @@ class _Bands:
         self.dzi = None
         if dzi is not None:
             self.dzi = DziTiles(dzi.tile_folder(DZI_FOLDER), d.tile_size, d.overlap, d.quality, job.storage_options)
+        self.iiif: IiifTiles | None = None
+        if iiif is not None:
+            self.iiif = tree_tiles(iiif.tile_folder(""), width, height, job.iiif_options, job.storage_options)
         top = max_level(width, height)
         pixels = band_pixels(height * width, runner.workers)
         self.levels = [
-            export_bands(h, w, k, top - k, chunk, self.tiff, self.dzi, pixels) for k, (h, w) in enumerate(self.shapes)
+            export_bands(h, w, k, top - k, chunk, self.tiff, self.dzi, pixels, self.iiif)
+            for k, (h, w) in enumerate(self.shapes)
         ]
         self.written: list[str] = []  # the DeepZoom tiles the bands wrote, relative to the folder
+        self.iiif_written: list[str] = []  # the IIIF tiles the bands wrote, relative to the tree
 
     def run(self, runner: Runner, ready: int, built: Future | None, tiff: Target | None) -> None:
         """Run every band (levels from ``ready`` on once ``built`` is done); the TIFF's tiles go to its writer."""
@@ -208,19 +237,26 @@ class _Bands:
             if k == ready and built is not None:
                 built.result()  # the levels are written (or the pass failed: its error)
             for band in bands:
-                yield export_band, (source, band, self.tiff, self.dzi)
+                yield export_band, (source, band, self.tiff, self.dzi, self.iiif)
 
     def _level_tiles(self, results: Iterator[BandResult], bands: list[Band], bar: Any) -> Iterator[bytes]:
         """The TIFF tiles of one level's bands, in order, as their results come back."""
         for _ in bands:
             try:
                 res = next(results)
-            except OSError as e:  # only the DeepZoom tiles are written by the bands
-                raise RendererError(f"cannot write the DeepZoom pyramid {self.job.dzi!r}: {first_line(e)}") from e
+            except OSError as e:  # only the DeepZoom and IIIF tiles are written by the bands
+                raise RendererError(f"cannot write {self._tile_exports()}: {first_line(e)}") from e
             self.written.extend(res.dzi)
+            self.iiif_written.extend(res.iiif)
             if bar is not None:
                 bar.update(res.band.width * (res.band.b - res.band.a))
             yield from res.tiff
+
+    def _tile_exports(self) -> str:
+        """The exports whose tiles the bands write, for an error message."""
+        names = [f"the DeepZoom pyramid {self.job.dzi!r}"] if self.job.dzi else []
+        names += [f"the IIIF tree {self.job.iiif!r}"] if self.job.iiif else []
+        return " or ".join(names)
 
 
 def _finish_dzi(job: _Job, target: Target, spec: DziTiles, shapes: list[tuple[int, int]], written: list[str]) -> None:
@@ -235,6 +271,14 @@ def _finish_dzi(job: _Job, target: Target, spec: DziTiles, shapes: list[tuple[in
         f.write(dzi_xml(width, height, "jpg", spec.tile, spec.overlap))
     if job.dzi_options.szi:
         zip_szi(target, target.name)
+
+
+def _finish_iiif(job: _Job, target: Target, spec: IiifTiles, shapes: list[tuple[int, int]], banded: list[str]) -> None:
+    """The IIIF tree's small levels, listed sizes and info.json (renderer.iiif_tree.finish_tree)."""
+    assert job.iiif is not None
+    service_id = job.iiif_options.service_id(job.iiif)
+    written = finish_tree(job.store, shapes, spec, job.iiif_options, service_id, banded)
+    target.tiles_written("", [*banded, *written])
 
 
 # ---------------------------------------------------------------- the single-export forms

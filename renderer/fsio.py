@@ -12,6 +12,7 @@ from __future__ import annotations
 import atexit
 import functools
 import json
+import mimetypes
 import os
 import threading
 from typing import Any
@@ -267,6 +268,20 @@ def count_io(fs: Any) -> Any:
 
 def fs_is_local(fs: Any) -> bool:
     return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+
+
+# How s3fs and gcsfs take the Content-Type of an object they write (a web server or a bucket's HTTP
+# endpoint sends it as stored; other filesystems: none given).
+_CONTENT_TYPE_KWARG = {"s3": "ContentType", "s3a": "ContentType", "gs": "content_type", "gcs": "content_type"}
+
+
+def upload_kwargs(fs: Any, name: str) -> dict[str, str]:
+    """The keyword arguments that give an object written with ``fs.pipe`` the Content-Type of ``name``
+    (``image/jpeg`` for ``.jpg``, ...): what a static site on a bucket needs; ``put`` guesses it itself."""
+    ctype = mimetypes.guess_type(name)[0]
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    kwarg = next((_CONTENT_TYPE_KWARG[p] for p in protocols if p in _CONTENT_TYPE_KWARG), None)
+    return {kwarg: ctype} if kwarg and ctype else {}
 
 
 def write_bytes(fs: Any, path: str, data: bytes) -> None:

@@ -63,6 +63,24 @@ def check_target(url: str, storage_options: dict | None = None) -> None:
         filesystem(url, storage_options)
 
 
+def check_replaceable(url: str, marker: str, what: str, storage_options: dict | None = None) -> None:
+    """Refuse (one line) to replace ``url`` when something is there that this kind of export did not write:
+    a folder without ``marker`` inside (``info.json`` of an IIIF tree), or a file without its sidecar
+    (``marker`` empty). Publishing replaces a folder whole, so a mistyped target must not be a store or
+    the folder of other files."""
+    if is_local(url):
+        path = local_path(url)
+        there = os.path.lexists(path) and not (os.path.isdir(path) and not os.listdir(path))  # empty: free
+        ours = os.path.exists(os.path.join(path, marker)) if marker else os.path.exists(path + SIDECAR)
+    else:
+        fs, path = filesystem(url, storage_options)
+        there = fs.exists(path)
+        ours = fs.exists(f"{path}/{marker}") if marker else fs.exists(path + SIDECAR)
+    if there and not ours:
+        mark = f"no {marker} in it" if marker else f"no {posixpath.basename(path)}{SIDECAR} beside it"
+        raise RendererError(f"refusing to replace {url!r}: it is not {what} ({mark}); choose another path")
+
+
 @contextmanager
 def writing(what: str, url: str) -> Iterator[None]:
     """Around an export writer: a plain OSError (disk full, permissions) becomes one RendererError."""

@@ -40,13 +40,14 @@ from typing import Any
 
 from PIL import features
 
+from renderer.iiif import TILE, level_sizes
+from renderer.iiif import info_json as build_info
+
 from .errors import ViewerError
 
 IMAGE_ID = "image"  # the one identifier this server has
-CONTEXT = "http://iiif.io/api/image/3/context.json"
 PRESENTATION_CONTEXT = "http://iiif.io/api/presentation/3/context.json"
 PROFILE_URI = "http://iiif.io/api/image/3/level2.json"
-TILE = 512  # advertised tile side (in output pixels at every scale factor)
 DEFAULT_MAX_AREA = 2**20  # 1024 x 1024 output pixels: seconds of CREPS on 2 cores, tens of MB of work
 MAX_OUTPUT_SIDE = 16383  # WebP's limit (JPEG's is 65535): one limit whatever the format
 QUALITIES = ("default", "color", "gray", "bitonal")
@@ -258,42 +259,29 @@ def parse_request(
 
 
 # ---------------------------------------------------------------- documents
-def scale_factors(width: int, height: int) -> list[int]:
-    """1, 2, 4, ... up to the first factor at which the whole image fits in one tile."""
-    out = [1]
-    while max(-(-width // out[-1]), -(-height // out[-1])) > TILE:
-        out.append(out[-1] * 2)
-    return out
-
-
 def info_json(base: str, width: int, height: int, limits: Limits, preferred: str | None = None) -> dict[str, Any]:
-    """The image information document of the image service at ``base`` (…/iiif/3/image)."""
-    sizes: list[dict[str, int]] = []
-    for k in range(max(width - 1, height - 1).bit_length(), -1, -1):  # smallest first: 1 px, ..., full size
-        w, h = -(-width // 2**k), -(-height // 2**k)
-        if w * h <= limits.max_area and w <= limits.max_width and h <= limits.max_height:
-            if not sizes or sizes[-1] != {"width": w, "height": h}:
-                sizes.append({"width": w, "height": h})
-    info: dict[str, Any] = {
-        "@context": CONTEXT,
-        "id": base,
-        "type": "ImageService3",
-        "protocol": "http://iiif.io/api/image",
-        "profile": "level2",
-        "width": width,
-        "height": height,
-        "maxArea": limits.max_area,
-        "maxWidth": limits.max_width,
-        "maxHeight": limits.max_height,
-        "sizes": sizes,
-        "tiles": [{"width": TILE, "height": TILE, "scaleFactors": scale_factors(width, height)}],
-        "extraQualities": ["color", "gray", "bitonal"],
-        "extraFormats": [f for f in formats() if f not in ("jpg", "png")],
-        "extraFeatures": EXTRA_FEATURES,
-    }
-    if preferred in formats():
-        info["preferredFormats"] = [preferred]
-    return info
+    """The level-2 image information of the service at ``base`` (…/iiif/3/image): renderer.iiif.info_json
+    (the one builder, shared with the static tree) with this server's limits, qualities, formats and features."""
+    sizes = [
+        (w, h)
+        for w, h in level_sizes(width, height)  # smallest first: 1 px, ..., full size
+        if w * h <= limits.max_area and w <= limits.max_width and h <= limits.max_height
+    ]
+    return build_info(
+        base,
+        width,
+        height,
+        profile="level2",
+        sizes=sizes,
+        tile=TILE,
+        limits={"maxArea": limits.max_area, "maxWidth": limits.max_width, "maxHeight": limits.max_height},
+        extras={
+            "extraQualities": ["color", "gray", "bitonal"],
+            "extraFormats": [f for f in formats() if f not in ("jpg", "png")],
+            "extraFeatures": EXTRA_FEATURES,
+        },
+        preferred=preferred if preferred in formats() else None,
+    )
 
 
 def manifest_json(

@@ -29,8 +29,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from renderer.iiif import CONTEXT
+
 from .iiif import (
-    CONTEXT,
     IMAGE_ID,
     MEDIA_TYPES,
     PRESENTATION_CONTEXT,

@@ -47,6 +47,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from creps.errors import first_line
+from renderer.page import OSD_DIR  # the OpenSeadragon build: one place says where (the static page ships it too)
 
 from .dzifiles import CONTENT_TYPES, DziFiles, safe_file
 from .endless import EndlessTiles
@@ -60,7 +61,6 @@ __all__ = ["DziFiles", "ViewerServer", "check_bind", "make_server", "new_token",
 
 HERE = Path(__file__).resolve().parent
 STATIC_DIR = HERE / "static"
-OSD_DIR = STATIC_DIR / "osd"  # openseadragon.min.js + images/ (buttons) from npm openseadragon, see its README.md
 LOOPBACK_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost"}
 CSP = (
     "default-src 'self'; img-src 'self' data: blob:; style-src 'self' 'unsafe-inline'; "

@@ -365,4 +365,4 @@ def _iiif_options(args: argparse.Namespace) -> IiifOptions:
     except OptionError as e:
         if e.option == "base_id":
             raise JobSpecError(f"--iiif-id: {e}") from None
-        raise RendererError(f"--quality must be {e.allowed}, got {e.value}") from None  # worded as _export_options
+        raise BadInputError(f"--quality must be {e.allowed}, got {e.value}") from None  # worded as _export_options

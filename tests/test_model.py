@@ -258,3 +258,19 @@ def test_training_forward_is_differentiable(tiny: Generator) -> None:
     }
     assert len(grads) == 97 and all(torch.isfinite(g).all() for g in grads.values())
     tiny.zero_grad(set_to_none=True)
+
+
+def test_render_image_is_the_render_jobs_picture(render_reference) -> None:
+    """creps.render_image: a checkpoint, seed, size (width, height) and psi -> uint8 (H, W, 3), the
+    pixels of render_reference (which tests/test_in_process.py holds equal to a job's level 0)."""
+    import numpy as np
+
+    img = creps.render_image("preset:tiny", seed=4, size=(200, 120), psi=0.8)
+    assert img.shape == (120, 200, 3) and img.dtype == np.uint8 and img.flags.c_contiguous
+    np.testing.assert_array_equal(img.transpose(2, 0, 1), render_reference(120, 200, seed=4, psi=0.8))
+    G = creps.load("preset:tiny")
+    r = G.cfg.image_size
+    assert creps.render_image(G, seed=1).shape == (r, r, 3)  # default: the training resolution
+    with torch.no_grad():
+        want = creps.to_uint8(G.render(G.z_from_seed(1), Canvas(48, 48)))[0].permute(1, 2, 0).numpy()
+    np.testing.assert_array_equal(creps.render_image(G, seed=1, size=48, lanes=1), want)  # N: N x N

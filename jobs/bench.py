@@ -406,6 +406,7 @@ def _e2e_figures(
         gpx_seconds=round(e2e["e2e_seconds"] * 1e9 / (w * h), 2),
         gpu_mem_gb=round(e2e["gpu_mem_gb"], 3) if e2e["gpu_mem_gb"] is not None else None,
         e2e_inprocess_mpx_s=round(local["e2e_mpx_s"], 4),
+        e2e_inprocess_fraction=round(local["e2e_gflops"] / peak, 4),
         e2e_inprocess_seconds=round(local["e2e_seconds"], 2),
         e2e_inprocess_line_seconds=local["e2e_line_seconds"],
         e2e_inprocess_first_tile_seconds=local["e2e_first_tile_seconds"],

@@ -20,7 +20,7 @@ TINY = [
 POSITIVE = [
     "peak_gflops", "pixel_gflops", "pixel_fraction", "pixel_mpx_s", "line_gflops",
     "e2e_mpx_s", "e2e_fraction", "e2e_seconds", "line_seconds", "e2e_first_tile_seconds", "e2e_render_seconds",
-    "e2e_inprocess_mpx_s", "e2e_inprocess_seconds", "e2e_inprocess_line_seconds",
+    "e2e_inprocess_mpx_s", "e2e_inprocess_fraction", "e2e_inprocess_seconds", "e2e_inprocess_line_seconds",
     "e2e_inprocess_first_tile_seconds", "e2e_inprocess_render_seconds",
     "api_mpx_s", "api_fraction", "startup_s", "tile_compute_ms", "tile_overhead_cpu_ms",
     "endless_first_ms", "endless_cold_ms", "endless_warm_ms", "endless_tile_compute_ms",

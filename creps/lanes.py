@@ -108,13 +108,13 @@ def run(
 
     Each lane makes its own ``state = scratch()`` (a work buffer) and takes the
     next item as soon as it is free, so a slow lane (another process on its
-    core) takes fewer.  ``lanes <= 1`` (or one item) runs here, in order, in
-    this thread: exactly the serial loop.  The caller's grad mode (and
-    inference mode) holds in the lanes.  The first error stops the other
-    lanes after their current item and is raised here.
+    core) takes fewer.  ``lanes <= 1`` (or one item, or a call from a lane)
+    runs here, in order, in this thread: exactly the serial loop.  The
+    caller's grad mode (and inference mode) holds in the lanes.  The first
+    error stops the other lanes after their current item and is raised here.
     """
     lanes = min(lanes, len(items))
-    if lanes <= 1:
+    if lanes <= 1 or in_lane():  # a lane never waits for the others: they may all be waiting for it
         state = scratch()
         return [work(state, item) for item in items]
     results: list[R | None] = [None] * len(items)

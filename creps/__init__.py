@@ -4,6 +4,7 @@ from .canvas import Canvas
 from .checkpoint import checkpoint_hash, load, read_config, resolve_checkpoint, save
 from .errors import CheckpointError, UserError
 from .flops import Flops, flops
+from .image import render_image
 from .layers import Affine
 from .network import (
     LINE_BLOCK,
@@ -42,6 +43,7 @@ __all__ = [
     "matmul_mode",
     "preset",
     "read_config",
+    "render_image",
     "resolve_checkpoint",
     "save",
     "to_uint8",

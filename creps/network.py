@@ -41,6 +41,9 @@ import torch
 from torch import nn
 
 from .canvas import Canvas
+from .lanes import resolve as cpu_lanes
+from .lanes import run as run_lanes
+from .lanes import window_lines
 from .layers import Affine, FullyConnected, ModulatedFC, activate, apply
 from .precision import (
     activation_dtype,
@@ -403,6 +406,7 @@ class Generator(nn.Module):
         pixel_block: int | str | None = "auto",
         weights: PixelWeights | None = None,
         precision: str = "fp32",
+        lanes: int | None = None,
     ) -> torch.Tensor:
         """Image [B, 3, h, w] (float32) from row lines [B, K, h, r, C] and col lines [B, K, w, r, C].
 
@@ -419,6 +423,11 @@ class Generator(nn.Module):
         may come already prepared with ``PixelWeights.lowered``, else they are
         prepared here), while the fusion, the residual sums and the RGB sum
         stay fp32.  Blocked renders only: the training pass is fp32.
+
+        ``lanes`` (blocked renders on a CPU): the pixel blocks are spread over
+        that many single-threaded lanes (``creps.lanes``; default: the calling
+        thread's torch thread count, so 1 inside a render worker's lane), the
+        same bytes as one lane.  One lane when gradients are wanted.
         """
         check_precision(precision)
         weights = self.pixel_weights(ws) if weights is None else weights
@@ -431,11 +440,12 @@ class Generator(nn.Module):
         if not isinstance(pixel_block, int):
             raise TypeError(f"pixel_block must be 'auto', None or an int, got {pixel_block!r}")
         weights = weights.lowered(matmul_mode(precision, row_lines.device))
+        n = cpu_lanes(row_lines.device, lanes, row_lines, col_lines, weights.img.weight)
         with exact_matmuls(row_lines.device):
-            return self._pixels_blocked(row_lines, col_lines, pixel_block, weights)
+            return self._pixels_blocked(row_lines, col_lines, pixel_block, weights, n)
 
     def _pixels_blocked(
-        self, row_lines: torch.Tensor, col_lines: torch.Tensor, pixel_block: int, weights: PixelWeights
+        self, row_lines: torch.Tensor, col_lines: torch.Tensor, pixel_block: int, weights: PixelWeights, lanes: int = 1
     ) -> torch.Tensor:
         bsz, _, h, _, _ = row_lines.shape
         w = col_lines.shape[2]
@@ -444,28 +454,36 @@ class Generator(nn.Module):
         R = row_lines.permute(0, 1, 3, 2, 4).contiguous()  # [B, K, r, h, C]
         Cl = col_lines.permute(0, 1, 3, 2, 4).contiguous()  # [B, K, r, w, C]
         K = R.shape[1]
-        buf = torch.zeros(K, pixel_block, self.cfg.biline_channels, dtype=torch.float32, device=row_lines.device)
         seg = min(w, pixel_block)
         nr = pixel_block // seg
-        for b in range(bsz):
-            wb = weights.sample(b)
-            for i0 in range(0, h, nr):
-                i1 = min(h, i0 + nr)
-                for j0 in range(0, w, seg):
-                    j1 = min(w, j0 + seg)
-                    n = (i1 - i0) * (j1 - j0)
-                    # F_k for all k at once: sum over rank slots, one slot at a time.
-                    view = buf[:, :n].view(K, i1 - i0, j1 - j0, -1)
-                    for r in range(R.shape[2]):
-                        rr = R[b, :, r, i0:i1].unsqueeze(2)  # [K, nr, 1, C]
-                        cc = Cl[b, :, r, j0:j1].unsqueeze(1)  # [K, 1, w, C]
-                        if r == 0:
-                            torch.mul(rr, cc, out=view)
-                        else:
-                            view.add_(rr * cc)
-                    mlp = self._pixel_mlp if wb.mode == "fp32" else self._pixel_mlp_low
-                    rgb = mlp(buf.__getitem__, K, wb)
-                    out[b, i0:i1, j0:j1] = rgb[:n].view(i1 - i0, j1 - j0, -1)
+        samples = [weights.sample(b) for b in range(bsz)]
+        mlp = self._pixel_mlp if weights.mode == "fp32" else self._pixel_mlp_low
+        blocks = [
+            (b, i0, min(h, i0 + nr), j0, min(w, j0 + seg))
+            for b in range(bsz)
+            for i0 in range(0, h, nr)
+            for j0 in range(0, w, seg)
+        ]
+
+        def scratch() -> torch.Tensor:  # one per lane; rows past a short block's end are never read back
+            return torch.zeros(K, pixel_block, self.cfg.biline_channels, dtype=torch.float32, device=row_lines.device)
+
+        def block(buf: torch.Tensor, where: tuple[int, int, int, int, int]) -> None:
+            b, i0, i1, j0, j1 = where
+            n = (i1 - i0) * (j1 - j0)
+            # F_k for all k at once: sum over rank slots, one slot at a time.
+            view = buf[:, :n].view(K, i1 - i0, j1 - j0, -1)
+            for r in range(R.shape[2]):
+                rr = R[b, :, r, i0:i1].unsqueeze(2)  # [K, nr, 1, C]
+                cc = Cl[b, :, r, j0:j1].unsqueeze(1)  # [K, 1, w, C]
+                if r == 0:
+                    torch.mul(rr, cc, out=view)
+                else:
+                    view.add_(rr * cc)
+            rgb = mlp(buf.__getitem__, K, samples[b])
+            out[b, i0:i1, j0:j1] = rgb[:n].view(i1 - i0, j1 - j0, -1)
+
+        run_lanes(blocks, block, lanes, scratch)
         return out.permute(0, 3, 1, 2)
 
     def _pixels_one_pass(self, R: torch.Tensor, C: torch.Tensor, weights: PixelWeights) -> torch.Tensor:
@@ -540,21 +558,32 @@ class Generator(nn.Module):
         psi: float = 1.0,
         pixel_block: int | str | None = "auto",
         precision: str = "fp32",
+        lanes: int | None = None,
     ) -> torch.Tensor:
         """Tile [B, 3, r1-r0, c1-c0] of ``canvas``, float32, about [-1, 1].
 
         Runs on the device of the generator's weights; ``precision`` is the
         pixel stage's (``creps.precision``: fp32 exact, the others within
-        their documented errors).
+        their documented errors).  On a CPU it renders as a job's workers do:
+        the line blocks of the rows and columns (each computed once), then
+        the pixel blocks, spread over ``lanes`` single-threaded lanes
+        (``creps.lanes``; default: one per torch thread of the caller), the
+        same bytes as one lane.
         """
         r0, r1 = rows if rows is not None else (0, canvas.height)
         c0, c1 = cols if cols is not None else (0, canvas.width)
         canvas.check_window(r0, r1, c0, c1)
         device = self.synthesis.b4.input.freqs.device
         ws = self.ws(z_or_w.to(device), psi)
-        R = self.lines(ws, canvas.row_coords().to(device), "row", r0, r1)
-        C = self.lines(ws, canvas.col_coords().to(device), "col", c0, c1)
-        return self.pixels(ws, R, C, pixel_block=pixel_block, precision=precision)
+        n = cpu_lanes(device, lanes, ws)
+        coords = {"row": canvas.row_coords().to(device), "col": canvas.col_coords().to(device)}
+        weights = self.line_weights(ws)
+
+        def lines(which: str, a: int, b: int) -> torch.Tensor:
+            return self.lines(ws, coords[which], which, a, b, weights=weights)
+
+        R, C = window_lines(lines, (r0, r1), (c0, c1), LINE_BLOCK, n)
+        return self.pixels(ws, R, C, pixel_block=pixel_block, precision=precision, lanes=n)
 
     def forward(self, z: torch.Tensor, psi: float = 1.0, update_w_avg: bool = False) -> torch.Tensor:
         """Full frame at the training resolution (``cfg.image_size``; the official default grid)."""

@@ -33,6 +33,20 @@ with the machine.
   per tile for the default small job, whose line stage takes ~0.1 s), and
   ``tile_overhead_cpu_ms`` the same from the job's CPU time (an upper bound
   that does not grow when other processes share the cores).
+* **API**: ``G.render`` of a ``--api-size`` canvas (default 2048^2) in this
+  process, as a notebook calls it (``creps.render_image``'s path: line blocks
+  and pixel blocks on one single-threaded lane per core): ``api_mpx_s``.
+* **In process**: on a CPU, the end-to-end job again with ``--workers 0`` in
+  the same run as the Ray one (``e2e_inprocess_mpx_s``; with the first-tile,
+  line-stage and tile-stage seconds of both runs, which say where the Ray
+  path's time goes).
+* **Endless zoom**: ``python -m viewer.bench --tiles`` in a process of its own
+  (the viewer sets torch's thread count process-wide, and jobs does not
+  import viewer): deepest-level 256^2 tiles of a ``--endless-side``^2 canvas
+  of ``--endless-checkpoint`` as the server answers them: ``endless_first_ms``
+  (the level's first tile), ``endless_cold_ms`` (five tiles never rendered,
+  next to it), ``endless_warm_ms`` (the same again, from memory) and
+  ``endless_tile_compute_ms`` (their pixel stage alone, one thread); medians.
 """
 
 from __future__ import annotations
@@ -42,8 +56,11 @@ import json
 import multiprocessing as mp
 import os
 import platform
+import subprocess
+import sys
 import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -90,6 +107,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overhead-tile", type=int, default=32, help="tile side of the small job [32]")
     p.add_argument("--overhead-checkpoint", default="preset:tiny", help="model of the small job [preset:tiny]")
     p.add_argument("--overhead-workers", type=int, default=2, help="render threads of the small job on CPU [2]")
+    p.add_argument("--api-size", default="2048x2048", help="G.render canvas in this process (0 skips) [2048x2048]")
+    p.add_argument(
+        "--endless-checkpoint",
+        default="preset:ffhq512",
+        help="endless-zoom tiles of this model ('' skips) [%(default)s]",
+    )
+    p.add_argument("--endless-side", type=int, default=1 << 20, help="endless-zoom canvas side [2^20]")
 
 
 # ---------------------------------------------------------------- peak
@@ -230,9 +254,40 @@ def end_to_end(
         "line_flop_share": f.line_share,
         "e2e_line_seconds": summary.line_seconds,
         "e2e_render_seconds": summary.render_seconds,
+        "e2e_first_tile_seconds": summary.first_tile_seconds,
         "e2e_workers": summary.workers,
         "gpu_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
     }
+
+
+@torch.no_grad()
+def api_render(checkpoint: str, width: int, height: int, device: str, precision: str) -> dict:
+    """``G.render`` of a whole ``width`` x ``height`` canvas in this process (lines and pixels)."""
+    G = creps.load(checkpoint, device=device)
+    z = G.z_from_seed(0)
+    G.render(z, creps.Canvas(8, 8), precision=precision)  # warm up: the lanes start
+    _sync(device)
+    t = time.perf_counter()
+    G.render(z, creps.Canvas(height, width), precision=precision)
+    _sync(device)
+    seconds = time.perf_counter() - t
+    return {
+        "api_seconds": seconds,
+        "api_mpx_s": width * height / seconds / 1e6,
+        "api_gflops": creps.flops(G.cfg, height, width).total / seconds / 1e9,
+    }
+
+
+def endless_tiles(checkpoint: str, side: int, device: str) -> dict:
+    """``python -m viewer.bench --tiles``'s JSON (its last line), run in its own process."""
+    root = Path(__file__).resolve().parent.parent
+    cmd = [sys.executable, "-m", "viewer.bench", "--tiles", checkpoint, "--side", str(side), "--device", device]
+    done = subprocess.run(cmd, cwd=root, capture_output=True, text=True)
+    lines = done.stdout.strip().splitlines()
+    if done.returncode != 0 or not lines:
+        raise JobSpecError(f"the endless-zoom bench failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
+    print(lines[-2] if len(lines) > 1 else "", flush=True)
+    return dict(json.loads(lines[-1]))
 
 
 @torch.no_grad()
@@ -312,6 +367,58 @@ def overhead(checkpoint: str, width: int, height: int, tile: int, lanes: int, de
     }
 
 
+def _e2e_figures(
+    args: argparse.Namespace,
+    cfg: creps.GeneratorConfig,
+    size: tuple[int, int] | None,
+    device: str,
+    precision: str,
+    peak: float,
+) -> dict[str, Any]:
+    """The end-to-end job (Ray actors on a CPU by default) and, when that ran on Ray, the same job
+    in this process (``--workers 0``) right after it: the figures of both, side by side."""
+    if size is None:
+        f = creps.flops(cfg, 6144, 6144)
+        return dict(
+            e2e_mpx_s=None, e2e_fraction=None, line_flop_share=round(f.line_share, 4), gpx_seconds=None, gpu_mem_gb=None
+        )
+    w, h = size
+    cuda = device == "cuda"
+    workers = args.e2e_workers if args.e2e_workers is not None else (0 if cuda else None)
+    runs = [end_to_end(args.checkpoint, cfg, w, h, device, precision, workers)]
+    if workers != 0:
+        runs.append(end_to_end(args.checkpoint, cfg, w, h, device, precision, 0))
+    for e2e, how in zip(runs, (workers, 0), strict=False):
+        where = "in this process" if how == 0 else f"{e2e['e2e_workers']} Ray workers"
+        mem = f", peak GPU memory {e2e['gpu_mem_gb']:.2f} GB" if cuda else ""
+        print(
+            f"end to end {w}x{h} ({where}): {e2e['e2e_seconds']:.1f} s (first tile {e2e['e2e_first_tile_seconds']:.1f} "
+            f"s, line stage {e2e['e2e_line_seconds']:.1f} s, tiles {e2e['e2e_render_seconds']:.1f} s), "
+            f"{e2e['e2e_mpx_s']:.3f} Mpx/s, {e2e['e2e_gflops']:.1f} GFLOP/s = {e2e['e2e_gflops'] / peak:.0%} of peak; "
+            f"line work {e2e['line_flop_share']:.1%} of FLOPs{mem}"
+        )
+    e2e, local = runs[0], runs[-1]
+    return dict(
+        e2e_mpx_s=round(e2e["e2e_mpx_s"], 4),
+        e2e_fraction=round(e2e["e2e_gflops"] / peak, 4),
+        e2e_seconds=round(e2e["e2e_seconds"], 2),
+        e2e_size=f"{w}x{h}",
+        e2e_workers=e2e["e2e_workers"],
+        line_seconds=e2e["e2e_line_seconds"],
+        e2e_first_tile_seconds=e2e["e2e_first_tile_seconds"],
+        e2e_render_seconds=e2e["e2e_render_seconds"],
+        line_flop_share=round(e2e["line_flop_share"], 4),
+        gpx_seconds=round(e2e["e2e_seconds"] * 1e9 / (w * h), 2),
+        gpu_mem_gb=round(e2e["gpu_mem_gb"], 3) if e2e["gpu_mem_gb"] is not None else None,
+        e2e_inprocess_mpx_s=round(local["e2e_mpx_s"], 4),
+        e2e_inprocess_fraction=round(local["e2e_gflops"] / peak, 4),
+        e2e_inprocess_seconds=round(local["e2e_seconds"], 2),
+        e2e_inprocess_line_seconds=local["e2e_line_seconds"],
+        e2e_inprocess_first_tile_seconds=local["e2e_first_tile_seconds"],
+        e2e_inprocess_render_seconds=local["e2e_render_seconds"],
+    )
+
+
 def _size(text: str) -> tuple[int, int] | None:
     if text in ("0", ""):
         return None
@@ -373,36 +480,19 @@ def run(args: argparse.Namespace) -> int:
         "pixel_mpx_s": round(px["pixel_mpx_s"], 4),
         "line_gflops": round(px["line_gflops"], 2),
     }
-    if e2e_size is not None:
-        w, h = e2e_size
-        workers = args.e2e_workers if args.e2e_workers is not None else (0 if cuda else None)
-        e2e = end_to_end(args.checkpoint, cfg, w, h, device, precision, workers)
-        where = "in this process" if workers == 0 else f"{e2e['e2e_workers']} Ray workers"
-        mem = f", peak GPU memory {e2e['gpu_mem_gb']:.2f} GB" if cuda else ""
+    result.update(_e2e_figures(args, cfg, e2e_size, device, precision, peak))
+    api = _size(args.api_size)
+    result.update(api_mpx_s=None, api_fraction=None, api_size=None)
+    if api is not None:
+        a = api_render(args.checkpoint, api[0], api[1], device, precision)
         print(
-            f"end to end {w}x{h} ({where}): {e2e['e2e_seconds']:.1f} s (line stage {e2e['e2e_line_seconds']:.1f} s), "
-            f"{e2e['e2e_mpx_s']:.3f} Mpx/s, {e2e['e2e_gflops']:.1f} GFLOP/s = {e2e['e2e_gflops'] / peak:.0%} of peak; "
-            f"line work {e2e['line_flop_share']:.1%} of FLOPs{mem}"
+            f"G.render {api[0]}x{api[1]} in this process: {a['api_seconds']:.1f} s, {a['api_mpx_s']:.3f} Mpx/s, "
+            f"{a['api_gflops']:.1f} GFLOP/s = {a['api_gflops'] / peak:.0%} of peak"
         )
         result.update(
-            e2e_mpx_s=round(e2e["e2e_mpx_s"], 4),
-            e2e_fraction=round(e2e["e2e_gflops"] / peak, 4),
-            e2e_seconds=round(e2e["e2e_seconds"], 2),
-            e2e_size=f"{w}x{h}",
-            e2e_workers=e2e["e2e_workers"],
-            line_seconds=e2e["e2e_line_seconds"],
-            line_flop_share=round(e2e["line_flop_share"], 4),
-            gpx_seconds=round(e2e["e2e_seconds"] * 1e9 / (w * h), 2),
-            gpu_mem_gb=round(e2e["gpu_mem_gb"], 3) if e2e["gpu_mem_gb"] is not None else None,
-        )
-    else:
-        f = creps.flops(cfg, 6144, 6144)
-        result.update(
-            e2e_mpx_s=None,
-            e2e_fraction=None,
-            line_flop_share=round(f.line_share, 4),
-            gpx_seconds=None,
-            gpu_mem_gb=None,
+            api_mpx_s=round(a["api_mpx_s"], 4),
+            api_fraction=round(a["api_gflops"] / peak, 4),
+            api_size=f"{api[0]}x{api[1]}",
         )
     small = _size(args.overhead_size)
     if small is not None:
@@ -423,5 +513,7 @@ def run(args: argparse.Namespace) -> int:
         )
     else:
         result.update(startup_s=None, tile_overhead_ms=None)
+    if args.endless_checkpoint:
+        result.update(endless_tiles(args.endless_checkpoint, args.endless_side, device))
     print(json.dumps(result))
     return 0

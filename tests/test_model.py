@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import threading
 
 import pytest
 import torch
@@ -104,6 +105,53 @@ def test_shared_line_features_equal_per_tile_lines(tiny: Generator) -> None:
         assert torch.equal(shared, own)
         # A tile's own lines equal the slice of the job's lines.
         assert torch.equal(tiny.lines(ws, cv.row_coords(), "row", r0, r1), rows_all[:, :, r0:r1])
+
+
+def test_render_on_lanes_equals_one_lane_byte_for_byte(tiny: Generator) -> None:
+    """G.render / G.pixels spread line blocks and pixel blocks over single-threaded lanes (creps.lanes):
+    the same bytes as one lane, for a batch, small pixel blocks and a window over several line blocks;
+    the work runs on the lanes, each with one torch thread, and the caller's thread count is kept."""
+    cv = Canvas(3 * creps.LINE_BLOCK + 5, 2 * creps.LINE_BLOCK + 3, y=(0.1, 1.3))
+    z = tiny.z_from_seed(6, batch=2)
+    seen: set[tuple[str, int]] = set()
+    mlp = tiny._pixel_mlp
+
+    def spy(*args, **kwargs):  # where each pixel block runs, and with how many torch threads
+        seen.add((threading.current_thread().name, torch.get_num_threads()))
+        return mlp(*args, **kwargs)
+
+    threads = torch.get_num_threads()
+    tiny._pixel_mlp = spy  # type: ignore[method-assign]
+    try:
+        with torch.no_grad():
+            one = tiny.render(z, cv, rows=(7, 190), cols=(3, 131), psi=0.8, pixel_block=512, lanes=1)
+            assert seen == {(threading.current_thread().name, threads)}  # one lane: this thread, as before
+            seen.clear()
+            for lanes in (2, 3):
+                many = tiny.render(z, cv, rows=(7, 190), cols=(3, 131), psi=0.8, pixel_block=512, lanes=lanes)
+                assert torch.equal(many, one), lanes
+        with torch.inference_mode():  # the caller's mode holds in the lanes (out is an inference tensor)
+            assert torch.equal(tiny.render(z, cv, rows=(7, 190), cols=(3, 131), psi=0.8, pixel_block=512), one)
+    finally:
+        del tiny._pixel_mlp
+    assert len(seen) >= 2 and all(name.startswith("creps-lane") and n == 1 for name, n in seen), seen
+    assert torch.get_num_threads() == threads
+
+
+def test_lanes_raise_the_first_error_and_run_every_item() -> None:
+    from creps import lanes
+
+    assert lanes.run(list(range(50)), lambda _, i: i * i, 2) == [i * i for i in range(50)]
+
+    def bad(_: None, i: int) -> int:
+        if i == 7:
+            raise RuntimeError("block 7 broke")
+        return i
+
+    with pytest.raises(RuntimeError, match="block 7 broke"):
+        lanes.run(list(range(20)), bad, 2)
+    with pytest.raises(ValueError, match="lanes must be >= 1"):
+        lanes.resolve("cpu", 0)
 
 
 @torch.no_grad()
@@ -210,3 +258,19 @@ def test_training_forward_is_differentiable(tiny: Generator) -> None:
     }
     assert len(grads) == 97 and all(torch.isfinite(g).all() for g in grads.values())
     tiny.zero_grad(set_to_none=True)
+
+
+def test_render_image_is_the_render_jobs_picture(render_reference) -> None:
+    """creps.render_image: a checkpoint, seed, size (width, height) and psi -> uint8 (H, W, 3), the
+    pixels of render_reference (which tests/test_in_process.py holds equal to a job's level 0)."""
+    import numpy as np
+
+    img = creps.render_image("preset:tiny", seed=4, size=(200, 120), psi=0.8)
+    assert img.shape == (120, 200, 3) and img.dtype == np.uint8 and img.flags.c_contiguous
+    np.testing.assert_array_equal(img.transpose(2, 0, 1), render_reference(120, 200, seed=4, psi=0.8))
+    G = creps.load("preset:tiny")
+    r = G.cfg.image_size
+    assert creps.render_image(G, seed=1).shape == (r, r, 3)  # default: the training resolution
+    with torch.no_grad():
+        want = creps.to_uint8(G.render(G.z_from_seed(1), Canvas(48, 48)))[0].permute(1, 2, 0).numpy()
+    np.testing.assert_array_equal(creps.render_image(G, seed=1, size=48, lanes=1), want)  # N: N x N

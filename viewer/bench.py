@@ -20,6 +20,20 @@ Then, unless --no-browser, tiles/s while zooming through 10 levels in
 headless Chromium (the real page, server and scheduler; 2 render threads;
 no persistent cache): open at level 10, zoom in 2x per step, wait until the
 view is fully drawn, ten times. Printed figures; the last line is JSON.
+
+``--tiles CHECKPOINT`` measures only what ``render.py bench`` reports of
+endless zoom (``tile_figures``; jobs.bench runs it in a process of its own),
+as the server answers: the tile source of ``render.py view --checkpoint``
+(``open_endless``: in-process engine, one lane per core, no persistent
+cache) on a ``--side``² canvas, deepest level.  **first**: the first tile of
+the level (its coordinate vectors and all its row and column line blocks
+are new); **cold**: five tiles never rendered before, requested one at a
+time after it -- its two right neighbours and the three below those three
+(a 3 x 2 patch, as a screen fills in): each computes only the line blocks
+no earlier tile did (two of them none, three about four), its pixel stage
+and its encode; median; **warm**: the same five again (answered from the
+server's memory; median); **compute**: each of the five tiles' pixel stage
+alone, one thread, from its lines (what the tile's pixels cost; median).
 """
 
 from __future__ import annotations
@@ -37,8 +51,9 @@ from typing import Any
 import torch
 
 import creps
+from renderer.dzi import tile_grid
 
-from .endless import open_endless
+from .endless import LocalEngine, open_endless
 from .ondemand import ImageSpec, TileMaker
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -68,7 +83,7 @@ def latency(name: str, device: str) -> dict[str, Any]:
         pixel_block=creps.default_pixel_block(device),
     )
     top, col, row = spec.top, 2063, 2063  # an interior tile near the centre: 256 x 256 px
-    maker = TileMaker(G, spec, device)
+    maker = TileMaker(G, spec, device, lanes=os.cpu_count() if device == "cpu" else 1)  # as open_endless
     t0, c0 = time.perf_counter(), time.process_time()
     maker.tile(top, col, row, "jpeg", 90)
     cold, cold_cpu = time.perf_counter() - t0, time.process_time() - c0
@@ -100,6 +115,88 @@ def latency(name: str, device: str) -> dict[str, Any]:
         flush=True,
     )
     return out
+
+
+PATCH = ((1, 0), (2, 0), (0, 1), (1, 1), (2, 1))  # the cold tiles, after the first one (column, row offsets)
+
+
+def tile_figures(
+    checkpoint: str,
+    view: tuple[float, float, float, float] = (0.0, 1.0, 0.0, 1.0),
+    side: int = SIDE,
+    device: str = "cpu",
+    threads: int = 0,
+) -> dict[str, Any]:
+    """First, cold, warm and compute milliseconds of deepest-level tiles (module docstring: ``--tiles``)."""
+    source = open_endless(
+        checkpoint, width=side, height=side, view=view, device=device, cache_url=None, threads=threads
+    )
+    try:
+        engine = source.engine
+        assert isinstance(engine, LocalEngine)
+        maker, spec = engine.maker, source.spec
+        top = spec.top
+        ncols, nrows = tile_grid(spec.width, spec.height, top)
+        if ncols < 3 or nrows < 2:
+            raise ValueError(f"a {side}² canvas has no 3 x 2 tiles at its deepest level")
+        c, r = (ncols - 3) // 2, (nrows - 2) // 2  # interior: full 256 x 256 tiles (254 + overlap)
+
+        def served(col: int, row: int) -> float:
+            t0 = time.perf_counter()
+            if not source.tile(top, col, row):
+                raise RuntimeError(f"tile {top}/{col}_{row} was not answered")
+            return 1000 * (time.perf_counter() - t0)
+
+        first = served(c, r)
+        blocks = [maker.lines.computed]
+        cold = []
+        for dc, dr in PATCH:
+            cold.append(served(c + dc, r + dr))
+            blocks.append(maker.lines.computed)
+        warm = [served(c + dc, r + dr) for dc, dr in PATCH]
+        compute = [_pixel_ms(maker, top, c + dc, r + dr) for dc, dr in PATCH]
+    finally:
+        source.close()
+    out = {
+        "endless_first_ms": round(first, 1),
+        "endless_cold_ms": round(statistics.median(cold), 1),
+        "endless_warm_ms": round(statistics.median(warm), 3),
+        "endless_tile_compute_ms": round(statistics.median(compute), 1),
+        "endless_cold_each_ms": [round(v, 1) for v in cold],
+        "endless_line_blocks": [b - a for a, b in zip([0, *blocks], blocks, strict=False)],  # first, then each
+        "endless_lanes": maker.lanes,
+    }
+    print(
+        f"endless zoom ({checkpoint}, {side}² canvas, deepest level, {maker.lanes} lanes): first tile "
+        f"{first:.0f} ms ({blocks[0]} line blocks), cold tiles {out['endless_cold_ms']:.0f} ms (median of "
+        f"{len(cold)}: {', '.join(f'{v:.0f}' for v in cold)}), warm {out['endless_warm_ms']:.2f} ms; "
+        f"pixel stage alone (1 thread) {out['endless_tile_compute_ms']:.0f} ms",
+        flush=True,
+    )
+    return out
+
+
+@torch.no_grad()
+def _pixel_ms(maker: TileMaker, level: int, col: int, row: int) -> float:
+    """The pixel stage of one tile alone, one thread, from its lines (already in the maker's cache)."""
+    y0, y1, x0, x1 = maker.spec.check_tile(level, col, row)
+    R, C = maker.line_range(level, "row", y0, y1), maker.line_range(level, "col", x0, x1)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        t0 = time.perf_counter()
+        maker.G.pixels(
+            maker.latent.ws,
+            R,
+            C,
+            pixel_block=maker.spec.pixel_block,
+            weights=maker.latent.pixel_weights,
+            precision=maker.spec.precision,
+            lanes=1,
+        )
+        return 1000 * (time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(before)
 
 
 def browser_zoom(device: str, steps: int = 10, start_level: int = 10) -> dict[str, Any]:
@@ -214,9 +311,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--no-browser", action="store_true", help="skip the zoom in Chromium")
     p.add_argument("--picture", metavar="PNG", help="only write the docs picture (on-demand vs 2x2-mean level)")
+    p.add_argument("--tiles", metavar="CHECKPOINT", help="only render.py bench's endless figures, of this model")
+    p.add_argument("--side", type=int, default=SIDE, help="--tiles: canvas side [2^20]")
+    p.add_argument("--view", default="0,1,0,1", help="--tiles: coordinate window Y0,Y1,X0,X1 [0,1,0,1]")
+    p.add_argument("--threads", type=int, default=0, help="--tiles: render threads (0: as render.py view)")
     args = p.parse_args(argv)
     if args.picture:
         picture(args.picture)
+        return 0
+    if args.tiles:
+        y0, y1, x0, x1 = (float(v) for v in args.view.split(","))
+        print(json.dumps(tile_figures(args.tiles, (y0, y1, x0, x1), args.side, args.device, args.threads)))
         return 0
     machine = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
     if args.device == "cuda":

@@ -494,8 +494,9 @@ def open_endless(
         else:
             G = creps.load(checkpoint, init_seed=init_seed, device=device)
             store = CacheView(cache, spec.key) if cache is not None else None
-            maker = TileMaker(G, spec, device, store, line_cache_bytes)
-            engine = LocalEngine(maker, fmt, quality, threads or min(4, os.cpu_count() or 1))
+            n = threads or min(4, os.cpu_count() or 1)  # render threads; a tile's blocks take up to one lane per core
+            maker = TileMaker(G, spec, device, store, line_cache_bytes, lanes=min(n, os.cpu_count() or 1))
+            engine = LocalEngine(maker, fmt, quality, n)
     except BaseException:
         if cache is not None:
             cache.close()

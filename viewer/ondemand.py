@@ -37,13 +37,13 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
 import numpy as np
 import torch
 
 import creps
+import creps.lanes
 from creps import LINE_BLOCK
 from creps.latent import finite_uint8, prepare_latent
 from creps.precision import PRECISIONS, precision_identity
@@ -191,6 +191,11 @@ class LineCache:
     def __len__(self) -> int:
         return len(self._lru)
 
+    def __contains__(self, key: tuple[int, str, int]) -> bool:
+        """Whether block ``key`` is in memory now (the LRU order is left alone)."""
+        with self._lock:
+            return key in self._lru
+
     def block(self, key: tuple[int, str, int], compute: Callable[[], torch.Tensor], device: str) -> torch.Tensor:
         """The block ``key`` from memory, else from the store, else ``compute()`` (then kept)."""
         while True:
@@ -252,6 +257,11 @@ class TileMaker:
     Thread-safe: several threads may render tiles at once (the generator is
     read-only, the line cache locks). Runs in the viewer's process or inside
     a Ray actor (``viewer.endless.RayEngine``).
+
+    A tile's missing line blocks (rows and columns) and then its pixel blocks
+    are spread over ``lanes`` single-threaded lanes (``creps.lanes``; default
+    the torch thread count when made: 1 in a one-CPU Ray actor), so one tile
+    takes every core the engine has; concurrent tiles share the same lanes.
     """
 
     def __init__(
@@ -261,12 +271,13 @@ class TileMaker:
         device: str = "cpu",
         store: BlobStore | None = None,
         line_cache_bytes: int = LINE_CACHE_BYTES,
+        lanes: int | None = None,
     ) -> None:
         self.G, self.spec, self.device = G, spec, device
+        self.lanes = creps.lanes.resolve(device, lanes)
         self.lines = LineCache(line_cache_bytes, store)
         self._coords: dict[tuple[int, str], torch.Tensor] = {}
         self._coords_lock = threading.Lock()
-        self._helpers = ThreadPoolExecutor(4, thread_name_prefix="tile-lines")
         # as the render job's workers prepare it (renderer.tiles.TileRenderer): same latent, same weights, same bytes
         self.latent = prepare_latent(G, spec.seed, spec.psi, spec.precision, device)
 
@@ -280,20 +291,24 @@ class TileMaker:
                 self._coords[(level, which)] = got
             return got
 
+    def line_block(self, level: int, which: str, b: int) -> torch.Tensor:
+        """Line block ``b`` ([1, K, <= LINE_BLOCK, rank, C]) of the level's rows or columns, via the LRU."""
+        coords = self.coords(level, which)
+        b0, b1 = b * LINE_BLOCK, min(coords.shape[0], (b + 1) * LINE_BLOCK)
+
+        def compute() -> torch.Tensor:
+            with torch.no_grad():
+                return self.G.lines(self.latent.ws, coords, which, b0, b1, weights=self.latent.line_weights)
+
+        return self.lines.block((level, which, b), compute, self.device)
+
     def line_range(self, level: int, which: str, start: int, stop: int) -> torch.Tensor:
         """Line features [1, K, stop-start, rank, C] of positions [start, stop), from whole blocks."""
-        coords = self.coords(level, which)
-        n = coords.shape[0]
         parts = []
         for b in range(start // LINE_BLOCK, (stop - 1) // LINE_BLOCK + 1):
-            b0, b1 = b * LINE_BLOCK, min(n, (b + 1) * LINE_BLOCK)
-
-            def compute(b0: int = b0, b1: int = b1) -> torch.Tensor:
-                with torch.no_grad():
-                    return self.G.lines(self.latent.ws, coords, which, b0, b1, weights=self.latent.line_weights)
-
-            feats = self.lines.block((level, which, b), compute, self.device)
-            parts.append(feats[:, :, max(start, b0) - b0 : min(stop, b1) - b0])
+            feats = self.line_block(level, which, b)
+            b0 = b * LINE_BLOCK
+            parts.append(feats[:, :, max(start, b0) - b0 : min(stop, b0 + feats.shape[2]) - b0])
         return torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
 
     def pixels(self, level: int, col: int, row: int) -> np.ndarray:
@@ -311,10 +326,15 @@ class TileMaker:
         canvas = self.spec.level_canvas(level)
         if not (0 <= level <= self.spec.top and 0 <= y0 < y1 <= canvas.height and 0 <= x0 < x1 <= canvas.width):
             raise ViewerError(f"window [{y0}, {y1}) x [{x0}, {x1}) is not inside DZI level {level}")
-        # Row and column lines are independent: on a cold tile they take two cores instead of one.
-        rows = self._helpers.submit(self.line_range, level, "row", y0, y1)
+        # The blocks not in memory, rows and columns alike, computed side by side on the lanes.
+        need = [
+            (level, which, b)
+            for which, a, z in (("row", y0, y1), ("col", x0, x1))
+            for b in range(a // LINE_BLOCK, (z - 1) // LINE_BLOCK + 1)
+        ]
+        creps.lanes.run([k for k in need if k not in self.lines], lambda _, k: self.line_block(*k), self.lanes)
+        R = self.line_range(level, "row", y0, y1)
         C = self.line_range(level, "col", x0, x1)
-        R = rows.result()
         return self._uint8(R, C, what or f"window {level}/{y0}:{y1},{x0}:{x1}")
 
     def canvas_pixels(self, canvas: creps.Canvas) -> np.ndarray:
@@ -324,13 +344,13 @@ class TileMaker:
         service's ``^`` upscaled regions, ``creps.scaling.window_canvas``)
         shares no grid with the DZI levels.
         """
+        coords = {"row": canvas.row_coords().to(self.device), "col": canvas.col_coords().to(self.device)}
+
+        def lines(which: str, a: int, b: int) -> torch.Tensor:
+            return self.G.lines(self.latent.ws, coords[which], which, a, b, weights=self.latent.line_weights)
+
         with torch.no_grad():
-            R = self.G.lines(
-                self.latent.ws, canvas.row_coords().to(self.device), "row", weights=self.latent.line_weights
-            )
-            C = self.G.lines(
-                self.latent.ws, canvas.col_coords().to(self.device), "col", weights=self.latent.line_weights
-            )
+            R, C = creps.lanes.window_lines(lines, (0, canvas.height), (0, canvas.width), LINE_BLOCK, self.lanes)
         return self._uint8(R, C, f"canvas {canvas.height}x{canvas.width}")
 
     def _uint8(self, R: torch.Tensor, C: torch.Tensor, what: str) -> np.ndarray:
@@ -343,6 +363,7 @@ class TileMaker:
                 pixel_block=self.spec.pixel_block,
                 weights=self.latent.pixel_weights,
                 precision=self.spec.precision,
+                lanes=self.lanes,
             )
             return finite_uint8(img, what, ViewerError)
 

@@ -35,7 +35,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
-from creps.cli import command
+from creps.cli import command, follow_up
 from renderer.errors import IncompleteStoreError, RendererError
 from renderer.exports import COMPRESSIONS, DZI_ENGINES, TIFF_TILES, check_target, write_dzi, write_exports, write_tiff
 from renderer.fsio import parse_storage_options
@@ -261,5 +261,6 @@ def run(args: argparse.Namespace) -> int:
     )
     print("assembled: " + ", ".join(f"{k} {v:.1f} s" for k, v in times.items()))
     if args.dzi:
-        print(f"view it: python render.py view {args.dzi.removesuffix('.dzi')}.dzi")
+        dzi = args.dzi.removesuffix(".dzi") + ".dzi"
+        print(f"view it: {follow_up(f'render.py view {dzi}')}")
     return 0

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from creps.cli import command
+from creps.cli import command, quick
 
 
 def kimg_amount(text: str) -> float:
@@ -168,6 +168,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if quick():  # CREPS_QUICK (creps.cli): one step of the run
+        args.kimg = min(args.kimg, args.batch / 1000)
     trainer = Trainer(TrainConfig.from_args(args), args.out, force=args.force, device=args.device)
     print(trainer.cfg.to_json(), file=sys.stderr)
     if args.dry_run:

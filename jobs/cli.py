@@ -252,7 +252,9 @@ def _exports(url: str, storage_options: dict) -> None:
         print("exports: skipped; a memory:// store lives only in this process (render to a path or a bucket to export)")
         return
     if not is_local(url):
-        print(f"exports: run `{follow_up(f'render.py assemble {url}')}` to build the pyramid and exports for a remote store")
+        print(
+            f"exports: run `{follow_up(f'render.py assemble {url}')}` to build the pyramid and exports for a remote store"
+        )
         return
     base = Path(local_path(url))
     stem = base.with_suffix("")
@@ -278,4 +280,3 @@ def _bundled() -> str:
     ckpt = default_checkpoint()
     rel = os.path.relpath(ckpt) if not ckpt.startswith("preset:") else ckpt
     return rel if not rel.startswith("..") else ckpt
-

@@ -194,7 +194,9 @@ def run(args: argparse.Namespace) -> int:
         for b in outcome.remaining:
             print(f"still {b.describe()}")
         if store.pyramid_progress() is not None:
-            print(f"pyramid and exports are stale now: run `{follow_up(f'render.py assemble {args.url}')}` to rebuild them")
+            print(
+                f"pyramid and exports are stale now: run `{follow_up(f'render.py assemble {args.url}')}` to rebuild them"
+            )
     print(
         f"verify: {report.checked} tiles checked, {len(report.bad)} bad, "
         f"{len(outcome.rerendered)} re-rendered, {len(outcome.remaining)} bad left -> {args.url}"

@@ -18,7 +18,8 @@ How the test runs them (the only differences from a terminal):
 - The S3 endpoint the docs name, ``127.0.0.1:9000``, is replaced by the
   ``moto_s3`` fixture's port, the environment has the credentials that
   docs/object-stores.md exports, and the bucket ``bucket`` exists (as its
-  setup makes it).  ``PET_MASTER_PORT`` gives ``torchrun`` a free port.
+  setup makes it).  ``PET_MASTER_PORT`` gives ``torchrun`` a free port,
+  ``RAY_TMPDIR`` the embedded Rays a directory of their own.
 - ``render.py view`` serves until stopped: it is started with ``--port 0``
   appended, the page at the URL it prints must be the OpenSeadragon viewer,
   then it is stopped like Ctrl-C.
@@ -385,8 +386,13 @@ class DocRun:
 
 @pytest.fixture(scope="module")
 def doc_run(tmp_path_factory, moto_s3):
+    import tempfile
+
     import s3fs
 
+    # the commands' embedded Rays keep to a directory of their own (short: Ray's socket paths have
+    # a length limit), so no other Ray on this machine is found by, or finds, theirs
+    ray_tmp = tempfile.mkdtemp(prefix="creps-docs-ray-", dir="/tmp")
     root = tmp_path_factory.mktemp("docs")
     tree, home = root / "tree", root / "home"
     tree.mkdir()
@@ -400,13 +406,15 @@ def doc_run(tmp_path_factory, moto_s3):
         AWS_ACCESS_KEY_ID="testing",
         AWS_SECRET_ACCESS_KEY="testing",
         PET_MASTER_PORT=str(free_port()),
+        RAY_TMPDIR=ray_tmp,
     )
     env.pop("AWS_PROFILE", None)
     s3fs.S3FileSystem(key="testing", secret="testing", client_kwargs={"endpoint_url": moto_s3}).mkdir("bucket")
-    return DocRun(tree, env, moto_s3.removeprefix("http://"))
+    yield DocRun(tree, env, moto_s3.removeprefix("http://"))
+    shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
-@pytest.mark.timeout(COMMAND_TIMEOUT * 4)
+@pytest.mark.timeout(3600)  # selected alone, a command runs those before it first; each has COMMAND_TIMEOUT
 @pytest.mark.parametrize("index", range(len(COMMANDS)), ids=[c.where for c in COMMANDS])
 def test_doc_command_runs(doc_run, index):
     cmd = COMMANDS[index]

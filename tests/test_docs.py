@@ -30,7 +30,9 @@ the line before it (blank lines between are fine)::
 
     <!-- docs-test: skip (needs a CUDA GPU) -->
 
-and its commands are reported as skipped with that reason.  Each command is
+and its commands are reported as skipped with that reason; so is a command
+that an earlier one already ran word for word (the README's, repeated in a
+later doc: there it would only resume what is done).  Each command is
 one test, ``test_doc_command_runs[FILE:LINE]``; one that fails fails with the
 doc's file and line and the end of its output.  Selected alone, a command's
 test first runs the commands before it that it may depend on.
@@ -148,6 +150,26 @@ def all_commands() -> list[DocCommand]:
 COMMANDS = all_commands()  # one test each, ``test_doc_command_runs[FILE:LINE]``
 
 
+def _words(cmd: DocCommand) -> str:
+    return " ".join(cmd.text.replace("\\\n", " ").split())
+
+
+def _first_runs() -> dict[int, DocCommand]:
+    """index -> the earlier command that is the very same one (run there; here it would only
+    resume what is done)."""
+    first: dict[str, DocCommand] = {}
+    repeats = {}
+    for i, cmd in enumerate(COMMANDS):
+        if cmd.skip is None:
+            before = first.setdefault(_words(cmd), cmd)
+            if before is not cmd:
+                repeats[i] = before
+    return repeats
+
+
+REPEATS = _first_runs()
+
+
 # ----------------------------------------------------------------------------
 # Cheap checks of the docs and the CLIs first
 # ----------------------------------------------------------------------------
@@ -209,7 +231,7 @@ def test_every_doc_example_writes_its_own_output():
         if out is None:
             continue
         before = seen.setdefault(out, cmd)
-        if before is not cmd and " ".join(before.text.split()) != " ".join(cmd.text.split()):
+        if before is not cmd and _words(before) != _words(cmd):
             problems.append(f"{cmd.where}: --out {out} is also written by {before.where}")
     assert not problems, "\n".join(problems)
 
@@ -310,7 +332,7 @@ class DocRun:
         a command still finds what the ones before it made), then that one."""
         for i in range(index + 1):
             cmd = COMMANDS[i]
-            if i in self.done or cmd.skip is not None:
+            if i in self.done or cmd.skip is not None or i in REPEATS:
                 continue
             self.done.add(i)
             try:
@@ -420,4 +442,6 @@ def test_doc_command_runs(doc_run, index):
     cmd = COMMANDS[index]
     if cmd.skip is not None:
         pytest.skip(cmd.skip)
+    if index in REPEATS:
+        pytest.skip(f"the same command as {REPEATS[index].where}, which runs first")
     doc_run.run_up_to(index)

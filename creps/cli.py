@@ -13,6 +13,8 @@ import argparse
 import functools
 import importlib
 import math
+import os
+import shutil
 import sys
 from collections.abc import Callable
 from typing import Any, NoReturn
@@ -24,6 +26,15 @@ DEBUG_HELP = "on an error, show the full traceback instead of one line (also: CR
 RESUME = "interrupted; re-run the same command to resume"
 
 Run = Callable[[argparse.Namespace], int]
+
+# A quick try of any documented command: CREPS_QUICK=1 shrinks the work a command starts to seconds
+# (tests/test_docs.py runs every command of README.md and docs/*.md so).  Outputs are small versions of
+# the real ones; the caps below are the whole difference.
+QUICK_ENV = "CREPS_QUICK"
+QUICK_SIDE = 128  # canvas and video frame sides, at most (the aspect ratio kept)
+QUICK_FRAMES = 3  # video frames
+QUICK_BATCH = 4  # training: one step of at most this many images
+QUICK_SAMPLES = 16  # generated images per FID / KID
 
 
 class Parser(argparse.ArgumentParser):
@@ -51,6 +62,43 @@ def command(interrupted: str = RESUME, failed_hint: str = "") -> Callable[[Run],
         return run
 
     return wrap
+
+
+def python_command() -> str:
+    """The interpreter that runs us, as the user would type it: a path relative to the current
+    directory when it lies under it (``.venv/bin/python``), ``python`` when that is what PATH finds,
+    else its absolute path."""
+    rel = os.path.relpath(sys.executable)
+    if not rel.startswith(".."):
+        return rel if os.sep in rel else os.path.join(".", rel)
+    found = shutil.which("python")
+    if found and os.path.abspath(found) == os.path.abspath(sys.executable):
+        return "python"
+    return sys.executable
+
+
+def follow_up(command: str) -> str:
+    """A command to run next (``render.py view out/a.dzi``) as the user can paste it: the one way
+    every subcommand prints one, so a printed command names the interpreter that ran this one."""
+    return f"{python_command()} {command}"
+
+
+def quick() -> bool:
+    """Whether ``CREPS_QUICK`` asks for a quick try (see QUICK_SIDE and the caps beside it)."""
+    return os.environ.get(QUICK_ENV, "") not in ("", "0")
+
+
+def quick_size(width: int, height: int, multiple: int = 1) -> tuple[int, int]:
+    """``(width, height)``, or under CREPS_QUICK the same aspect with the longer side at most
+    QUICK_SIDE, each side a multiple of ``multiple`` (even frames for H.264)."""
+    if not quick() or max(width, height) <= QUICK_SIDE:
+        return width, height
+    f = QUICK_SIDE / max(width, height)
+
+    def side(n: int) -> int:
+        return max(multiple, int(n * f) // multiple * multiple)
+
+    return side(width), side(height)
 
 
 def build_parser(

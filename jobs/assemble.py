@@ -49,7 +49,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from creps.cli import command
+from creps.cli import command, follow_up
 from renderer.dzi import dzi_base
 from renderer.errors import BadInputError, IncompleteStoreError, RendererError
 from renderer.exports import write_exports
@@ -345,7 +345,8 @@ def run(args: argparse.Namespace) -> int:
     )
     print("assembled: " + ", ".join(f"{k} {v:.1f} s" for k, v in times.items()))
     if args.dzi:
-        print(f"view it: python render.py view {args.dzi.removesuffix('.dzi')}.dzi")
+        dzi = args.dzi.removesuffix(".dzi") + ".dzi"
+        print(f"view it: {follow_up(f'render.py view {dzi}')}")
     if args.iiif:
         service = IiifOptions(base_id=args.iiif_id).service_id(args.iiif.rstrip("/"))
         print(f"IIIF: {args.iiif.rstrip('/')}/{INFO} (served at {service}/{INFO}; --iiif-id sets that URL)")

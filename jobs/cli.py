@@ -22,14 +22,14 @@ rendered or written.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import creps
-from creps.cli import add_warp_arguments, command, warp_flags
+from creps.cli import add_warp_arguments, command, follow_up, quick, quick_size, warp_flags
 from creps.errors import first_line
 from creps.precision import PRECISIONS
 from renderer.fsio import is_local, local_path
@@ -166,11 +166,25 @@ def spec_from_args(args: argparse.Namespace) -> JobSpec:
     return JobSpec.from_dict(over)
 
 
+def quick_spec(spec: JobSpec) -> JobSpec:
+    """The job on a canvas of at most QUICK_SIDE a side under CREPS_QUICK (``creps.cli.quick``), else ``spec``.
+
+    ``--scale`` is resolved here against the checkpoint's resolution, as ``jobs.run.prepare`` would.
+    """
+    if not quick():
+        return spec
+    if spec.scale is not None:
+        cfg = creps.read_config(creps.resolve_checkpoint(spec.checkpoint), init_seed=spec.init_seed)
+        spec = spec.resolved(cfg.image_size)
+    width, height = quick_size(spec.width, spec.height)
+    return dataclasses.replace(spec, width=width, height=height)
+
+
 @command(failed_hint=" (re-run the same command to resume)")
 def run(args: argparse.Namespace) -> int:
     from .run import prepare, run_job
 
-    spec = spec_from_args(args)
+    spec = quick_spec(spec_from_args(args))
     if args.max_tiles is not None and args.max_tiles < 0:
         raise JobSpecError(f"--max-tiles must be >= 0, got {args.max_tiles}")
     if args.dry_run:
@@ -243,7 +257,9 @@ def _exports(url: str, storage_options: dict) -> None:
         print("exports: skipped; a memory:// store lives only in this process (render to a path or a bucket to export)")
         return
     if not is_local(url):
-        print(f"exports: run `render.py assemble {url}` to build the pyramid and exports for a remote store")
+        print(
+            f"exports: run `{follow_up(f'render.py assemble {url}')}` to build the pyramid and exports for a remote store"
+        )
         return
     base = Path(local_path(url))
     stem = base.with_suffix("")
@@ -251,11 +267,11 @@ def _exports(url: str, storage_options: dict) -> None:
     try:
         assemble(str(base), tiff=tiff, dzi=dzi, storage_options=storage_options or None)
     except Exception as e:  # the render is done and kept; the command still failed, so say how to finish it
-        retry = f"{_python()} render.py assemble {url} --tiff {tiff} --dzi {dzi}"
+        retry = follow_up(f"render.py assemble {url} --tiff {tiff} --dzi {dzi}")
         raise ExportError(f"exports failed: {first_line(e)}; the render in {url} is kept", retry) from None
     print(f"exports: {tiff}, {dzi}")
-    print(f"view it: {_python()} render.py view {dzi}")
-    print(f"endless zoom: {_python()} render.py view {ENDLESS_ZOOM_ARGS.format(checkpoint=_bundled())}")
+    print(f"view it: {follow_up(f'render.py view {dzi}')}")
+    print(f"endless zoom: {follow_up('render.py view ' + ENDLESS_ZOOM_ARGS.format(checkpoint=_bundled()))}")
 
 
 # The bundled model on a 1048576² canvas over a wide window (every level has detail), rendered as it is looked at.
@@ -269,9 +285,3 @@ def _bundled() -> str:
     ckpt = default_checkpoint()
     rel = os.path.relpath(ckpt) if not ckpt.startswith("preset:") else ckpt
     return rel if not rel.startswith("..") else ckpt
-
-
-def _python() -> str:
-    """The interpreter that runs us, as the user would type it (e.g. .venv/bin/python)."""
-    rel = os.path.relpath(sys.executable)
-    return rel if not rel.startswith("..") else sys.executable

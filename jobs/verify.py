@@ -45,7 +45,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from creps.cli import command
+from creps.cli import command, follow_up
 from renderer.errors import RendererError
 from renderer.fsio import parse_storage_options
 from renderer.provenance import ExportState, export_key, export_state, recorded_exports
@@ -347,7 +347,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"still {c.describe()}")
         store = _open(args.url, options)  # what the repair changed: meta, pyramid record
         if (store.pyramid_progress() or {}).get("stale"):
-            print(f"the pyramid is stale now: run `render.py assemble {args.url}` to rebuild it")
+            print(f"the pyramid is stale now: run `{follow_up(f'render.py assemble {args.url}')}` to rebuild it")
     _exports(store, args.export, options, args.url)
     print(
         f"verify: {report.checked} tiles checked, {len(report.bad)} bad, "

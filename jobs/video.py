@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 import creps
-from creps.cli import add_warp_arguments, command, warp_flags
+from creps.cli import QUICK_FRAMES, add_warp_arguments, command, quick, quick_size, warp_flags
 from creps.errors import CheckpointError
 
 from . import JobSpecError
@@ -263,6 +263,9 @@ def run(args: argparse.Namespace) -> int:
         raise JobSpecError(f"--size sides must be even (H.264 yuv420p) and <= {MAX_FRAME_SIDE}, got {args.size}")
     if args.frames < 1 or args.frames > 100_000:
         raise JobSpecError(f"--frames must be 1..100000, got {args.frames}")
+    if quick():  # CREPS_QUICK: a short, small video (creps.cli)
+        width, height = quick_size(width, height, multiple=2)
+        args.frames = min(args.frames, QUICK_FRAMES)
     if not (math.isfinite(args.fps) and 0 < args.fps <= 240):
         raise JobSpecError(f"--fps must be in (0, 240], got {args.fps}")
     if not 0 <= args.crf <= 51:

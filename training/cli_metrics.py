@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from creps.cli import command
+from creps.cli import QUICK_SAMPLES, command, quick
 
 
 def metric_list(text: str) -> tuple[str, ...]:
@@ -50,6 +50,8 @@ def run(args: argparse.Namespace) -> int:
 
     if not args.data and not args.scale_consistency:
         raise TrainError("--data is required for fid/kid (or give --scale-consistency, which needs none)")
+    if quick():  # CREPS_QUICK (creps.cli): a few generated images
+        args.num = min(args.num, QUICK_SAMPLES)
     res: dict = {}
     if args.scale_consistency:
         import torch

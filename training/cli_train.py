@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from creps.cli import command
+from creps.cli import QUICK_BATCH, command, quick
 
 
 def kimg_amount(text: str) -> float:
@@ -168,6 +168,11 @@ def run(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if quick():  # CREPS_QUICK (creps.cli): one step of a few images
+        args.batch = min(args.batch, QUICK_BATCH)
+        if args.batch_gpu and args.batch % args.batch_gpu:
+            args.batch_gpu = 0
+        args.kimg = min(args.kimg, args.batch / 1000)
     trainer = Trainer(TrainConfig.from_args(args), args.out, force=args.force, device=args.device)
     print(trainer.cfg.to_json(), file=sys.stderr)
     if args.dry_run:

@@ -1,10 +1,14 @@
 """Loss curves of a run as a PNG, drawn with PIL only (no plotting library needed).
 
-python -m training.report RUNDIR OUT.png
+  python -m training.report RUNDIR OUT.png
+
+Plots the tick records of RUNDIR/log.jsonl (loss_G, loss_D and the ADA
+probability p against kimg), as in docs/training_loss.png.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from collections.abc import Sequence
@@ -13,11 +17,19 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from creps.cli import DEBUG_HELP
+from creps.errors import run_cli
+
+from .errors import TrainError
+
 COLORS = {"loss_G": (31, 119, 180), "loss_D": (214, 39, 40), "augment_p": (44, 160, 44)}
 
 
 def read_log(run_dir: str | Path) -> list[dict]:
-    return [json.loads(x) for x in (Path(run_dir) / "log.jsonl").read_text().splitlines() if x.strip()]
+    path = Path(run_dir) / "log.jsonl"
+    if not path.is_file():
+        raise TrainError(f"{path} does not exist; give a training run directory (train.py --out)")
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
 
 
 def plot_curves(
@@ -26,14 +38,15 @@ def plot_curves(
     keys: Sequence[str] = ("loss_G", "loss_D", "augment_p"),
     size: tuple[int, int] = (720, 360),
 ) -> Path:
-    recs = read_log(run_dir)
+    # tick records only: the log also holds one-off records (the first throughput) without the curves
+    recs = [r for r in read_log(run_dir) if "kimg" in r and all(k in r for k in keys)]
     if not recs:
-        raise ValueError(f"{run_dir}/log.jsonl is empty")
+        raise TrainError(f"{run_dir}/log.jsonl has no tick records yet (train until the first --tick)")
     x = np.array([r["kimg"] for r in recs])
     w, h = size
     left, right, top, bottom = 50, 20, 30, 40
     ys = {k: np.array([r[k] for r in recs], dtype=float) for k in keys}
-    lo, hi = 0.0, max(float(np.nanmax(v)) for v in ys.values()) * 1.05
+    lo, hi = 0.0, max(max(float(np.nanmax(v)) for v in ys.values()) * 1.05, 1e-9)
     img = Image.new("RGB", size, "white")
     d = ImageDraw.Draw(img)
 
@@ -65,5 +78,21 @@ def plot_curves(
     return out
 
 
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m training.report", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("run_dir", metavar="RUNDIR", help="training run directory (holds log.jsonl)")
+    p.add_argument("out", metavar="OUT.png", help="the picture to write")
+    p.add_argument("--debug", action="store_true", help=DEBUG_HELP)
+    args = p.parse_args(argv)
+
+    def body() -> int:
+        print(plot_curves(args.run_dir, args.out))
+        return 0
+
+    return run_cli(body, debug=args.debug)
+
+
 if __name__ == "__main__":
-    plot_curves(sys.argv[1], sys.argv[2])
+    sys.exit(main())

@@ -151,12 +151,14 @@ class RayEngine:
     """``workers`` Ray actors (embedded Ray, or the cluster at ``address``), one scheduler thread each."""
 
     def __init__(self, spec: ImageSpec, fmt: str, quality: int, workers: int, address: str | None, device: str) -> None:
-        import ray
-
         from renderer.errors import RendererError
         from renderer.pool import cluster_resources, release_pools, start_ray, stop_ray  # imports ray: on demand
 
         self.spec, self.fmt, self.quality, self.device, self.address = spec, fmt, quality, device, address
+        # after renderer.pool, which sets RAY_AUTH_MODE first (renderer.ray_env): imported earlier, Ray
+        # would run without the token that the GCS it starts then requires (~/.ray/auth_token exists)
+        import ray
+
         try:
             self.started = start_ray(address, num_cpus=None if address else max(workers, os.cpu_count() or 1))
         except RendererError as e:

@@ -34,7 +34,8 @@ QUICK_ENV = "CREPS_QUICK"
 QUICK_SIDE = 128  # canvas and video frame sides, at most (the aspect ratio kept)
 QUICK_FRAMES = 3  # video frames
 QUICK_BATCH = 4  # training: one step of at most this many images
-QUICK_SAMPLES = 16  # generated images per FID / KID
+QUICK_SAMPLES = 8  # generated images per FID / KID
+QUICK_SEEDS = 2  # latent seeds of a scale-consistency check
 
 
 class Parser(argparse.ArgumentParser):

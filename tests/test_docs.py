@@ -12,7 +12,8 @@ How the test runs them (the only differences from a terminal):
 
 - ``CREPS_QUICK=1`` (``creps.cli``, README "Tests") shrinks the work a
   command starts: canvases and video frames at most 128 px a side, one
-  training step of 4 images, three video frames, 16 images per FID/KID.
+  training step of 4 images, three video frames, 8 images per FID/KID, two
+  seeds per scale-consistency check.
 - ``HOME`` is a temporary folder whose ``photos/`` holds 12 generated
   pictures, so ``~/photos`` exists.
 - The S3 endpoint the docs name, ``127.0.0.1:9000``, is replaced by the

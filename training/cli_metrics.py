@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from creps.cli import QUICK_SAMPLES, command, quick
+from creps.cli import QUICK_SAMPLES, QUICK_SEEDS, command, quick
 
 
 def metric_list(text: str) -> tuple[str, ...]:
@@ -60,6 +60,8 @@ def run(args: argparse.Namespace) -> int:
         from .scale import parse_scales, parse_seeds, scale_consistency
 
         scales, seeds = parse_scales(args.scales), parse_seeds(args.seeds)
+        if quick():  # CREPS_QUICK (creps.cli): a few seeds
+            seeds = seeds[:QUICK_SEEDS]
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         res = {
             "ckpt": str(args.ckpt),

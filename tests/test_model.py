@@ -134,7 +134,9 @@ def test_render_on_lanes_equals_one_lane_byte_for_byte(tiny: Generator) -> None:
             assert torch.equal(tiny.render(z, cv, rows=(7, 190), cols=(3, 131), psi=0.8, pixel_block=512), one)
     finally:
         del tiny._pixel_mlp
-    assert len(seen) >= 2 and all(name.startswith("creps-lane") and n == 1 for name, n in seen), seen
+    # which lanes took blocks depends on the scheduler (one may take them all on a busy machine): only that
+    # every block ran on a lane with one torch thread is fixed
+    assert seen and all(name.startswith("creps-lane") and n == 1 for name, n in seen), seen
     assert torch.get_num_threads() == threads
 
 

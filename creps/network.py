@@ -265,6 +265,30 @@ class Synthesis(nn.Module):
         self.block1 = RefineBlock(cfg, 4 * c, 2 * c)
 
 
+def block_shape(h: int, w: int, pixel_block: int) -> tuple[int, int]:
+    """(rows, columns) of the pixel blocks of an h x w window: the fewest blocks, each run padded
+    to ``pixel_block`` pixels.
+
+    Whole rows when a row fits (``pixel_block // w`` of them, as always); a
+    longer row is cut into segments of ``pixel_block / 2^k`` columns, ``2^k``
+    rows a block, choosing k for the fewest blocks: 6144-px rows in 4096-px
+    segments ran every row as two full blocks (a third of the work padding),
+    in 512-px segments of 8 rows they fill every block.  Any shape gives the
+    same bytes: the fusion is elementwise and every matmul has ``pixel_block``
+    rows.
+    """
+    if w <= pixel_block:
+        return pixel_block // w, w
+    best = (pixel_block, 1)
+    nr = 1
+    while pixel_block // nr >= 64 and pixel_block % nr == 0:
+        seg = pixel_block // nr
+        if -(-h // nr) * -(-w // seg) < -(-h // best[1]) * -(-w // best[0]):
+            best = (seg, nr)
+        nr *= 2
+    return best[1], best[0]
+
+
 def _block_starts(start: int, stop: int, block: int) -> range:
     return range((start // block) * block, stop, block)
 
@@ -413,8 +437,9 @@ class Generator(nn.Module):
         ``pixel_block="auto"`` picks ``default_pixel_block(device)``;
         ``pixel_block=None`` runs all pixels in one differentiable pass
         (training).  Otherwise the image is cut into blocks of whole rows (or
-        row segments when a row is longer than the block) and every block is
-        padded to exactly ``pixel_block`` pixels, so each matmul has one shape.
+        of row segments a few rows high when a row is longer than the block:
+        ``block_shape``) and every block is padded to exactly ``pixel_block``
+        pixels, so each matmul has one shape.
         The rank-r fusion uses elementwise multiplies and adds only, which
         round the same whatever the block shape.
 
@@ -454,8 +479,7 @@ class Generator(nn.Module):
         R = row_lines.permute(0, 1, 3, 2, 4).contiguous()  # [B, K, r, h, C]
         Cl = col_lines.permute(0, 1, 3, 2, 4).contiguous()  # [B, K, r, w, C]
         K = R.shape[1]
-        seg = min(w, pixel_block)
-        nr = pixel_block // seg
+        nr, seg = block_shape(h, w, pixel_block)
         samples = [weights.sample(b) for b in range(bsz)]
         mlp = self._pixel_mlp if weights.mode == "fp32" else self._pixel_mlp_low
         blocks = [

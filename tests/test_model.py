@@ -93,6 +93,34 @@ def test_tiles_exact_with_small_pixel_blocks_and_many_line_blocks(tiny: Generato
         assert torch.equal(tile, full[:, :, rows[0] : rows[1], cols[0] : cols[1]])
 
 
+def test_block_shape_fills_blocks_of_rows_longer_than_a_block() -> None:
+    from creps.network import block_shape
+
+    assert block_shape(512, 512, 4096) == (8, 512)  # whole rows, as a job's 512² tile
+    assert block_shape(3001, 1999, 4096) == (2, 1999)
+    nr, seg = block_shape(6144, 6144, 4096)  # was 1 x 4096: each row two blocks, a third of it padding
+    assert nr * seg == 4096 and -(-6144 // nr) * -(-6144 // seg) == 6144 * 6144 // 4096
+    assert block_shape(1, 10000, 4096) == (1, 4096)  # one row: nothing to stack
+    assert block_shape(7, 4097, 4096) == (8, 512)  # 9 blocks instead of 14
+
+
+@torch.no_grad()
+def test_rows_longer_than_a_pixel_block_give_the_same_bytes(tiny: Generator, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Segments of several rows (block_shape) against the former one-row segments, and tiles
+    against the frame, with rows of 700 px in 256-px blocks."""
+    import creps.network as network
+
+    cv = Canvas(37, 700, y=(0.1, 0.9), x=(-2.0, 3.0))
+    z = tiny.z_from_seed(4)
+    assert network.block_shape(37, 700, 256) == (4, 64)
+    full = tiny.render(z, cv, pixel_block=256)
+    for rows, cols in [((0, 37), (0, 700)), ((5, 30), (63, 641)), ((36, 37), (1, 699))]:
+        tile = tiny.render(z, cv, rows=rows, cols=cols, pixel_block=256)
+        assert torch.equal(tile, full[:, :, rows[0] : rows[1], cols[0] : cols[1]])
+    monkeypatch.setattr(network, "block_shape", lambda h, w, pb: (1, min(w, pb)))
+    assert torch.equal(tiny.render(z, cv, pixel_block=256), full)
+
+
 @torch.no_grad()
 def test_shared_line_features_equal_per_tile_lines(tiny: Generator) -> None:
     cv = Canvas(90, 140, y=(0.2, 1.7), x=(-0.5, 0.5))

@@ -47,6 +47,11 @@ with the machine.
   (the level's first tile), ``endless_cold_ms`` (five tiles never rendered,
   next to it), ``endless_warm_ms`` (the same again, from memory) and
   ``endless_tile_compute_ms`` (their pixel stage alone, one thread); medians.
+* **Ratios** of one run (the targets of docs/performance.md are stated in
+  them): ``api_vs_inprocess`` (api_mpx_s / e2e_inprocess_mpx_s),
+  ``e2e_vs_inprocess`` (e2e_mpx_s / e2e_inprocess_mpx_s) and
+  ``endless_cold_vs_compute`` (endless_cold_ms / endless_tile_compute_ms);
+  null where a part was skipped.
 """
 
 from __future__ import annotations
@@ -515,5 +520,25 @@ def run(args: argparse.Namespace) -> int:
         result.update(startup_s=None, tile_overhead_ms=None)
     if args.endless_checkpoint:
         result.update(endless_tiles(args.endless_checkpoint, args.endless_side, device))
+    result.update(ratios(result))
+    shown = ", ".join(f"{k} {v}" for k, v in ratios(result).items() if v is not None)
+    if shown:
+        print(f"ratios (docs/performance.md states the targets in them): {shown}")
     print(json.dumps(result))
     return 0
+
+
+RATIOS = {  # name -> (numerator, denominator): within one run, so the machine's mood cancels out
+    "api_vs_inprocess": ("api_mpx_s", "e2e_inprocess_mpx_s"),
+    "e2e_vs_inprocess": ("e2e_mpx_s", "e2e_inprocess_mpx_s"),
+    "endless_cold_vs_compute": ("endless_cold_ms", "endless_tile_compute_ms"),
+}
+
+
+def ratios(result: dict) -> dict[str, float | None]:
+    """The ratios the speed targets are stated in; None where the run skipped a part."""
+    out: dict[str, float | None] = {}
+    for name, (a, b) in RATIOS.items():
+        num, den = result.get(a), result.get(b)
+        out[name] = round(num / den, 3) if num and den else None
+    return out

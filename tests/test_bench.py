@@ -56,6 +56,13 @@ def test_bench_json_has_every_figure_with_its_relations():
     blocks = r["endless_line_blocks"]
     assert blocks[0] == 10 and all(0 < b < 10 for b in blocks[1:4]) and blocks[4:] == [0, 0], blocks
     assert len(r["endless_cold_each_ms"]) == 5 and r["endless_lanes"] == min(os.cpu_count() or 1, 4)
+    # the ratios the targets are stated in, from the figures of the same run
+    for name, (a, b) in {
+        "api_vs_inprocess": ("api_mpx_s", "e2e_inprocess_mpx_s"),
+        "e2e_vs_inprocess": ("e2e_mpx_s", "e2e_inprocess_mpx_s"),
+        "endless_cold_vs_compute": ("endless_cold_ms", "endless_tile_compute_ms"),
+    }.items():
+        assert r[name] == round(r[a] / r[b], 3), (name, r[name])
     # the printed lines name what the JSON holds
     text = out.stdout
     assert "in this process" in text and "Ray workers" in text and "G.render 192x128" in text

@@ -48,7 +48,9 @@ with the machine.
   next to it), ``endless_warm_ms`` (the same again, from memory) and
   ``endless_tile_compute_ms`` (their pixel stage alone, one thread); medians.
 * **Ratios** of one run (the targets of docs/performance.md are stated in
-  them): ``api_vs_inprocess`` (api_mpx_s / e2e_inprocess_mpx_s),
+  them): ``api_vs_inprocess`` (api_mpx_s / e2e_inprocess_mpx_s; and
+  ``api_vs_inprocess_per_flop``, the same from the fractions of the peak:
+  lines are a larger share of a 2048^2 canvas than of the 6144^2 job),
   ``e2e_vs_inprocess`` (e2e_mpx_s / e2e_inprocess_mpx_s) and
   ``endless_cold_vs_compute`` (endless_cold_ms / endless_tile_compute_ms);
   null where a part was skipped.
@@ -530,6 +532,7 @@ def run(args: argparse.Namespace) -> int:
 
 RATIOS = {  # name -> (numerator, denominator): within one run, so the machine's mood cancels out
     "api_vs_inprocess": ("api_mpx_s", "e2e_inprocess_mpx_s"),
+    "api_vs_inprocess_per_flop": ("api_fraction", "e2e_inprocess_fraction"),  # the canvases' line shares differ
     "e2e_vs_inprocess": ("e2e_mpx_s", "e2e_inprocess_mpx_s"),
     "endless_cold_vs_compute": ("endless_cold_ms", "endless_tile_compute_ms"),
 }

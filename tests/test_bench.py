@@ -59,6 +59,7 @@ def test_bench_json_has_every_figure_with_its_relations():
     # the ratios the targets are stated in, from the figures of the same run
     for name, (a, b) in {
         "api_vs_inprocess": ("api_mpx_s", "e2e_inprocess_mpx_s"),
+        "api_vs_inprocess_per_flop": ("api_fraction", "e2e_inprocess_fraction"),
         "e2e_vs_inprocess": ("e2e_mpx_s", "e2e_inprocess_mpx_s"),
         "endless_cold_vs_compute": ("endless_cold_ms", "endless_tile_compute_ms"),
     }.items():

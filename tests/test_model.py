@@ -122,6 +122,19 @@ def test_rows_longer_than_a_pixel_block_give_the_same_bytes(tiny: Generator, mon
 
 
 @torch.no_grad()
+def test_fourier_amplitudes_folded_once_per_latent(tiny: Generator) -> None:
+    """LineWeights.input_amp (once per latent) gives the features the per-call input gives, for
+    each latent of a batch and each half, and lines with or without weights passed agree."""
+    ws = tiny.ws(torch.cat([tiny.z_from_seed(1), tiny.z_from_seed(2)]), psi=0.6)
+    lw = tiny.line_weights(ws)
+    inp, t = tiny.synthesis.b4.input, Canvas(70, 9).row_coords()[:64]
+    for half in (0, 1):
+        assert torch.equal(inp.features(lw.input_amp, t, half), inp(ws[:, 0], t, half))
+    coords = Canvas(130, 70, y=(-0.3, 2.2)).row_coords()
+    assert torch.equal(tiny.lines(ws, coords, "row", 3, 129, weights=lw), tiny.lines(ws, coords, "row", 3, 129))
+
+
+@torch.no_grad()
 def test_shared_line_features_equal_per_tile_lines(tiny: Generator) -> None:
     cv = Canvas(90, 140, y=(0.2, 1.7), x=(-0.5, 0.5))
     ws = tiny.ws(tiny.z_from_seed(5), psi=0.7)

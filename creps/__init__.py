@@ -4,18 +4,10 @@ from .canvas import Canvas
 from .checkpoint import checkpoint_hash, load, read_config, resolve_checkpoint, save
 from .errors import CheckpointError, UserError
 from .flops import Flops, flops
+from .folded import BlockWeights, LineWeights, PixelWeights
 from .image import render_image
 from .layers import Affine
-from .network import (
-    LINE_BLOCK,
-    PIXEL_BLOCK,
-    BlockWeights,
-    Generator,
-    LineWeights,
-    PixelWeights,
-    default_pixel_block,
-    to_uint8,
-)
+from .network import LINE_BLOCK, PIXEL_BLOCK, Generator, default_pixel_block, to_uint8
 from .precision import PRECISIONS, check_precision, exact_matmuls, matmul_mode
 from .presets import PRESETS, GeneratorConfig, preset
 

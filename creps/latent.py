@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 from .errors import UserError
-from .network import Generator, LineWeights, PixelWeights, to_uint8
+from .folded import LineWeights, PixelWeights
+from .network import Generator, to_uint8
 from .precision import matmul_mode
 
 

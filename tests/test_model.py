@@ -294,7 +294,7 @@ def test_training_forward_is_differentiable(tiny: Generator) -> None:
     img.square().mean().backward()
     grads = {name: p.grad for name, p in tiny.named_parameters() if p.grad is not None}
     # every parameter gets a gradient but the two the image never uses: b4's tores output and
-    # decoder_8 (the pixel stage decodes bi-lines 16 ... R, see creps.network.PixelWeights)
+    # decoder_8 (the pixel stage decodes bi-lines 16 ... R, see creps.folded.PixelWeights)
     unused = {n for n, _ in tiny.named_parameters()} - set(grads)
     assert unused == {f"synthesis.b4.tores.{k}" for k in ("weight", "bias", "affine.weight", "affine.bias")} | {
         f"synthesis.decoder_8.{i}.{k}" for i in range(4) for k in ("weight", "bias")

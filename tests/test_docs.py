@@ -349,15 +349,7 @@ class DocRun:
         if cmd.serves:
             self._serve(cmd, text)
             return
-        proc = subprocess.Popen(
-            ["bash", "-c", text],
-            cwd=self.tree,
-            env=self.env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            start_new_session=True,
-        )
+        proc = self._start(["bash", "-c", text])
         try:
             output, _ = proc.communicate(timeout=COMMAND_TIMEOUT)
         except subprocess.TimeoutExpired:
@@ -369,9 +361,10 @@ class DocRun:
             earlier = f" (earlier failures: {', '.join(self.failed)})" if self.failed else ""
             pytest.fail(f"{cmd.where}: exit {proc.returncode}{earlier}: {cmd.text}\n{output[-3000:]}")
 
-    def _serve(self, cmd: DocCommand, text: str) -> None:
-        argv = [*shlex.split(text.replace("\\\n", " "), comments=True), "--port", "0"]
-        proc = subprocess.Popen(
+    def _start(self, argv: list[str]) -> subprocess.Popen[str]:
+        """A command of the docs in the docs' tree and environment, output merged, in a session of
+        its own (so ``kill_session`` stops whatever it starts)."""
+        return subprocess.Popen(
             argv,
             cwd=self.tree,
             env=self.env,
@@ -380,6 +373,10 @@ class DocRun:
             text=True,
             start_new_session=True,
         )
+
+    def _serve(self, cmd: DocCommand, text: str) -> None:
+        argv = [*shlex.split(text.replace("\\\n", " "), comments=True), "--port", "0"]
+        proc = self._start(argv)
         lines: list[str] = []
         url = threading.Event()
         found: list[str] = []

@@ -522,8 +522,9 @@ def run(args: argparse.Namespace) -> int:
         result.update(startup_s=None, tile_overhead_ms=None)
     if args.endless_checkpoint:
         result.update(endless_tiles(args.endless_checkpoint, args.endless_side, device))
-    result.update(ratios(result))
-    shown = ", ".join(f"{k} {v}" for k, v in ratios(result).items() if v is not None)
+    figures = ratios(result)
+    result.update(figures)
+    shown = ", ".join(f"{k} {v}" for k, v in figures.items() if v is not None)
     if shown:
         print(f"ratios (docs/performance.md states the targets in them): {shown}")
     print(json.dumps(result))
